@@ -1,0 +1,63 @@
+# Course commands. Two matter most (see README):
+#   make lab    set everything up, then open the course in JupyterLab
+#   make test   set everything up, then run every test (library, notebooks, grading)
+# Set-up is a virtual environment in .venv, made once and refreshed only when
+# pyproject.toml or constraints.txt change.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+STAMP  := $(VENV)/.installed
+LAB    ?= lab00_warmup
+PORT   ?= 8888
+LAB_ARGS ?=
+# JupyterLab refuses to run as root (containers, CI) unless told to.
+ROOT_ARGS := $(if $(filter 0,$(shell id -u)),--allow-root)
+PYTEST_ARGS ?=
+
+# nbgrader calls `alembic` as a subprocess: the venv's bin must be on PATH.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup lab test test-fast doctor sync release course grade clean-grading
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+		-c constraints.txt -e '.[course,test]'
+	@touch $(STAMP)
+
+lab: setup
+	$(BIN)/jupyter lab --notebook-dir=$(CURDIR) --port=$(PORT) $(ROOT_ARGS) $(LAB_ARGS)
+
+test: setup
+	QLIB_FAST=1 QLIB_QUIET=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Library tests only (no notebooks, no grading): seconds, for quick iteration.
+test-fast: setup
+	QLIB_FAST=1 QLIB_QUIET=1 $(BIN)/python -m pytest -m "not notebook and not grading" $(PYTEST_ARGS)
+
+doctor: setup
+	$(BIN)/python -m qlib doctor
+
+# Notebooks from their .py sources, Colab setup cells, README course map.
+sync: setup
+	$(BIN)/python tools/sync.py
+
+# Regenerate the student release labs/ from solutions/ (nbgrader generate_assignment).
+release: setup
+	$(BIN)/python tools/release.py
+
+# Everything generated: notebooks, release, then the README map that links the release.
+course: sync release
+	$(BIN)/python tools/sync.py
+
+# Instructor: autograde every submission of LAB in submitted/, write feedback and grades.csv.
+grade: setup
+	$(BIN)/nbgrader autograde $(LAB) --create
+	$(BIN)/nbgrader generate_feedback $(LAB)
+	$(BIN)/nbgrader export --to grades.csv
+
+clean-grading:
+	rm -rf autograded feedback gradebook.db grades.csv

@@ -1,0 +1,78 @@
+"""Checks for lab 00 (warm-up): model size in bytes, float16 cast error, float16 range.
+
+Each question has a visible check (a few worked cases a student can reason about) and a
+hidden one (fresh random cases and edge cases) that nbgrader runs when grading.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from . import call, expect, expect_close, expect_equal, run
+from .. import measure
+
+FP16_MAX = 65504.0
+
+
+def size_in_bytes(fn) -> None:
+    """Q1 visible: bytes of ``num_params`` numbers stored at ``bits`` bits, packed."""
+    def body():
+        for n, bits, want in [(1000, 32, 4000), (1000, 8, 1000), (1000, 4, 500), (3, 4, 2)]:
+            got = call(fn, n, bits)
+            expect_equal(got, want, f"size_in_bytes({n}, {bits})")
+    run("size_in_bytes: worked cases", body)
+
+
+def size_in_bytes_hidden(fn) -> None:
+    """Q1 hidden: random sizes and every bit width from 1 to 32 (odd counts need rounding up)."""
+    def body():
+        rng = random.Random()
+        for _ in range(50):
+            n, bits = rng.randint(0, 10**7), rng.randint(1, 32)
+            expect_equal(call(fn, n, bits), measure.tensor_bytes(n, bits),
+                         f"size_in_bytes({n}, {bits})")
+    run("size_in_bytes: random cases", body)
+
+
+def cast_error(fn) -> None:
+    """Q2 visible: largest absolute error of float32 -> float16 -> float32."""
+    def body():
+        w = torch.tensor([0.1, 1.0 / 3.0, 1000.1, -2.5])
+        expect_close(call(fn, w), measure.cast_error(w), "fp16_cast_error on [0.1, 1/3, 1000.1, -2.5]",
+                     rtol=0, atol=0)
+    run("fp16_cast_error: worked case", body)
+
+
+def cast_error_hidden(fn) -> None:
+    """Q2 hidden: random tensors of several shapes and scales."""
+    def body():
+        for shape, scale in [((64,), 1.0), ((16, 16), 100.0), ((3, 4, 5), 1e-3)]:
+            w = torch.randn(shape) * scale
+            got = call(fn, w)
+            expect(isinstance(got, (float, int)) or (isinstance(got, torch.Tensor) and got.numel() == 1),
+                   f"fp16_cast_error should return one number, got {type(got).__name__}")
+            expect_close(float(got), measure.cast_error(w), f"fp16_cast_error on randn{shape}*{scale}",
+                         rtol=0, atol=0)
+    run("fp16_cast_error: random tensors", body)
+
+
+def fits_fp16(fn) -> None:
+    """Q3 visible: which values float16 can hold without overflowing to infinity."""
+    def body():
+        x = torch.tensor([1.0, -60000.0, 70000.0, 65504.0, -1e6])
+        want = torch.tensor([True, True, False, True, False])
+        expect_equal(call(fn, x), want, "fits_in_float16([1, -60000, 70000, 65504, -1e6])")
+    run("fits_in_float16: worked case", body)
+
+
+def fits_fp16_hidden(fn) -> None:
+    """Q3 hidden: random magnitudes around the float16 limit, and the rounding edge."""
+    def body():
+        x = (torch.rand(200) * 2 - 1) * 1.5e5
+        edge = torch.tensor([65519.0, 65520.0, -65519.0, -65520.0, 0.0])
+        for values in (x, edge):
+            want = torch.isfinite(values.to(torch.float16))
+            expect_equal(call(fn, values), want, "fits_in_float16 on values near +-65504")
+    run("fits_in_float16: random and edge values", body)

@@ -1,0 +1,142 @@
+"""A small model zoo, with pretrained weights for the digits that ship inside qlib.
+
+| name    | what                                                        | input      | params |
+|---------|-------------------------------------------------------------|------------|--------|
+| `mlp`   | 64-128-128-10, BatchNorm1d + ReLU                            | 1 x 8 x 8  | ~26k   |
+| `cnn8`  | conv 1-16-32-64 (3x3, BatchNorm, ReLU), max-pool, global avg | 1 x 8 x 8  | ~24k   |
+| `cnn16` | the same CNN on digits upsampled to 16 x 16                  | 1 x 16 x 16| ~24k   |
+| `res16` | stem + 3 basic residual blocks (16/32/64 channels)           | 1 x 16 x 16| ~78k   |
+
+Every conv or linear layer (except the head) is followed by a BatchNorm, so batch-norm
+folding, BN-statistics synthetic data and bias correction all have something to work on.
+The models are plain ``nn.Sequential`` chains (``res16`` holds ``BasicBlock`` modules), which
+keeps module swapping and integer conversion readable.
+
+``pretrained(name, seed=0)`` loads weights trained by ``qlib/weights/train_zoo.py`` (three
+seeds per model; ``zoo_info()`` lists the accuracy each reached).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+SEEDS = (0, 1, 2)
+
+
+def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    """3x3 convolution (no bias: the BatchNorm has one), BatchNorm, ReLU."""
+    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+def make_mlp(num_classes: int = 10, in_features: int = 64, hidden: int = 128) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def make_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        *conv_bn_relu(in_channels, 16),
+        *conv_bn_relu(16, 32), nn.MaxPool2d(2),
+        *conv_bn_relu(32, 64),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(64, num_classes),
+    )
+
+
+class BasicBlock(nn.Module):
+    """Residual block: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+        else:
+            self.shortcut = nn.Identity()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + self.shortcut(x))
+
+
+def make_res16(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        *conv_bn_relu(in_channels, 16),
+        BasicBlock(16, 16), BasicBlock(16, 32, stride=2), BasicBlock(32, 64, stride=2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(64, num_classes),
+    )
+
+
+ZOO = {
+    "mlp": (make_mlp, 8),
+    "cnn8": (make_cnn, 8),
+    "cnn16": (make_cnn, 16),
+    "res16": (make_res16, 16),
+}
+"""name -> (builder, image size of its input)."""
+
+
+def _check_name(name: str) -> None:
+    if name not in ZOO:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(ZOO)}")
+
+
+def image_size(name: str) -> int:
+    """The input image size a zoo model expects (8 or 16)."""
+    _check_name(name)
+    return ZOO[name][1]
+
+
+def create(name: str, num_classes: int = 10, seed: int | None = 0) -> nn.Sequential:
+    """A freshly initialized zoo model; ``seed`` makes the initial weights reproducible."""
+    _check_name(name)
+    builder = ZOO[name][0]
+    kwargs = {"num_classes": num_classes}
+    if seed is None:
+        return builder(**kwargs)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return builder(**kwargs)
+
+
+def weights_path(name: str, seed: int = 0) -> Path:
+    return WEIGHTS_DIR / f"{name}_digits_s{seed}.pt"
+
+
+def pretrained(name: str = "cnn16", seed: int = 0) -> nn.Sequential:
+    """A zoo model with the shipped digits weights, in eval mode (``seed`` in 0, 1, 2)."""
+    _check_name(name)
+    path = weights_path(name, seed)
+    if not path.exists():
+        raise FileNotFoundError(f"no shipped weights for {name!r} seed {seed} at {path}; "
+                                f"shipped seeds are {SEEDS} (retrain: python -m qlib.weights.train_zoo)")
+    model = create(name, seed=None)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def zoo_info() -> dict:
+    """What ``train_zoo`` recorded: settings and the test accuracy of every shipped model."""
+    return json.loads((WEIGHTS_DIR / "zoo.json").read_text())
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of learnable parameters."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,59 @@
+"""Where the course runs: fast mode, quiet progress bars, Colab, and the repository URL.
+
+- ``QLIB_FAST=1`` makes notebooks and benchmarks small (fewer epochs, fewer samples) while
+  taking the same code paths; tests set it. ``pick(full, fast)`` chooses a number by mode.
+- ``QLIB_QUIET=1`` hides tqdm progress bars (tests set it).
+- ``REPO_URL`` is the one place the course's repository address is written; the first cell
+  of every notebook and the README's Colab badges are generated from it (``tools/sync.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+REPO_URL = "https://github.com/qdm-course/quantization-course"
+"""The course repository. Change it here, then run ``make sync`` to update notebooks and README."""
+
+REPO_BRANCH = "main"
+
+
+def fast() -> bool:
+    """True when ``QLIB_FAST=1``: notebooks and benchmarks run their small version."""
+    return os.environ.get("QLIB_FAST", "0") == "1"
+
+
+def quiet() -> bool:
+    """True when ``QLIB_QUIET=1``: progress bars stay hidden."""
+    return os.environ.get("QLIB_QUIET", "0") == "1"
+
+
+def pick(full, fast_value):
+    """``fast_value`` in fast mode, else ``full``: ``epochs = pick(40, 3)``."""
+    return fast_value if fast() else full
+
+
+def on_colab() -> bool:
+    """True inside Google Colab."""
+    return "google.colab" in sys.modules
+
+
+def colab_url(path: str) -> str:
+    """The "Open in Colab" address of a notebook at ``path`` in the repository."""
+    repo = REPO_URL.removeprefix("https://github.com/")
+    return f"https://colab.research.google.com/github/{repo}/blob/{REPO_BRANCH}/{path}"
+
+
+def setup_cell() -> str:
+    """The source of every notebook's first cell: on Colab it installs qlib, elsewhere nothing.
+
+    pip keeps the torch that Colab ships, since qlib asks for a range, not a pin.
+    """
+    return (
+        "# Setup: on Google Colab this installs qlib from the course repository;\n"
+        "# anywhere else (JupyterLab from `make lab`) it does nothing.\n"
+        "import subprocess, sys\n"
+        "if \"google.colab\" in sys.modules:\n"
+        "    subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"-q\",\n"
+        f"                    \"qlib @ git+{REPO_URL}@{REPO_BRANCH}\"], check=True)"
+    )

@@ -1,0 +1,34 @@
+"""Shared test settings: fast mode, quiet progress bars, paths, the venv's commands."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+os.environ.setdefault("QLIB_FAST", "1")
+os.environ.setdefault("QLIB_QUIET", "1")
+# nbgrader calls alembic as a subprocess: the venv's bin must come first on PATH.
+os.environ["PATH"] = str(BIN) + os.pathsep + os.environ.get("PATH", "")
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def digits8():
+    from qlib import data
+    return data.load_digits(8)
+
+
+@pytest.fixture(scope="session")
+def digits16():
+    from qlib import data
+    return data.load_digits(16)
