@@ -1,0 +1,106 @@
+"""Entropy (KL-divergence) calibration, as in TensorRT (Migacz, GTC 2017).
+
+The idea: an activation's histogram has a long thin tail. Clipping the range at a
+threshold ``t`` wastes no codes on rare outliers but distorts them. Choose the ``t`` whose
+clipped-and-quantized distribution Q loses the least information about the clipped
+reference P, measured by ``KL(P || Q) = sum_i p_i log(p_i / q_i)``.
+
+``kl_threshold_bins`` is the search on one histogram (pure function); ``EntropyObserver``
+keeps the histograms during calibration and turns the threshold into qparams.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .observers import ObserverBase
+
+
+@torch.no_grad()
+def kl_threshold_bins(hist: torch.Tensor, num_levels: int, chunk: int = 256) -> int:
+    """TensorRT entropy calibration (Migacz 2017) on one histogram of ``|x|``.
+
+    For each candidate ``i`` (bins kept, ``num_levels..bins``):
+    P = ``hist[:i]`` with the outliers ``sum(hist[i:])`` added to its last bin (the
+    clipped distribution); Q = ``hist[:i]`` merged into ``num_levels`` groups of
+    consecutive bins, each group's mass spread evenly over the bins where P > 0 (what
+    quantization keeps). Q lacks the outliers, so clipping costs divergence; where Q is 0
+    but P is not, Q gets a floor of ``1e-4`` counts (MXNet's smoothing). Both are
+    normalized; returns the ``i`` minimizing ``KL(P || Q)``. Threshold: ``i * bin_width``.
+    """
+    bins = hist.numel()
+    if num_levels >= bins:
+        return bins
+    hist = hist.to(torch.float64).cpu()
+    tail = torch.cat([hist.flip(0).cumsum(0).flip(0), hist.new_zeros(1)])  # tail[i] = sum(hist[i:])
+    j = torch.arange(bins)
+    best_kl, best_i = float("inf"), bins
+    for start in range(num_levels, bins + 1, chunk):
+        cand = torch.arange(start, min(start + chunk, bins + 1))
+        inside = j[None, :] < cand[:, None]
+        sliced = torch.where(inside, hist[None, :], 0.0)  # hist[:i], one row per candidate
+        p = sliced.clone()  # P: the clipped reference distribution
+        p[torch.arange(len(cand)), cand - 1] += tail[cand]
+        group = torch.where(inside, (j[None, :] * num_levels) // cand[:, None], 0)
+        mass = p.new_zeros(len(cand), num_levels).scatter_add_(1, group, sliced)
+        count = p.new_zeros(len(cand), num_levels).scatter_add_(1, group, (p > 0).double())
+        q = mass.gather(1, group) / count.gather(1, group).clamp_min(1)
+        q = torch.where(p > 0, q.clamp_min(1e-4), 0.0)
+        p, q = p / p.sum(1, keepdim=True), q / q.sum(1, keepdim=True)
+        kl = torch.where(p > 0, p * torch.log(p / q.clamp_min(1e-300)), 0.0).sum(1)
+        k = int(kl.argmin())
+        if kl[k] < best_kl:
+            best_kl, best_i = float(kl[k]), int(cand[k])
+    return best_i
+
+
+class EntropyObserver(ObserverBase):
+    """KL-divergence (entropy) calibration, TensorRT style (Migacz, GTC 2017).
+
+    Keeps a ``bins``-bin histogram of ``|x|`` per row on ``[0, hist_max]``; when a batch
+    exceeds ``hist_max`` the range grows by an integer factor ``f`` and every ``f`` old
+    bins merge into one, exactly. ``calculate_qparams`` picks the threshold ``t`` with
+    :func:`kl_threshold_bins` (levels: half the codes if values of both signs share them,
+    all codes for non-negative affine data) and uses ``[max(min_val, -t), min(max_val, t)]``.
+    Cost grows with ``bins**2``: keep ``bins`` small for many channels.
+    PyTorch's ``HistogramObserver`` minimizes an L2 error instead; this is the KL search.
+    """
+
+    def __init__(self, bins: int = 2048, **kw):
+        super().__init__(**kw)
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 8:
+            raise ValueError(f"bins must be an int >= 8, got {bins!r}")
+        self.bins = bins
+        self.register_buffer("hist", torch.empty(0, bins, dtype=torch.float64))
+        self.register_buffer("hist_max", torch.empty(0))
+
+    def _update(self, rows, lo, hi):
+        super()._update(rows, lo, hi)
+        a = rows.abs()
+        amax = a.amax(dim=1)
+        if self.hist.shape[0] != rows.shape[0]:
+            self.hist = torch.zeros(rows.shape[0], self.bins, dtype=torch.float64, device=rows.device)
+            self.hist_max = torch.where(amax > 0, amax, torch.full_like(amax, 1e-12))
+        grow = torch.ceil(amax / self.hist_max).clamp_min(1).to(torch.int64)  # merge factor per row
+        if (grow > 1).any():
+            merged = torch.arange(self.bins, device=rows.device)[None, :] // grow[:, None]
+            self.hist = torch.zeros_like(self.hist).scatter_add_(1, merged, self.hist)
+            self.hist_max = self.hist_max * grow
+        width = (self.hist_max / self.bins)[:, None]
+        index = torch.floor(a / width).to(torch.int64).clamp_(0, self.bins - 1)
+        self.hist.scatter_add_(1, index, torch.ones_like(a, dtype=torch.float64))
+
+    def _clip_range(self):
+        lo, hi = self._as_rows(self.min_val), self._as_rows(self.max_val)
+        levels = self.quant_max - self.quant_min + 1
+        t = torch.empty_like(lo)
+        for r in range(lo.numel()):
+            two_sided = self.symmetric or lo[r] < 0
+            i = kl_threshold_bins(self.hist[r], levels // 2 if two_sided else levels)
+            t[r] = i * self.hist_max[r] / self.bins
+        lo, hi = torch.maximum(lo, -t), torch.minimum(hi, t)
+        return self._to_qparams_shape(lo), self._to_qparams_shape(hi)
+
+    def reset(self) -> None:
+        super().reset()
+        self.hist, self.hist_max = torch.empty(0, self.bins, dtype=torch.float64), torch.empty(0)

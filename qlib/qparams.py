@@ -1,0 +1,258 @@
+"""Quantization parameters: integer ranges, ``scale`` and ``zero_point``.
+
+Affine (asymmetric) quantization maps a real interval ``[min_val, max_val]`` onto the
+integers ``[quant_min, quant_max]``::
+
+    x_q  = clamp(round(x / scale) + zero_point, quant_min, quant_max)    # quantize.py
+    x_dq = (x_q - zero_point) * scale
+
+This module answers the question *which* ``scale`` and ``zero_point``. The formulas are
+PyTorch's (``torch.ao.quantization`` observers, ``_calculate_qparams``), bit for bit:
+
+affine::
+
+    min_neg = min(min_val, 0)            # the range must contain 0.0 ...
+    max_pos = max(max_val, 0)            # ... so that zero (padding, ReLU) is exact
+    scale = max((max_pos - min_neg) / (quant_max - quant_min), eps)
+    zero_point = clamp(quant_min - round(min_neg / scale), quant_min, quant_max)
+
+symmetric::
+
+    scale = max(max(-min_neg, max_pos) / ((quant_max - quant_min) / 2), eps)   # 127.5 for 8 bits
+    zero_point = 0 for a signed range, the middle of the range for an unsigned one
+
+Granularity says how many (scale, zero_point) pairs a tensor gets: ``PerTensor()`` one,
+``PerChannel(axis)`` one per slice along ``axis`` (weights: the output channels, axis 0),
+``PerGroup(group_size, axis)`` one per run of ``group_size`` consecutive elements along
+``axis`` (4-bit LLM weights: groups of 32..128 along the input dimension).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "PerTensor", "PerChannel", "PerGroup", "quant_range", "check_quant_range",
+    "check_tensor", "to_rows", "qparams_shape", "rows_to_qparams", "minmax", "choose_qparams",
+    "choose_qparams_symmetric_qmax", "qparams_for",
+]
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale and zero_point for the whole tensor (shape ``()``)."""
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale and zero_point per slice along ``axis`` (shape ``(x.shape[axis],)``)."""
+
+    axis: int = 0
+
+
+@dataclass(frozen=True)
+class PerGroup:
+    """One scale and zero_point per ``group_size`` consecutive elements along ``axis``.
+
+    The qparams have the shape of ``x`` with ``x.shape[axis]`` replaced by
+    ``x.shape[axis] // group_size``; e.g. a weight ``(out, in)`` with ``PerGroup(32)``
+    gets scales of shape ``(out, in // 32)``.
+    """
+
+    group_size: int
+    axis: int = -1
+
+
+def quant_range(bits: int, signed: bool = True, narrow: bool = False) -> tuple[int, int]:
+    """The integer range ``(quant_min, quant_max)`` of a ``bits``-bit code.
+
+    signed: ``(-2**(bits-1), 2**(bits-1) - 1)``, e.g. ``(-128, 127)``;
+    unsigned: ``(0, 2**bits - 1)``, e.g. ``(0, 255)``.
+    ``narrow=True`` (signed only) drops the lone most negative code: ``(-127, 127)``,
+    the symmetric "restricted range" of TensorRT and TFLite weights.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
+    if not 2 <= bits <= 16:
+        raise ValueError(
+            f"bits must be in [2, 16], got {bits}: 1 bit gives only two codes, and affine "
+            "quantization spends one of them on the zero_point, so it cannot represent "
+            "both signs (binary networks use sign(x) instead); above 16 bits float is cheaper"
+        )
+    if narrow and not signed:
+        raise ValueError("narrow=True is a signed-range convention; use signed=True")
+    if signed:
+        return -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def check_quant_range(quant_min: int, quant_max: int) -> None:
+    """Raise unless ``quant_min < quant_max`` are ints (codes are integers)."""
+    for name, v in (("quant_min", quant_min), ("quant_max", quant_max)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if quant_min >= quant_max:
+        raise ValueError(f"quant_min must be < quant_max, got ({quant_min}, {quant_max})")
+    if quant_min < -(2**31) or quant_max > 2**31 - 1:
+        raise ValueError(f"({quant_min}, {quant_max}) does not fit in int32 codes")
+
+
+def check_tensor(x, name: str = "x", floating: bool = True) -> None:
+    """Raise unless ``x`` is a non-empty tensor (floating and finite if ``floating``)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): nothing to quantize")
+    if floating:
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+
+
+_GRANULARITY_ERROR = "granularity must be PerTensor(), PerChannel(axis) or PerGroup(group_size, axis), got {!r}"
+
+
+def _axis(axis: int, ndim: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for a tensor with {ndim} dims")
+    return axis % ndim
+
+
+def to_rows(x: torch.Tensor, granularity=PerTensor()) -> torch.Tensor:
+    """View ``x`` as a 2-D ``(R, N)`` tensor: one row per (scale, zero_point) pair.
+
+    PerTensor: ``(1, numel)``; PerChannel(axis): ``(C, numel // C)``;
+    PerGroup(group_size, axis): ``(numel // group_size, group_size)``, rows in the
+    row-major order of :func:`qparams_shape`.
+    """
+    if isinstance(granularity, PerTensor):
+        return x.reshape(1, -1)
+    if isinstance(granularity, PerChannel):
+        axis = _axis(granularity.axis, x.dim())
+        return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+    if isinstance(granularity, PerGroup):
+        gs, axis = granularity.group_size, _axis(granularity.axis, x.dim())
+        if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1:
+            raise ValueError(f"group_size must be a positive int, got {gs!r}")
+        if x.shape[axis] % gs:
+            raise ValueError(f"x.shape[{axis}] = {x.shape[axis]} is not divisible by group_size {gs}")
+        return x.movedim(axis, -1).reshape(-1, gs)
+    raise TypeError(_GRANULARITY_ERROR.format(granularity))
+
+
+def qparams_shape(shape, granularity=PerTensor()) -> tuple[int, ...]:
+    """Shape of scale/zero_point for a tensor of ``shape`` (see :func:`to_rows`)."""
+    if isinstance(granularity, PerTensor):
+        return ()
+    if isinstance(granularity, PerChannel):
+        return (shape[_axis(granularity.axis, len(shape))],)
+    if isinstance(granularity, PerGroup):
+        axis = _axis(granularity.axis, len(shape))
+        return tuple(s // granularity.group_size if d == axis else s for d, s in enumerate(shape))
+    raise TypeError(_GRANULARITY_ERROR.format(granularity))
+
+
+def rows_to_qparams(t: torch.Tensor, shape, granularity=PerTensor()) -> torch.Tensor:
+    """Inverse of the row layout: a length-R vector -> :func:`qparams_shape`."""
+    if isinstance(granularity, PerGroup):
+        axis = _axis(granularity.axis, len(shape))
+        moved = [s for d, s in enumerate(shape) if d != axis] + [shape[axis] // granularity.group_size]
+        return t.reshape(moved).movedim(-1, axis)
+    return t.reshape(qparams_shape(shape, granularity))
+
+
+def minmax(x: torch.Tensor, granularity=PerTensor()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-granularity ``(min_val, max_val)`` of ``x`` (float32, :func:`qparams_shape`)."""
+    check_tensor(x)
+    lo, hi = torch.aminmax(to_rows(x.detach().to(torch.float32), granularity), dim=1)
+    return rows_to_qparams(lo, x.shape, granularity), rows_to_qparams(hi, x.shape, granularity)
+
+
+def _symmetric_zero_point(quant_min: int, quant_max: int) -> int:
+    # PyTorch: 0 for signed dtypes; 128 for its built-in quint8 (0, 255) and 2**15 for
+    # uint16 (0, 65535); the rounded-down midpoint for custom unsigned ranges.
+    if quant_min < 0:
+        return 0
+    return {(0, 255): 128, (0, 65535): 2**15}.get((quant_min, quant_max), (quant_min + quant_max) // 2)
+
+
+def _min_max_tensors(min_val, max_val):
+    min_val = torch.as_tensor(min_val).detach()
+    max_val = torch.as_tensor(max_val).detach()
+    for name, v in (("min_val", min_val), ("max_val", max_val)):
+        check_tensor(v, name)
+    if min_val.shape != max_val.shape:
+        raise ValueError(f"min_val {tuple(min_val.shape)} and max_val {tuple(max_val.shape)} differ in shape")
+    min_val, max_val = min_val.to(torch.float32), max_val.to(torch.float32)
+    if (min_val > max_val).any():
+        raise ValueError("min_val must be <= max_val (elementwise)")
+    return min_val, max_val
+
+
+def choose_qparams(min_val, max_val, quant_min: int, quant_max: int, symmetric: bool = False,
+                   eps: float = torch.finfo(torch.float32).eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` mapping ``[min_val, max_val]`` onto ``[quant_min, quant_max]``.
+
+    ``min_val``/``max_val``: tensors of one shape, 0-d (per-tensor), 1-D (per-channel) or
+    grouped (per-group); the formulas (module docstring) apply elementwise.
+    Returns ``scale`` float32 and ``zero_point`` int64, of that same shape. Equal bit for
+    bit to PyTorch's observers (which return shape ``(1,)`` for per-tensor and an int32
+    zero_point for affine schemes). One documented difference: for a *custom* unsigned
+    range ``(0, 255)`` PyTorch's symmetric zero_point is 127; qlib gives 128 for (0, 255)
+    always, as PyTorch does for its default quint8.
+    """
+    min_val, max_val = _min_max_tensors(min_val, max_val)
+    check_quant_range(quant_min, quant_max)
+    if not quant_min <= 0 <= quant_max:
+        raise ValueError(f"the range ({quant_min}, {quant_max}) must contain 0 so that 0.0 is exact")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    eps_t = torch.tensor(eps, dtype=torch.float32)
+    min_neg = torch.minimum(min_val, torch.zeros_like(min_val))
+    max_pos = torch.maximum(max_val, torch.zeros_like(max_val))
+    if symmetric:
+        scale = torch.maximum(-min_neg, max_pos) / (float(quant_max - quant_min) / 2)
+        scale = torch.maximum(scale, eps_t)
+        zero_point = torch.full_like(scale, _symmetric_zero_point(quant_min, quant_max), dtype=torch.int64)
+    else:
+        scale = torch.maximum((max_pos - min_neg) / float(quant_max - quant_min), eps_t)
+        zero_point = quant_min - torch.round(min_neg / scale).to(torch.int64)
+        zero_point = torch.clamp(zero_point, quant_min, quant_max)
+    return scale, zero_point
+
+
+def choose_qparams_symmetric_qmax(min_val, max_val, quant_max: int,
+                                  eps: float = torch.finfo(torch.float32).eps):
+    """Teaching variant: symmetric scale with the ``quant_max`` divisor (127, not 127.5).
+
+    ``scale = max(|min_val|, |max_val|) / quant_max``, ``zero_point = 0``: the TensorRT /
+    TFLite convention, used with the narrow range ``quant_range(bits, narrow=True)``.
+    The largest magnitude maps to the code ``quant_max``; PyTorch's ``/ 127.5`` maps it to
+    the edge ``127.5`` between codes, using all 256 codes (-128 included) instead.
+    """
+    min_val, max_val = _min_max_tensors(min_val, max_val)
+    check_quant_range(-quant_max, quant_max)
+    scale = torch.maximum(min_val.abs(), max_val.abs()) / float(quant_max)
+    scale = torch.maximum(scale, torch.tensor(eps, dtype=torch.float32))
+    return scale, torch.zeros_like(scale, dtype=torch.int64)
+
+
+def qparams_for(x: torch.Tensor, bits: int = 8, symmetric: bool = False,
+                granularity=PerTensor(), signed: bool | None = None):
+    """Min-max ``(scale, zero_point)`` for tensor ``x`` in one call.
+
+    ``signed=None`` means signed codes for symmetric and unsigned for affine
+    (PyTorch's defaults: qint8 weights, quint8 activations). Shapes: PerTensor ``()``;
+    PerChannel(axis) ``(x.shape[axis],)``; PerGroup(group_size, axis) the shape of ``x``
+    with ``x.shape[axis]`` replaced by ``x.shape[axis] // group_size``.
+    Pair it with ``quant_range(bits, signed)`` to quantize.
+    """
+    signed = bool(symmetric) if signed is None else signed
+    quant_min, quant_max = quant_range(bits, signed)
+    min_val, max_val = minmax(x, granularity)
+    return choose_qparams(min_val, max_val, quant_min, quant_max, symmetric=symmetric)

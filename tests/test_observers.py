@@ -1,0 +1,273 @@
+"""Tests for qlib.observers.
+
+Reference: torch.ao.quantization MinMaxObserver, PerChannelMinMaxObserver,
+MovingAverageMinMaxObserver and MovingAveragePerChannelMinMaxObserver (buffers and
+``calculate_qparams()`` bit for bit); percentile against a sort-based written formula;
+MSE and entropy (TensorRT KL, Migacz 2017) against their defining properties.
+"""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from qlib.entropy import EntropyObserver, kl_threshold_bins
+from qlib.observers import (MinMaxObserver, MovingAverageMinMaxObserver,
+                            MSEObserver, PercentileObserver, make_observer,
+                            mse_range, reservoir_update)
+from qlib.qparams import PerChannel, PerGroup, PerTensor, choose_qparams, quant_range
+from qlib.quantize import fake_quantize
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*deprecat")
+tq = torch.ao.quantization
+FAST = settings(max_examples=25, deadline=None)
+NAMES = ["minmax", "moving_average", "percentile", "mse", "entropy"]
+
+
+def same_bits(a, b):
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def torch_observer(cls, bits, signed, symmetric, per_channel, **kw):
+    if per_channel:
+        kw["qscheme"] = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
+    else:
+        kw["qscheme"] = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
+    if bits < 8:
+        kw["quant_min"], kw["quant_max"] = quant_range(bits, signed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(dtype=torch.qint8 if signed else torch.quint8, **kw)
+
+
+def batches(seed, n, shape=(4, 6, 5)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) * float(torch.rand(1, generator=g) * 3 + 0.1)
+            + float(torch.randn(1, generator=g)) for _ in range(n)]
+
+
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 4), bits=st.integers(2, 8),
+       signed=st.booleans(), symmetric=st.booleans(), moving=st.booleans())
+def test_per_tensor_observers_match_torch(seed, n, bits, signed, symmetric, moving):
+    ours_cls, ref_cls = ((MovingAverageMinMaxObserver, tq.MovingAverageMinMaxObserver) if moving
+                         else (MinMaxObserver, tq.MinMaxObserver))
+    ref = torch_observer(ref_cls, bits, signed, symmetric, False)
+    obs = ours_cls(bits=bits, symmetric=symmetric, signed=signed)
+    for x in batches(seed, n):
+        assert obs(x) is x
+        ref(x)
+    assert same_bits(obs.min_val, ref.min_val) and same_bits(obs.max_val, ref.max_val)
+    scale, zp = obs.calculate_qparams()
+    ref_scale, ref_zp = ref.calculate_qparams()
+    assert same_bits(scale.reshape(1), ref_scale) and torch.equal(zp.reshape(1), ref_zp.long())
+
+
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 3), bits=st.integers(2, 8),
+       signed=st.booleans(), symmetric=st.booleans(), axis=st.integers(0, 2), moving=st.booleans())
+def test_per_channel_observers_match_torch(seed, n, bits, signed, symmetric, axis, moving):
+    ours_cls, ref_cls = ((MovingAverageMinMaxObserver, tq.MovingAveragePerChannelMinMaxObserver) if moving
+                         else (MinMaxObserver, tq.PerChannelMinMaxObserver))
+    ref = torch_observer(ref_cls, bits, signed, symmetric, True, ch_axis=axis)
+    obs = ours_cls(bits=bits, symmetric=symmetric, signed=signed, granularity=PerChannel(axis))
+    for x in batches(seed, n):
+        obs(x)
+        ref(x)
+    assert same_bits(obs.min_val, ref.min_val) and same_bits(obs.max_val, ref.max_val)
+    scale, zp = obs.calculate_qparams()
+    ref_scale, ref_zp = ref.calculate_qparams()
+    assert same_bits(scale, ref_scale) and torch.equal(zp, ref_zp.long())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_interface_and_weight_use_case(name):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 12, generator=g) * torch.linspace(0.1, 2, 8)[:, None]
+    kw = {"bins": 128} if name == "entropy" else {}
+    obs = make_observer(name, bits=4, symmetric=True, signed=True, granularity=PerChannel(0), **kw)
+    assert isinstance(obs, nn.Module)
+    assert (obs.quant_min, obs.quant_max, obs.bits, obs.symmetric) == (-8, 7, 4, True)
+    assert obs.granularity == PerChannel(0)
+    assert obs(w) is w
+    scale, zp = obs.calculate_qparams()
+    assert scale.shape == (8,) and scale.dtype == torch.float32 and zp.dtype == torch.int64
+    assert torch.all(zp == 0) and torch.all(scale > 0)
+    # scales follow the channel magnitudes, and the error is reasonable
+    assert scale[-1] > scale[0]
+    w_dq = fake_quantize(w, scale, zp, -8, 7, axis=0)
+    assert ((w_dq - w).abs().amax(1) <= 2 * w.abs().amax(1)).all()
+    assert {"min_val", "max_val"} <= set(obs.state_dict())
+    # in a model: returns its input unchanged, gradients flow
+    model = nn.Sequential(nn.Linear(12, 5), make_observer(name, **kw))
+    x = torch.randn(3, 12, generator=g, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and model[1].calculate_qparams()[0].shape == ()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_per_group(name):
+    w = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    kw = {"bins": 64} if name == "entropy" else {}
+    obs = make_observer(name, bits=4, symmetric=True, signed=True, granularity=PerGroup(8), **kw)
+    obs(w)
+    scale, _ = obs.calculate_qparams()
+    assert scale.shape == (4, 4)
+    if name in ("minmax", "moving_average"):
+        assert torch.equal(scale[2, 1], choose_qparams(w[2, 8:16].min(), w[2, 8:16].max(), -8, 7, True)[0])
+
+
+def test_percentile_matches_written_formula():
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(50, 7, generator=g) for _ in range(3)]
+    obs = PercentileObserver(percentile=99.0, granularity=PerChannel(1))
+    for x in xs:
+        obs(x)
+    rows = torch.cat(xs).T  # (7, 150): all values kept (max_samples is larger)
+    s = rows.sort(dim=1).values
+    pos = 0.99 * 149  # linear interpolation between the neighbouring order statistics
+    i = int(pos)
+    hi = s[:, i] + (pos - i) * (s[:, i + 1] - s[:, i])
+    pos = 0.01 * 149
+    i = int(pos)
+    lo = s[:, i] + (pos - i) * (s[:, i + 1] - s[:, i])
+    assert torch.allclose(obs._clip_range()[1], hi) and torch.allclose(obs._clip_range()[0], lo)
+    assert torch.allclose(hi, torch.quantile(rows, 0.99, dim=1))
+    ref = choose_qparams(lo, hi, 0, 255)
+    assert torch.allclose(obs.calculate_qparams()[0], ref[0])
+
+
+def test_percentile_clips_outliers_and_100_is_minmax():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10000, generator=g)
+    x[0] = 1000.0
+    p = PercentileObserver(percentile=99.9, symmetric=True, signed=True)
+    m = MinMaxObserver(symmetric=True, signed=True)
+    p(x), m(x)
+    assert p.calculate_qparams()[0] < m.calculate_qparams()[0] / 100
+    full = PercentileObserver(percentile=100.0)
+    full(x)
+    assert torch.equal(full.calculate_qparams()[0], choose_qparams(x.min(), x.max(), 0, 255)[0])
+
+
+def test_reservoir_is_bounded_uniform_and_seeded():
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        sample, seen = torch.empty(2, 0), 0
+        for start in range(0, 20000, 1000):
+            cols = torch.arange(start, start + 1000, dtype=torch.float32).expand(2, -1)
+            sample, seen = reservoir_update(sample, seen, cols, 500, gen)
+        return sample, seen
+    sample, seen = run(0)
+    assert sample.shape == (2, 500) and seen == 20000
+    assert torch.equal(sample[0], sample[1])  # rows share the sampled columns
+    assert abs(sample.mean().item() - 10000) < 1500  # uniform over the whole stream
+    assert torch.equal(run(0)[0], sample) and not torch.equal(run(1)[0], sample)
+
+
+def test_mse_never_worse_than_minmax_per_channel():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 64, generator=g)
+    w[:, 0] *= 6  # one outlier per channel: clipping it pays off at 4 bits
+    obs = MSEObserver(bits=4, symmetric=True, signed=True, granularity=PerChannel(0))
+    obs(w)
+    err = lambda s, z: ((fake_quantize(w, s, z, -8, 7, axis=0) - w) ** 2).mean(1)
+    e_mse = err(*obs.calculate_qparams())
+    e_max = err(*choose_qparams(w.amin(1), w.amax(1), -8, 7, True))
+    assert torch.all(e_mse <= e_max) and e_mse.mean() < e_max.mean()
+    lo, hi = mse_range(w, -8, 7, symmetric=True, grid=1)  # grid=1: only a = 1, i.e. min-max
+    assert torch.equal(lo, w.amin(1)) and torch.equal(hi, w.amax(1))
+
+
+def test_kl_threshold_on_known_histograms():
+    flat = torch.ones(512)
+    assert kl_threshold_bins(flat, 128) == 512  # uniform: nothing to gain by clipping
+    j = torch.arange(512.0)
+    decaying = torch.round(1e6 * torch.exp(-j / 20))
+    decaying[511] = 1.0  # a long tail and a far outlier are clipped away
+    assert kl_threshold_bins(decaying, 128) < 300
+    assert kl_threshold_bins(torch.round(1e6 * torch.exp(-(j / 100) ** 2)), 128) < 512
+    spike = torch.zeros(512)
+    spike[:100] = 1000.0
+    spike[511] = 1.0  # blind spot: merging 4 bins loses nothing here, so KL keeps it all
+    assert kl_threshold_bins(spike, 128) == 512
+    assert kl_threshold_bins(torch.ones(64), 128) == 64  # more levels than bins
+
+
+def test_entropy_observer_histogram_and_clipping():
+    g = torch.Generator().manual_seed(5)
+    obs = EntropyObserver(symmetric=True, signed=True, bins=512)
+    small = torch.randn(20000, generator=g) * 0.5
+    u = torch.rand(2, 40000, generator=g)
+    big = torch.log(u[0] / u[1])  # Laplace(0, 1): a long tail ...
+    big[:3] = torch.tensor([40.0, -40.0, 35.0])  # ... and three far outliers
+    obs(small), obs(big)
+    assert obs.hist.sum().item() == 60000  # merging bins when the range grows loses nothing
+    assert obs.hist_max.item() >= 40.0
+    scale, zp = obs.calculate_qparams()
+    t = scale * 127.5
+    assert zp == 0 and 6.0 < t < 0.5 * 40.0  # outliers clipped, the bulk (99.9% < 6.9) kept
+    uniform = EntropyObserver(bins=512)  # affine, non-negative data: all 256 levels
+    u = torch.rand(20000, generator=g)
+    uniform(u)
+    minmax_scale = choose_qparams(u.min(), u.max(), 0, 255)[0]
+    assert torch.allclose(uniform.calculate_qparams()[0], minmax_scale, rtol=0.01)
+
+
+@pytest.mark.parametrize("name", ["minmax", "moving_average", "entropy"])
+@pytest.mark.parametrize("granularity", [PerChannel(0), PerGroup(2)])
+def test_state_dict_round_trip(name, granularity):
+    kw = dict(symmetric=True, signed=True, granularity=granularity)
+    kw.update({"bins": 32} if name == "entropy" else {})
+    obs = make_observer(name, **kw)
+    obs(torch.randn(5, 4, generator=torch.Generator().manual_seed(6)))
+    fresh = make_observer(name, **kw)
+    fresh.load_state_dict(obs.state_dict())
+    assert torch.equal(fresh.calculate_qparams()[0], obs.calculate_qparams()[0])
+
+
+def test_reset():
+    obs = PercentileObserver()
+    obs(torch.randn(10))
+    obs.reset()
+    with pytest.raises(ValueError, match="observer has seen no data"):
+        obs.calculate_qparams()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_errors(name):
+    obs = make_observer(name)
+    with pytest.raises(ValueError, match="observer has seen no data: run calibration batches first"):
+        obs.calculate_qparams()
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        obs(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="empty"):
+        obs(torch.zeros(0))
+    with pytest.raises(TypeError, match="floating-point"):
+        obs(torch.arange(3))
+    with pytest.raises(ValueError, match=r"bits must be in \[2, 16\]"):
+        make_observer(name, bits=1)
+    with pytest.raises(TypeError, match="granularity must be"):
+        make_observer(name, granularity="per_tensor")
+    ch = make_observer(name, granularity=PerChannel(0))
+    ch(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="one observer per tensor"):
+        ch(torch.randn(5, 4))
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="unknown observer 'histogramm'"):
+        make_observer("histogramm")
+    with pytest.raises(ValueError, match="percentile must be in"):
+        PercentileObserver(percentile=20)
+    with pytest.raises(ValueError, match="averaging_constant must be in"):
+        MovingAverageMinMaxObserver(averaging_constant=0.0)
+    with pytest.raises(ValueError, match="grid must be a positive int"):
+        MSEObserver(grid=0)
+    with pytest.raises(ValueError, match="max_samples must be a positive int"):
+        MSEObserver(max_samples=0)
+    with pytest.raises(ValueError, match="bins must be an int"):
+        EntropyObserver(bins=4)
+    assert isinstance(make_observer("minmax", granularity=PerTensor()), MinMaxObserver)

@@ -1,0 +1,219 @@
+"""Tests for qlib.qparams.
+
+Reference: torch.ao.quantization MinMaxObserver / PerChannelMinMaxObserver
+``calculate_qparams()`` (per_tensor/per_channel, affine/symmetric, qint8/quint8 and custom
+2..8-bit ranges), compared bit for bit; the teaching variant against its written formula.
+"""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from qlib.qparams import (PerChannel, PerGroup, PerTensor, choose_qparams,
+                          choose_qparams_symmetric_qmax, minmax, qparams_for, qparams_shape,
+                          quant_range, to_rows)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*deprecat")
+tq = torch.ao.quantization
+FAST = settings(max_examples=30, deadline=None)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of float32 tensors (distinguishes -0.0 and +0.0)."""
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def torch_observer(bits, signed, symmetric, axis=None):
+    """The torch observer for a ``bits``-bit range: default range for 8 bits, custom below."""
+    dtype = torch.qint8 if signed else torch.quint8
+    if axis is None:
+        qscheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
+        cls, kw = tq.MinMaxObserver, {}
+    else:
+        qscheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
+        cls, kw = tq.PerChannelMinMaxObserver, {"ch_axis": axis}
+    if bits < 8:
+        kw["quant_min"], kw["quant_max"] = quant_range(bits, signed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(dtype=dtype, qscheme=qscheme, **kw)
+
+
+@st.composite
+def data(draw, ndim_min=0):
+    """A random float32 tensor: Gaussian with random spread and offset, or a corner case."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=max(ndim_min, 1), max_size=3)))
+    g = torch.Generator().manual_seed(seed)
+    kind = draw(st.sampled_from(["gauss", "gauss", "positive", "negative", "zeros", "constant", "tiny"]))
+    spread = 10 ** draw(st.floats(-4, 3))
+    x = torch.randn(shape, generator=g) * spread
+    if kind == "positive":
+        x = x.abs() + spread
+    elif kind == "negative":
+        x = -x.abs() - spread
+    elif kind == "zeros":
+        x = torch.zeros(shape)
+    elif kind == "constant":
+        x = torch.full(shape, draw(st.floats(-5, 5, width=32)))
+    elif kind == "tiny":
+        x = torch.randn(shape, generator=g) * 1e-8
+    return x
+
+
+@FAST
+@given(x=data(), bits=st.integers(2, 8), signed=st.booleans(), symmetric=st.booleans())
+def test_choose_qparams_per_tensor_matches_torch(x, bits, signed, symmetric):
+    obs = torch_observer(bits, signed, symmetric)
+    obs(x)
+    ref_scale, ref_zp = obs.calculate_qparams()
+    qmin, qmax = quant_range(bits, signed)
+    scale, zp = choose_qparams(x.min(), x.max(), qmin, qmax, symmetric=symmetric)
+    assert scale.shape == () and scale.dtype == torch.float32 and zp.dtype == torch.int64
+    assert same_bits(scale.reshape(1), ref_scale)
+    assert torch.equal(zp.reshape(1), ref_zp.to(torch.int64))
+
+
+@FAST
+@given(x=data(ndim_min=2), bits=st.integers(2, 8), signed=st.booleans(),
+       symmetric=st.booleans(), axis=st.integers(0, 2))
+def test_choose_qparams_per_channel_matches_torch(x, bits, signed, symmetric, axis):
+    axis = axis % x.dim()
+    obs = torch_observer(bits, signed, symmetric, axis=axis)
+    obs(x)
+    ref_scale, ref_zp = obs.calculate_qparams()
+    qmin, qmax = quant_range(bits, signed)
+    min_val, max_val = minmax(x, PerChannel(axis))
+    scale, zp = choose_qparams(min_val, max_val, qmin, qmax, symmetric=symmetric)
+    assert scale.shape == (x.shape[axis],)
+    assert same_bits(scale, ref_scale)
+    assert torch.equal(zp, ref_zp.to(torch.int64))
+
+
+def test_quant_range_values():
+    assert quant_range(8) == (-128, 127)
+    assert quant_range(8, signed=False) == (0, 255)
+    assert quant_range(4) == (-8, 7)
+    assert quant_range(2, signed=False) == (0, 3)
+    assert quant_range(16) == (-32768, 32767)
+    assert quant_range(8, narrow=True) == (-127, 127)
+
+
+def test_quant_range_errors():
+    with pytest.raises(ValueError, match="1 bit gives only two codes"):
+        quant_range(1)
+    with pytest.raises(ValueError, match=r"\[2, 16\]"):
+        quant_range(17)
+    with pytest.raises(TypeError, match="bits must be an int"):
+        quant_range(8.0)
+    with pytest.raises(TypeError, match="bits must be an int"):
+        quant_range(True)
+    with pytest.raises(ValueError, match="narrow"):
+        quant_range(8, signed=False, narrow=True)
+
+
+def test_unsigned_symmetric_zero_point():
+    # torch's default quint8 uses 128; custom unsigned ranges the rounded-down midpoint.
+    one = torch.tensor(1.0)
+    assert choose_qparams(-one, one, 0, 255, symmetric=True)[1] == 128
+    assert choose_qparams(-one, one, 0, 15, symmetric=True)[1] == 7
+    assert choose_qparams(-one, one, -8, 7, symmetric=True)[1] == 0
+    assert choose_qparams(-one, one, 0, 65535, symmetric=True)[1] == 2**15
+
+
+def test_documented_deviation_custom_0_255_symmetric():
+    # PyTorch gives 127 when (0, 255) is passed as a *custom* range, 128 for the default.
+    # qlib has no dtype argument to tell them apart and follows the default: 128.
+    obs = tq.MinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_symmetric,
+                            quant_min=0, quant_max=255)
+    obs(torch.tensor([-1.0, 1.0]))
+    assert obs.calculate_qparams()[1].item() == 127
+    assert choose_qparams(torch.tensor(-1.0), torch.tensor(1.0), 0, 255, True)[1].item() == 128
+
+
+def test_symmetric_qmax_variant_formula():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=g)
+    lo, hi = minmax(x, PerChannel(0))
+    scale, zp = choose_qparams_symmetric_qmax(lo, hi, 127)
+    expected = torch.maximum(lo.abs(), hi.abs()) / 127.0  # the written formula
+    assert same_bits(scale, expected) and torch.equal(zp, torch.zeros(5, dtype=torch.int64))
+    # the largest magnitude lands on the code 127; torch's /127.5 puts it on the edge 127.5
+    amax = torch.maximum(lo.abs(), hi.abs())
+    assert torch.allclose(amax / scale, torch.full((5,), 127.0))
+    ts, _ = choose_qparams(lo, hi, -128, 127, symmetric=True)
+    assert torch.allclose(amax / ts, torch.full((5,), 127.5))
+
+
+def test_qparams_for_shapes_and_values():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 8, generator=g)
+    s, z = qparams_for(w)
+    assert s.shape == () and z.shape == ()
+    assert qparams_for(w, granularity=PerChannel(1))[0].shape == (8,)
+    s, z = qparams_for(w, bits=4, symmetric=True, granularity=PerGroup(4))
+    assert s.shape == (6, 2) and torch.all(z == 0)
+    # each group's qparams equal choose_qparams on that group's own min and max
+    for r in range(6):
+        for k in range(2):
+            grp = w[r, 4 * k:4 * k + 4]
+            rs, rz = choose_qparams(grp.min(), grp.max(), -8, 7, symmetric=True)
+            assert same_bits(s[r, k], rs) and z[r, k] == rz
+    s0, _ = qparams_for(w, granularity=PerGroup(3, axis=0))
+    assert s0.shape == (2, 8)
+    lo, _ = minmax(w, PerGroup(3, axis=0))
+    assert torch.equal(lo[1], w[3:6].amin(0))
+    # affine default is unsigned (0, 255), like torch's quint8 activations
+    s, z = qparams_for(w.abs())
+    assert z == 0 and torch.isclose(s, w.abs().max() / 255)
+
+
+def test_to_rows_and_shapes():
+    x = torch.arange(24.0).reshape(2, 3, 4)
+    assert to_rows(x, PerTensor()).shape == (1, 24)
+    assert torch.equal(to_rows(x, PerChannel(1))[2], x[:, 2].flatten())
+    assert to_rows(x, PerGroup(2)).shape == (12, 2)
+    assert qparams_shape(x.shape, PerGroup(2, axis=-1)) == (2, 3, 2)
+    assert qparams_shape(x.shape, PerChannel(-1)) == (4,)
+
+
+def test_errors():
+    one, nan = torch.tensor(1.0), torch.tensor(float("nan"))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        choose_qparams(nan, one, 0, 255)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        choose_qparams(-one, torch.tensor(float("inf")), 0, 255)
+    with pytest.raises(ValueError, match="min_val must be <= max_val"):
+        choose_qparams(one, -one, 0, 255)
+    with pytest.raises(ValueError, match="differ in shape"):
+        choose_qparams(torch.zeros(3), torch.ones(2), 0, 255)
+    with pytest.raises(ValueError, match="quant_min must be < quant_max"):
+        choose_qparams(-one, one, 5, 5)
+    with pytest.raises(TypeError, match="quant_min must be an int"):
+        choose_qparams(-one, one, 0.0, 255)
+    with pytest.raises(ValueError, match="must contain 0"):
+        choose_qparams(-one, one, 1, 255)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        choose_qparams(-one, one, 0, 255, eps=0.0)
+    with pytest.raises(ValueError, match="empty"):
+        choose_qparams(torch.zeros(0), torch.zeros(0), 0, 255)
+    with pytest.raises(ValueError, match="empty"):
+        minmax(torch.zeros(2, 0))
+    with pytest.raises(TypeError, match="floating-point"):
+        minmax(torch.arange(4))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        minmax([1.0, 2.0])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        qparams_for(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="not divisible by group_size"):
+        qparams_for(torch.ones(2, 6), granularity=PerGroup(4))
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        qparams_for(torch.ones(2, 6), granularity=PerGroup(0))
+    with pytest.raises(ValueError, match="axis 2 is out of range"):
+        qparams_for(torch.ones(2, 6), granularity=PerChannel(2))
+    with pytest.raises(TypeError, match="granularity must be"):
+        qparams_for(torch.ones(2, 6), granularity="per_channel")
+    with pytest.raises(ValueError, match=r"bits must be in \[2, 16\]"):
+        qparams_for(torch.ones(3), bits=1)
