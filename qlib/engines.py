@@ -1,0 +1,103 @@
+"""PyTorch's own int8 engine: the production reference next to qlib's teaching code.
+
+qlib simulates quantization in float (fake-quant) and emulates integer kernels with
+readable tensor code (``intops``), so it is *not* fast. PyTorch ships real int8 CPU kernels
+(FBGEMM/oneDNN, the "x86" engine): ``torch_x86_quantize`` runs the same recipe as
+``qlib.ptq.quantize_static`` through ``torch.ao.quantization`` FX graph mode::
+
+    prepared  = prepare_fx(model, get_default_qconfig_mapping("x86"), example_inputs)
+    prepared(x) for x in calibration batches
+    quantized = convert_fx(prepared)        # quint8 activations, qint8 per-channel weights
+
+Differences from qlib's default recipe: x86 activations use ``reduce_range`` (7-bit
+codes, 0..127, to avoid an overflow in the AVX2 kernels), its activation observer is a
+``HistogramObserver``, and conv-BN-ReLU are fused into one kernel.
+
+``latency`` / ``compare_latency`` time models side by side (median of several runs,
+interleaved) so that the ratios, not the absolute times, can be trusted.
+
+``torch.ao.quantization`` is deprecated in recent PyTorch (moving to torchao); its
+warnings are silenced here, and a PyTorch without it raises a clear RuntimeError.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from .ptq import _batches, _inputs
+
+__all__ = ["torch_x86_quantize", "latency", "compare_latency"]
+
+
+def torch_x86_quantize(model: nn.Module, calib_data, max_batches: int | None = None,
+                       engine: str = "x86") -> nn.Module:
+    """Static int8 PTQ with PyTorch's own kernels; returns a quantized ``GraphModule``.
+
+    ``calib_data``: as for ``qlib.ptq.calibrate`` (a tensor, batches, ``(x, y)`` pairs or a
+    DataLoader). Sets ``torch.backends.quantized.engine = engine`` (a global setting that
+    the quantized kernels read when they run). ``model`` is unchanged. Float in, float out.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    if engine not in torch.backends.quantized.supported_engines:
+        raise RuntimeError(f"quantized engine {engine!r} is not available in this PyTorch build "
+                           f"(available: {torch.backends.quantized.supported_engines})")
+    batches = [_inputs(b) for b in itertools.islice(_batches(calib_data), max_batches)]
+    if not batches:
+        raise ValueError("calibration data is empty: give at least one batch")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*(reduce_range|deprecated).*", category=UserWarning)
+        try:
+            from torch.ao.quantization import get_default_qconfig_mapping
+            from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+        except ImportError as err:  # pragma: no cover - a future PyTorch without it
+            raise RuntimeError("this PyTorch has no torch.ao.quantization FX mode; "
+                               "use torchao's pt2e quantization instead") from err
+        torch.backends.quantized.engine = engine
+        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping(engine),
+                              (batches[0],))
+        with torch.no_grad():
+            for x in batches:
+                prepared(x)
+        return convert_fx(prepared)
+
+
+def _time_once(model: nn.Module, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(x)
+    return time.perf_counter() - start
+
+
+def compare_latency(models: dict[str, nn.Module], x: torch.Tensor, repeats: int = 20,
+                    warmup: int = 3) -> dict[str, float]:
+    """Median seconds of ``model(x)`` for each model, measured interleaved in one run.
+
+    Round-robin timing (model A, B, C, A, B, C, ...) exposes every model to the same
+    background load, so ratios between the medians are meaningful; absolute times are not.
+    """
+    if not isinstance(repeats, int) or repeats < 1 or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    if not models or not all(isinstance(m, nn.Module) or callable(m) for m in models.values()):
+        raise TypeError("models must be a non-empty dict of name -> module")
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for model in models.values():
+                model(x)
+        for _ in range(repeats):
+            for name, model in models.items():
+                times[name].append(_time_once(model, x))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def latency(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+    """Median seconds of ``model(x)`` over ``repeats`` runs after ``warmup`` runs (no autograd)."""
+    return compare_latency({"model": model}, x, repeats, warmup)["model"]

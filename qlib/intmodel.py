@@ -1,0 +1,296 @@
+"""Run a whole converted fake-quant model in integer arithmetic (``convert_to_integer``).
+
+Where the fake-quant model holds a float between two layers, the integer model holds an
+``Accumulator``: int32 ``values`` and a float ``scale`` with ``real = values * scale``.
+A layer's output is exactly that (``values = acc``, ``scale = s_x * s_w``). The integer
+model walks the model's graph (``torch.fx``) and applies to accumulators the rule that
+matches each float operation:
+
+- quantized layer: requantize the accumulator to the layer's input codes
+  (``intops.requantize``; a float input is quantized), then ``int_matmul`` or
+  ``int_conv2d`` plus the int32 bias: a new accumulator with ``scale = s_x * s_w``;
+- ReLU: ``max(values, 0)`` (scales are positive). Exact;
+- max-pool: max-pool of ``values`` (one positive scale per channel). Exact;
+- average-pool, mean: the integer sum; ``1 / count`` goes into the scale, hence into the
+  next requantization multiplier. Exact (the sum must fit in int32);
+- flatten, view, reshape: reshape ``values`` and ``scale`` alike (batch dim kept). Exact;
+- ``a + b`` (residual connections): both rescaled to the coarser of the two scales with
+  a fixed-point multiplier <= 1, then an integer add. Within half a unit;
+- Identity, Dropout: nothing;
+- output: dequantize, ``values * scale`` in float.
+
+So requantization happens exactly where the fake-quant model quantizes: at the input of
+the next quantized layer ("the output is requantized to the next layer's input qparams";
+ReLU commutes with it, which is why Jacob et al. fuse it into the clamp). Keeping the
+int32 accumulator through pooling and residual adds, instead of rounding to 8 bits after
+every layer, is what makes the integer model agree with the fake-quant model to within a
+code: rounding to the head's 8-bit codes *before* a global average pool would clip, since
+the pooled values span a smaller range than the pixels they average.
+
+Requirements: the model traces with ``torch.fx``; its quantizers are frozen (static PTQ
+or frozen QAT: ``convert`` first); activations are per-tensor, weights per-tensor or
+per-output-channel; convolutions have ``groups=1``. Before the first quantized layer the
+model may do any float work. Layers left in float (``per_layer=None``) get dequantized
+input and produce float, and an operation that mixes float tensors with accumulators
+runs in float on the dequantized values: that is the boundary of a mixed-precision model.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .fold import _set_submodule
+from .intops import IntConv2d, IntLinear, _check_int32, multiply_by_quantized_multiplier, \
+    quantize_multiplier, requantize
+from .modules import FakeQuantize, QuantConv2d, QuantLinear
+
+__all__ = ["Accumulator", "IntegerModel", "convert_to_integer"]
+
+
+@dataclass
+class Accumulator:
+    """Integers with a scale: ``real = values * scale``.
+
+    ``values``: int64 tensor ``(N, ...)`` holding int32 numbers (checked);
+    ``scale``: float64 tensor broadcastable to ``values.shape[1:]`` (one per channel).
+    """
+
+    values: torch.Tensor
+    scale: torch.Tensor
+
+    def __post_init__(self):
+        self.values = _check_int32(self.values.to(torch.int64), "accumulator")
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.values.double() * self.scale).to(torch.float32)
+
+    def full_scale(self) -> torch.Tensor:
+        return self.scale.expand(self.values.shape[1:])
+
+
+def to_codes(x, layer: IntLinear | IntConv2d) -> torch.Tensor:
+    """The codes ``layer`` expects: quantize a float input, requantize an accumulator."""
+    if isinstance(x, Accumulator):
+        m, shift = quantize_multiplier(x.scale / layer.input_scale.double())
+        return requantize(x.values, m, shift, layer.input_zero_point,
+                          layer.input_quant_min, layer.input_quant_max)
+    return layer.quantize_input(x)
+
+
+def _per_channel(a: Accumulator) -> Accumulator:
+    """``a`` with a scale of shape ``(C, 1, 1)``: pooling mixes pixels, so they must share it."""
+    s = a.full_scale()
+    if not torch.equal(s, s[..., :1, :1].expand_as(s)):
+        raise NotImplementedError("pooling needs one scale per channel (not per pixel)")
+    return Accumulator(a.values, s[..., :1, :1])
+
+
+def _common_scale(a: Accumulator, dims: list[int]) -> Accumulator:
+    """Rescale ``a`` so its scale is constant along ``dims`` (the coarsest one; multipliers <= 1)."""
+    scale = a.full_scale()
+    common = scale.amax(dim=[d - 1 for d in dims], keepdim=True)
+    if torch.equal(scale, common.expand_as(scale)):
+        return Accumulator(a.values, common)
+    return Accumulator(multiply_by_quantized_multiplier(a.values, *quantize_multiplier(scale / common)), common)
+
+
+def _pooled(a: Accumulator, pool_sum, count: int) -> Accumulator:
+    """Average = integer sum, with ``1 / count`` moved into the scale (exact)."""
+    a = _per_channel(a)
+    return Accumulator(pool_sum(a.values.double()).round().to(torch.int64), a.scale / count)
+
+
+def _avg_pool(a: Accumulator, kernel, stride=None, padding=0, ceil_mode=False,
+              count_include_pad=True, divisor_override=None) -> Accumulator:
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    pad = padding if isinstance(padding, int) else max(padding)
+    if divisor_override is None and (ceil_mode or (pad and not count_include_pad)):
+        raise NotImplementedError("integer average pooling needs windows of one size: "
+                                  "no ceil_mode, and count_include_pad=True when padding")
+    count = divisor_override or kh * kw
+    return _pooled(a, lambda v: F.avg_pool2d(v, kernel, stride, padding, ceil_mode,
+                                             count_include_pad, divisor_override=1), count)
+
+
+def _adaptive_avg_pool(a: Accumulator, output_size) -> Accumulator:
+    h, w = a.values.shape[-2:]
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+    oh, ow = oh or h, ow or w
+    if h % oh or w % ow:
+        raise NotImplementedError(f"adaptive average pooling {h}x{w} -> {oh}x{ow} has windows of "
+                                  "different sizes; integer inference needs equal windows")
+    return _avg_pool(a, (h // oh, w // ow), (h // oh, w // ow))
+
+
+def _mean(a: Accumulator, dim=None, keepdim=False) -> Accumulator:
+    if dim is None:
+        raise NotImplementedError("integer inference cannot average over the batch dimension")
+    dims = sorted(d % a.values.dim() for d in ((dim,) if isinstance(dim, int) else dim))
+    if 0 in dims:
+        raise NotImplementedError("integer inference cannot average over the batch dimension")
+    a = _common_scale(a, dims)  # e.g. a mean across channels with per-channel scales
+    count = 1
+    for d in dims:
+        count *= a.values.shape[d]
+    scale = a.scale if keepdim else a.scale.squeeze([d - 1 for d in dims])
+    return Accumulator(a.values.sum(dims, keepdim=keepdim), scale / count)
+
+
+def _reshape(a: Accumulator, values: torch.Tensor) -> Accumulator:
+    if values.shape[0] != a.values.shape[0]:
+        raise NotImplementedError("integer inference needs reshapes that keep the batch dimension")
+    return Accumulator(values, a.full_scale().reshape(values.shape[1:]))
+
+
+def _add(a, b) -> Accumulator:
+    if not (isinstance(a, Accumulator) and isinstance(b, Accumulator)):
+        raise NotImplementedError("integer inference adds two integer tensors, not a number")
+    common = torch.maximum(a.scale, b.scale)  # coarser scale: multipliers <= 1, no overflow
+
+    def rescale(t: Accumulator) -> torch.Tensor:
+        return multiply_by_quantized_multiplier(t.values, *quantize_multiplier(t.scale / common))
+    return Accumulator(rescale(a) + rescale(b), common)
+
+
+def _monotone(a: Accumulator, fn) -> Accumulator:
+    a = _per_channel(a)
+    return Accumulator(fn(a.values.double()).to(torch.int64), a.scale)
+
+
+_MODULE_RULES = {
+    nn.ReLU: lambda m, a: Accumulator(a.values.clamp_min(0), a.scale),
+    nn.Identity: lambda m, a: a,
+    nn.Dropout: lambda m, a: a,
+    nn.MaxPool2d: lambda m, a: _monotone(a, m),
+    nn.AdaptiveMaxPool2d: lambda m, a: _monotone(a, m),
+    nn.AvgPool2d: lambda m, a: _avg_pool(a, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                         m.count_include_pad, m.divisor_override),
+    nn.AdaptiveAvgPool2d: lambda m, a: _adaptive_avg_pool(a, m.output_size),
+    nn.Flatten: lambda m, a: _reshape(a, a.values.flatten(m.start_dim, m.end_dim)),
+}
+_FUNCTION_RULES = {
+    F.relu: lambda a, *r, **k: _MODULE_RULES[nn.ReLU](None, a),
+    torch.relu: lambda a, *r, **k: _MODULE_RULES[nn.ReLU](None, a),
+    operator.add: _add, operator.iadd: _add, torch.add: _add,
+    torch.flatten: lambda a, *r, **k: _reshape(a, torch.flatten(a.values, *r, **k)),
+    torch.reshape: lambda a, *r, **k: _reshape(a, torch.reshape(a.values, *r, **k)),
+    torch.mean: _mean,
+    F.max_pool2d: lambda a, *r, **k: _monotone(a, lambda v: F.max_pool2d(v, *r, **k)),
+    F.avg_pool2d: _avg_pool,
+    F.adaptive_avg_pool2d: _adaptive_avg_pool,
+}
+_METHOD_RULES = {
+    "relu": _FUNCTION_RULES[F.relu], "add": _add, "mean": _mean,
+    "flatten": lambda a, *r, **k: _reshape(a, a.values.flatten(*r, **k)),
+    "view": lambda a, *r, **k: _reshape(a, a.values.view(*r, **k)),
+    "reshape": lambda a, *r, **k: _reshape(a, a.values.reshape(*r, **k)),
+    "size": lambda a, *r, **k: a.values.size(*r, **k),
+    "dim": lambda a: a.values.dim(),
+    "contiguous": lambda a: a,
+}
+
+
+def _kinds(args, kwargs) -> tuple[bool, bool]:
+    """Whether the arguments hold (Accumulators, float tensors)."""
+    found = []
+    fx.node.map_aggregate((args, kwargs), found.append)
+    return (any(isinstance(v, Accumulator) for v in found),
+            any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in found))
+
+
+def _dequantized(args, kwargs):
+    """Where float meets integer (a layer kept in float), the operation runs in float."""
+    return fx.node.map_aggregate((args, kwargs), lambda v: v.dequantize() if isinstance(v, Accumulator) else v)
+
+
+class _IntegerInterpreter(fx.Interpreter):
+    """Executes the graph with Accumulators between layers (see the module docstring)."""
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if isinstance(module, (IntLinear, IntConv2d)):
+            acc_scale = module.acc_scale.reshape((-1, 1, 1) if isinstance(module, IntConv2d) else (-1,))
+            return Accumulator(module(to_codes(args[0], module)), acc_scale)
+        has_acc, has_float = _kinds(args, kwargs)
+        if has_acc and not has_float and type(module) in _MODULE_RULES:
+            return _MODULE_RULES[type(module)](module, *args, **kwargs)
+        if has_acc and type(module) not in (nn.Linear, nn.Conv2d):  # float layers take float input
+            raise NotImplementedError(f"no integer rule for module {target!r} ({type(module).__name__})")
+        return super().call_module(target, *_dequantized(args, kwargs))
+
+    def call_function(self, target, args, kwargs):
+        if target is getattr and isinstance(args[0], Accumulator):
+            return getattr(args[0].values, args[1])  # x.shape, x.ndim
+        has_acc, has_float = _kinds(args, kwargs)
+        if has_acc and not has_float:
+            if target not in _FUNCTION_RULES:
+                raise NotImplementedError(f"no integer rule for function {getattr(target, '__name__', target)}")
+            return _FUNCTION_RULES[target](*args, **kwargs)
+        return super().call_function(target, *_dequantized(args, kwargs))
+
+    def call_method(self, target, args, kwargs):
+        has_acc, has_float = _kinds(args, kwargs)
+        if has_acc and not has_float:
+            if target not in _METHOD_RULES:
+                raise NotImplementedError(f"no integer rule for method Tensor.{target}")
+            return _METHOD_RULES[target](*args, **kwargs)
+        return super().call_method(target, *_dequantized(args, kwargs))
+
+    def output(self, target, args, kwargs):
+        return fx.node.map_aggregate(args[0], lambda v: v.dequantize() if isinstance(v, Accumulator) else v)
+
+
+class IntegerModel(nn.Module):
+    """A model whose quantized layers run in integer arithmetic; float in, float out.
+
+    ``graph_module`` is the traced model with ``IntLinear``/``IntConv2d`` in place of the
+    fake-quant layers; ``forward`` interprets its graph with the rules above.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule):
+        super().__init__()
+        self.graph_module = graph_module
+
+    @torch.no_grad()
+    def forward(self, *args):
+        return _IntegerInterpreter(self.graph_module).run(*args)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (QuantLinear, QuantConv2d, FakeQuantize)) or super().is_leaf_module(m, qualname)
+
+
+def convert_to_integer(model: nn.Module) -> IntegerModel:
+    """An ``IntegerModel`` computing ``model`` (a converted fake-quant model) with integers.
+
+    Every ``QuantLinear``/``QuantConv2d`` becomes an ``IntLinear``/``IntConv2d`` (int8
+    weights, int32 bias, per-channel fixed-point requantization); the output is
+    dequantized to float. ``model`` is unchanged. See the module docstring for the
+    supported operations; anything else raises NotImplementedError when it is reached.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    model = copy.deepcopy(model).eval()
+    graph_module = fx.GraphModule(model, _Tracer().trace(model))
+    layers = 0
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = graph_module.get_submodule(node.target)
+        if isinstance(module, FakeQuantize):
+            raise NotImplementedError(f"a standalone FakeQuantize ({node.target!r}) is not supported")
+        if isinstance(module, (QuantLinear, QuantConv2d)):
+            int_cls = IntLinear if isinstance(module, QuantLinear) else IntConv2d
+            _set_submodule(graph_module, node.target, int_cls.from_quant(module))
+            layers += 1
+    if layers == 0:
+        raise ValueError("no layers to quantize: the model has no QuantLinear/QuantConv2d "
+                         "(run qlib.ptq.quantize_static first)")
+    return IntegerModel(graph_module)

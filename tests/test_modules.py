@@ -1,0 +1,255 @@
+"""Tests for qlib.modules (QuantConfig, FakeQuantize, QuantLinear/QuantConv2d, swap_modules).
+
+Reference: torch.ao.quantization's observers (MinMaxObserver, PerChannelMinMaxObserver)
+with torch.fake_quantize_per_tensor_affine / fake_quantize_per_channel_affine, i.e. what
+torch.ao.nn.qat.Linear / Conv2d compute with the default x86 qconfig (bit for bit).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
+
+from qlib.modules import (FakeQuantize, QuantConfig, QuantConv2d, QuantLinear, fake_quantizers,
+                          quant_layers, set_quant_mode, swap_modules)
+from qlib.observers import make_observer
+from qlib.qparams import PerChannel, PerGroup, PerTensor, qparams_for
+from qlib.quantize import fake_quantize
+
+
+def torch_act_fq(x_calib, x):
+    """Per-tensor affine quint8, as torch's default activation fake-quant."""
+    obs = MinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+    obs(x_calib)
+    scale, zp = obs.calculate_qparams()
+    return torch.fake_quantize_per_tensor_affine(x, scale, zp.to(torch.int32), 0, 255)
+
+
+def torch_weight_fq(w):
+    """Per-channel symmetric qint8 weights, as torch's default weight fake-quant."""
+    obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    obs(w)
+    scale, zp = obs.calculate_qparams()
+    return torch.fake_quantize_per_channel_affine(w, scale, zp.to(torch.int32), 0, -128, 127)
+
+
+def calibrated(layer, x):
+    """Observe ``x`` once, then freeze."""
+    layer(x)
+    for fq in fake_quantizers(layer).values():
+        fq.freeze()
+    return layer
+
+
+# ----------------------------------------------------------------- QuantConfig
+def test_config_defaults_and_variants():
+    cfg = QuantConfig()
+    assert (cfg.weight_bits, cfg.act_bits, cfg.weight_symmetric, cfg.act_symmetric) == (8, 8, True, False)
+    assert cfg.weight_granularity == PerChannel(0) and cfg.act_granularity == PerTensor()
+    w4 = dataclasses.replace(cfg, weight_bits=4)
+    assert w4.weight_bits == 4 and hash(w4) != hash(cfg) and w4 != cfg
+    obs = cfg.weight_observer_factory()
+    assert (obs.quant_min, obs.quant_max, obs.symmetric) == (-128, 127, True)
+    obs = cfg.act_observer_factory()
+    assert (obs.quant_min, obs.quant_max, obs.symmetric) == (0, 255, False)
+
+
+def test_config_observer_kwargs_are_passed_on():
+    cfg = QuantConfig(act_observer="percentile", act_observer_kwargs={"percentile": 99.0})
+    assert cfg.act_observer_factory().percentile == 99.0
+
+
+@pytest.mark.parametrize("kwargs, err", [
+    ({"weight_bits": 1}, ValueError),
+    ({"act_bits": 40}, ValueError),
+    ({"weight_bits": 4.0}, TypeError),
+    ({"weight_granularity": "per_channel"}, TypeError),
+    ({"act_observer": "nope"}, ValueError),
+    ({"act_observer_kwargs": [("percentile", 99)]}, TypeError),
+])
+def test_config_rejects_bad_values(kwargs, err):
+    with pytest.raises(err):
+        QuantConfig(**kwargs)
+
+
+# ----------------------------------------------------------------- FakeQuantize
+def test_fake_quantize_observe_only_is_identity():
+    fq = FakeQuantize(make_observer("minmax"))
+    x = torch.randn(4, 5)
+    assert fq(x) is x
+    assert int(fq.observed_batches) == 1
+
+
+def test_fake_quantize_needs_data():
+    fq = FakeQuantize(make_observer("minmax"))
+    with pytest.raises(ValueError, match="seen no data"):
+        fq.qparams()
+    with pytest.raises(TypeError, match="observer"):
+        FakeQuantize(nn.ReLU())
+
+
+def test_fake_quantize_frozen_matches_torch_and_is_cached():
+    x_calib = torch.randn(64, 10) * 3 + 1
+    fq = FakeQuantize(make_observer("minmax"))
+    fq(x_calib)
+    fq.freeze()
+    x = torch.randn(64, 10) * 4
+    assert torch.equal(fq(x), torch_act_fq(x_calib, x))
+    scale, zp = fq.qparams()
+    fq(x * 100)  # frozen: a wild batch does not move the qparams
+    assert fq.qparams()[0] is scale and fq.qparams()[1] is zp
+
+
+def test_fake_quantize_per_channel_weights_match_torch():
+    w = torch.randn(8, 3, 3, 3)
+    fq = FakeQuantize(QuantConfig().weight_observer_factory())
+    fq(w)
+    fq.freeze()
+    assert torch.equal(fq(w), torch_weight_fq(w))
+
+
+def test_fake_quantize_straight_through_gradient():
+    fq = FakeQuantize(make_observer("minmax"))
+    fq(torch.linspace(-1, 1, 11))
+    fq.freeze()
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.3, 0.99, 3.0], requires_grad=True)
+    fq(x).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 1, 1, 1, 1, 0]))
+
+
+def test_fake_quantize_observe_and_quantize_together_follows_the_data():
+    fq = FakeQuantize(make_observer("minmax"))
+    fq.quantize = True  # QAT-style: observe and quantize at once
+    fq(torch.randn(10))
+    s1 = fq.qparams()[0].clone()
+    fq(torch.randn(10) * 50)
+    assert fq.qparams()[0] > s1
+
+
+def test_dynamic_fake_quantize_uses_each_batch():
+    fq = FakeQuantize(make_observer("minmax"), dynamic=True)
+    for _ in range(2):
+        x = torch.randn(16, 7) * torch.rand(()) * 10
+        scale, zp = qparams_for(x, bits=8)
+        assert torch.equal(fq(x), fake_quantize(x, scale, zp, 0, 255))
+    with pytest.raises(ValueError, match="dynamic"):
+        fq.qparams()
+
+
+# ----------------------------------------------------------------- QuantLinear / QuantConv2d
+def test_quant_linear_from_float_copies_and_matches_torch():
+    lin = nn.Linear(12, 6)
+    state = torch.get_rng_state()
+    q = QuantLinear.from_float(lin)
+    assert torch.equal(torch.get_rng_state(), state), "from_float must not consume the global RNG"
+    assert q.weight is not lin.weight and torch.equal(q.weight, lin.weight)
+    x_calib, x = torch.randn(32, 12), torch.randn(32, 12)
+    # observers on, quantization off: the float layer
+    assert torch.equal(q(x_calib), lin(x_calib))
+    for fq in fake_quantizers(q).values():
+        fq.freeze()
+    expected = F.linear(torch_act_fq(x_calib, x), torch_weight_fq(lin.weight), lin.bias)
+    assert torch.equal(q(x), expected)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(stride=2, padding=1, bias=False),
+    dict(stride=1, padding=2, dilation=2, groups=2),
+    dict(padding=1, padding_mode="reflect"),
+])
+def test_quant_conv2d_from_float_matches_torch(kw):
+    conv = nn.Conv2d(4, 6, 3, **kw)
+    q = QuantConv2d.from_float(conv)
+    for attr in ("stride", "padding", "dilation", "groups", "padding_mode", "kernel_size"):
+        assert getattr(q, attr) == getattr(conv, attr)
+    assert (q.bias is None) == (conv.bias is None)
+    x_calib, x = torch.randn(8, 4, 9, 9), torch.randn(8, 4, 9, 9)
+    calibrated(q, x_calib)
+    expected = conv._conv_forward(torch_act_fq(x_calib, x), torch_weight_fq(conv.weight), conv.bias)
+    assert torch.equal(q(x), expected)
+
+
+def test_quant_linear_per_group_weights():
+    cfg = QuantConfig(weight_bits=4, weight_granularity=PerGroup(4))
+    lin = nn.Linear(16, 5)
+    q = calibrated(QuantLinear.from_float(lin, cfg), torch.randn(8, 16))
+    scale, zp = q.weight_fq.qparams()
+    assert scale.shape == (5, 4)
+    w_dq = fake_quantize(lin.weight, scale, zp, -8, 7, axis=-1, group_size=4)
+    x = torch.randn(8, 16)
+    torch.testing.assert_close(q(x), F.linear(q.input_fq(x), w_dq, lin.bias))
+
+
+def test_quant_layers_train_with_ste():
+    q = QuantLinear.from_float(nn.Linear(5, 3))
+    set_quant_mode(q, observe=True, quantize=True)
+    q(torch.randn(4, 5)).pow(2).sum().backward()
+    assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
+
+
+def test_from_float_rejects_wrong_modules():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        QuantLinear.from_float(nn.Conv2d(1, 1, 1))
+    with pytest.raises(TypeError, match="nn.Conv2d"):
+        QuantConv2d.from_float(nn.Linear(1, 1))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        QuantLinear.from_float(QuantLinear.from_float(nn.Linear(2, 2)))
+    with pytest.raises(TypeError, match="QuantConfig"):
+        QuantLinear.from_float(nn.Linear(2, 2), config={"weight_bits": 4})
+
+
+# ----------------------------------------------------------------- swap_modules
+def small_cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+
+
+def test_swap_modules_replaces_every_layer_and_keeps_the_original():
+    model = small_cnn()
+    swapped = swap_modules(model)
+    assert [type(m) for m in swapped] == [QuantConv2d, nn.ReLU, QuantConv2d, nn.ReLU, nn.Flatten, QuantLinear]
+    assert [type(m) for m in model] == [nn.Conv2d, nn.ReLU, nn.Conv2d, nn.ReLU, nn.Flatten, nn.Linear]
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(swapped(x), model(x))  # observers only: still the float model
+    assert len(fake_quantizers(swapped)) == 6
+
+
+def test_swap_modules_per_layer():
+    model = small_cnn()
+    w4 = QuantConfig(weight_bits=4, act_bits=4)
+    swapped = swap_modules(model, per_layer={"0": None, "5": w4})
+    assert type(swapped[0]) is nn.Conv2d
+    assert swapped[2].config == QuantConfig() and swapped[5].config is w4
+    assert swapped[5].weight_fq.quant_min == -8 and swapped[5].input_fq.quant_max == 15
+    assert list(quant_layers(swapped)) == ["0"]
+
+
+def test_swap_modules_errors():
+    with pytest.raises(ValueError, match="no layers to quantize"):
+        swap_modules(nn.Sequential(nn.ReLU(), nn.Flatten()))
+    with pytest.raises(ValueError, match="not quantizable layers"):
+        swap_modules(small_cnn(), per_layer={"1": None})
+    with pytest.raises(TypeError, match="QuantConfig"):
+        swap_modules(small_cnn(), per_layer={"0": 8})
+    with pytest.raises(TypeError, match="QuantConfig"):
+        swap_modules(small_cnn(), config="w8a8")
+    with pytest.raises(TypeError, match="nn.Module"):
+        swap_modules(lambda x: x)
+    with pytest.raises(ValueError, match="no layers to quantize"):
+        swap_modules(swap_modules(small_cnn()))  # nothing left in float
+
+
+def test_swap_single_layer_model():
+    q = swap_modules(nn.Linear(3, 2))
+    assert isinstance(q, QuantLinear)
+
+
+def test_set_quant_mode():
+    model = swap_modules(small_cnn())
+    set_quant_mode(model, observe=False)
+    assert all(not fq.observe and not fq.quantize for fq in fake_quantizers(model).values())
+    set_quant_mode(model, quantize=True)
+    assert all(fq.quantize for fq in fake_quantizers(model).values())

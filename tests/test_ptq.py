@@ -1,0 +1,156 @@
+"""Tests for qlib.ptq (static and dynamic post-training quantization).
+
+Reference: the fp32 model (quantized outputs stay close to it, more so with more bits) and
+the contract of torch.ao.quantization's prepare / calibrate / convert and quantize_dynamic
+(dynamic = static calibrated on the very batch being run). Accuracy-free properties on
+small random models, so the tests need no data or trained weights.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from qlib.models import create
+from qlib.modules import QuantConfig, QuantConv2d, QuantLinear, fake_quantizers
+from qlib.ptq import calibrate, convert, prepare, quantize_dynamic, quantize_static
+from qlib.qparams import PerTensor
+
+
+def randomize_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def rel_error(y, ref):
+    """Root-mean-square error relative to the RMS of the reference."""
+    return ((y - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
+@pytest.fixture(params=["mlp", "cnn8"])
+def model_and_data(request):
+    model = randomize_bn(create(request.param, seed=None)).eval()
+    calib = [torch.randn(32, 1, 8, 8) for _ in range(3)]
+    return model, calib, torch.randn(64, 1, 8, 8)
+
+
+def test_prepare_folds_swaps_and_observes(model_and_data):
+    model, calib, x = model_and_data
+    prepared = prepare(model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in prepared.modules())
+    assert not any(type(m) in (nn.Linear, nn.Conv2d) for m in prepared.modules())
+    assert all(fq.observe and not fq.quantize for fq in fake_quantizers(prepared).values())
+    assert not prepared.training
+    torch.testing.assert_close(prepared(x), model(x), rtol=1e-4, atol=1e-5)  # float until convert
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_static_w8a8_close_to_fp32_and_w2_further(model_and_data):
+    model, calib, x = model_and_data
+    ref = model(x)
+    err8 = rel_error(quantize_static(model, calib)(x), ref)
+    err2 = rel_error(quantize_static(model, calib, QuantConfig(weight_bits=2))(x), ref)
+    assert err8 < 0.05
+    assert err2 > 3 * err8
+
+
+def test_calibrate_accepts_tensors_pairs_loaders_and_counts_batches(capsys):
+    model = create("mlp", seed=None).eval()
+    xs = [torch.randn(8, 1, 8, 8) for _ in range(5)]
+    ys = [torch.randint(0, 10, (8,)) for _ in range(5)]
+    loader = DataLoader(TensorDataset(torch.cat(xs), torch.cat(ys)), batch_size=8)
+    for data, max_batches, expected in [(xs, None, 5), (list(zip(xs, ys)), 2, 2), (loader, None, 5),
+                                        (loader, 3, 3), (iter(xs), 4, 4), (xs[0], None, 1)]:
+        prepared = calibrate(prepare(model), data, max_batches=max_batches)
+        counts = {int(fq.observed_batches) for fq in fake_quantizers(prepared).values()}
+        assert counts == {expected}
+    assert capsys.readouterr().err == ""  # no progress bar when not on a terminal
+
+
+def test_calibrate_errors():
+    prepared = prepare(create("mlp", seed=None))
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        calibrate(prepared, [])
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        calibrate(prepared, DataLoader(TensorDataset(torch.randn(0, 1, 8, 8)), batch_size=4))
+    with pytest.raises(TypeError, match="tensor"):
+        calibrate(prepared, [("not", "tensors")])
+    with pytest.raises(TypeError, match="iterable"):
+        calibrate(prepared, 3.0)
+    with pytest.raises(ValueError, match="max_batches"):
+        calibrate(prepared, [torch.randn(2, 1, 8, 8)], max_batches=0)
+    with pytest.raises(ValueError, match="prepare"):
+        calibrate(create("mlp", seed=None), [torch.randn(2, 1, 8, 8)])
+
+
+def test_convert_needs_calibration_and_returns_a_copy():
+    prepared = prepare(create("cnn8", seed=None))
+    with pytest.raises(ValueError, match="calibrate"):
+        convert(prepared)
+    with pytest.raises(ValueError, match="prepare"):
+        convert(create("cnn8", seed=None))
+    calibrate(prepared, torch.randn(16, 1, 8, 8))
+    converted = convert(prepared)
+    assert all(not fq.observe and fq.quantize for fq in fake_quantizers(converted).values())
+    assert all(fq.observe and not fq.quantize for fq in fake_quantizers(prepared).values())
+
+
+def test_per_layer_bits_and_skips():
+    model = randomize_bn(create("cnn8", seed=None)).eval()
+    cfg4 = QuantConfig(weight_bits=4, act_bits=4)
+    q = quantize_static(model, torch.randn(16, 1, 8, 8), per_layer={"0": None, "12": cfg4})
+    assert type(q[0]) is nn.Conv2d
+    assert isinstance(q[3], QuantConv2d) and q[3].weight_fq.bits == 8
+    assert isinstance(q[12], QuantLinear) and q[12].weight_fq.bits == 4 and q[12].input_fq.bits == 4
+    per_tensor = QuantConfig(weight_granularity=PerTensor())
+    q = quantize_static(model, torch.randn(16, 1, 8, 8), per_tensor)
+    assert q[3].weight_fq.qparams()[0].numel() == 1
+
+
+def test_dynamic_equals_static_calibrated_on_the_same_batch():
+    model = nn.Sequential(nn.Linear(20, 7))
+    x = torch.randn(32, 20) * 3
+    static = quantize_static(model, [x])
+    dynamic = quantize_dynamic(model)
+    assert torch.equal(dynamic(x), static(x))
+    x_new = torch.randn(32, 20) * 10  # a wider batch: static clips it, dynamic adapts
+    assert not torch.equal(dynamic(x_new), static(x_new))
+    assert rel_error(dynamic(x_new), model(x_new)) < rel_error(static(x_new), model(x_new))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn8", "res16"])
+def test_dynamic_close_to_fp32(name):
+    size = 16 if name == "res16" else 8
+    model = randomize_bn(create(name, seed=None)).eval()
+    x = torch.randn(16, 1, size, size)
+    ref = model(x)
+    err8 = rel_error(quantize_dynamic(model)(x), ref)
+    err3 = rel_error(quantize_dynamic(model, bits=3)(x), ref)
+    assert err8 < 0.05 and err3 > 3 * err8
+    dynamic = quantize_dynamic(model)
+    assert all(fq.dynamic for name, fq in fake_quantizers(dynamic).items() if name.endswith("input_fq"))
+    assert all(not fq.dynamic and fq.quantize for name, fq in fake_quantizers(dynamic).items()
+               if name.endswith("weight_fq"))
+
+
+def test_quantize_dynamic_errors():
+    model = create("mlp", seed=None)
+    with pytest.raises(ValueError, match="not both"):
+        quantize_dynamic(model, bits=4, config=QuantConfig())
+    with pytest.raises(ValueError, match="bits"):
+        quantize_dynamic(model, bits=1)
+    with pytest.raises(ValueError, match="no layers to quantize"):
+        quantize_dynamic(nn.Sequential(nn.ReLU()))
+
+
+def test_models_are_not_modified():
+    model = randomize_bn(create("cnn8", seed=None)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize_static(model, torch.randn(8, 1, 8, 8))
+    quantize_dynamic(model)
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
