@@ -1,8 +1,8 @@
 """The instructor workflow end to end, with real nbgrader on a temporary course directory.
 
 Reference: nbgrader 0.9 (generate_assignment, autograde, generate_feedback, export).
-Submissions: the solution (full marks), the untouched release (no marks for answers), a
-wrong answer (partial marks), an infinite loop and two kinds of crash (graded, not lost).
+Every lab: the solution gets full marks and the untouched release no marks. Lab 00 also:
+a wrong answer (partial marks), an infinite loop and two kinds of crash (graded, not lost).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NBGRADER = str(Path(sys.executable).parent / "nbgrader")
 LAB = "lab00_warmup"
 FULL = 5.0
+LABS = sorted(p.name for p in (ROOT / "solutions").iterdir() if p.name.startswith("lab"))
 
 pytestmark = pytest.mark.grading
 
@@ -45,18 +46,36 @@ def submission(release_nb, replace: dict[str, str]):
     return nb
 
 
-def scores(course: Path) -> dict[str, float]:
+def scores(course: Path, lab: str = LAB) -> dict[str, float]:
     with open(course / "grades.csv") as f:
         return {row["student_id"]: float(row["score"]) for row in csv.DictReader(f)
-                if row["assignment"] == LAB}
+                if row["assignment"] == lab}
+
+
+def max_score(course: Path, lab: str) -> float:
+    with open(course / "grades.csv") as f:
+        return next(float(row["max_score"]) for row in csv.DictReader(f) if row["assignment"] == lab)
+
+
+def write_submission(course: Path, student: str, lab: str, nb) -> None:
+    target = course / "submitted" / student / lab
+    target.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, target / f"{lab}.ipynb")
 
 
 @pytest.fixture(scope="module")
 def graded_course(tmp_path_factory):
     course = tmp_path_factory.mktemp("course")
     shutil.copy(ROOT / "nbgrader_config.py", course)
-    shutil.copytree(ROOT / "solutions" / LAB, course / "solutions" / LAB)
-    nbgrader(course, "generate_assignment", LAB, "--force")
+    shutil.copytree(ROOT / "solutions", course / "solutions",
+                    ignore=shutil.ignore_patterns("*.py", ".ipynb_checkpoints"))
+    for lab in LABS:
+        nbgrader(course, "generate_assignment", lab, "--force")
+        if lab != LAB:  # every other lab: its solution and its untouched release
+            rel = nbformat.read(course / "labs" / lab / f"{lab}.ipynb", as_version=4)
+            sol = nbformat.read(ROOT / "solutions" / lab / f"{lab}.ipynb", as_version=4)
+            write_submission(course, "perfect", lab, submission(rel, answers(sol)))
+            write_submission(course, "blank", lab, rel)
     release = nbformat.read(course / "labs" / LAB / f"{LAB}.ipynb", as_version=4)
     solution = nbformat.read(ROOT / "solutions" / LAB / f"{LAB}.ipynb", as_version=4)
     good = answers(solution)
@@ -70,11 +89,12 @@ def graded_course(tmp_path_factory):
         "kills_kernel": submission(release, {**good, "q2-answer": "import os\nos._exit(1)\n"}),
     }
     for student, nb in submissions.items():
-        target = course / "submitted" / student / LAB
-        target.mkdir(parents=True)
-        nbformat.write(nb, target / f"{LAB}.ipynb")
+        write_submission(course, student, LAB, nb)
     nbgrader(course, "autograde", LAB, "--create", "--Execute.timeout=20")
-    nbgrader(course, "generate_feedback", LAB)
+    for lab in LABS:
+        if lab != LAB:
+            nbgrader(course, "autograde", lab, "--create")
+        nbgrader(course, "generate_feedback", lab)
     nbgrader(course, "export", "--to", "grades.csv")
     return course
 
@@ -116,3 +136,11 @@ def test_dead_kernel_submission_is_graded_not_lost(graded_course):
 def test_feedback_is_written_for_every_submission(graded_course):
     for student in ["perfect", "blank", "partial", "loops", "raises"]:
         assert (graded_course / "feedback" / student / LAB / f"{LAB}.html").exists()
+
+
+@pytest.mark.parametrize("lab", LABS)
+def test_every_lab_solution_full_marks_release_none(graded_course, lab):
+    got = scores(graded_course, lab)
+    assert max_score(graded_course, lab) > 0
+    assert got["perfect"] == max_score(graded_course, lab)
+    assert got["blank"] == 0.0
