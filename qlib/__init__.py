@@ -10,7 +10,7 @@ takes a ``seed=`` or a ``torch.Generator``.
 __version__ = "0.1.0"
 
 from . import check, data, measure, models, runtime, train  # noqa: F401
-from . import fold, intmodel, intops, modules, observers, ptq, qparams  # noqa: F401
+from . import fold, intmodel, intops, lsq, modules, observers, ptq, qat, qparams  # noqa: F401
 from .data import load_dataset, load_digits  # noqa: F401
 from .fold import fold_batchnorm, fold_bn  # noqa: F401
 from .intmodel import convert_to_integer  # noqa: F401
@@ -18,6 +18,7 @@ from .measure import latency, model_size_bytes  # noqa: F401
 from .models import pretrained  # noqa: F401
 from .modules import QuantConfig, QuantConv2d, QuantLinear, swap_modules  # noqa: F401
 from .observers import make_observer  # noqa: F401
+from .qat import quantization_aware_training  # noqa: F401
 from .ptq import calibrate, convert, prepare, quantize_dynamic, quantize_static  # noqa: F401
 from .qparams import PerChannel, PerGroup, PerTensor, choose_qparams, quant_range, qparams_for  # noqa: F401
 from .quantize import dequantize, fake_quantize, quantize  # noqa: F401  (the function wins over the module name)

@@ -1,0 +1,127 @@
+"""Benchmark: how much accuracy does quantization-aware training win back over PTQ?
+
+Study: for W4A4 and W2A4 (2-bit weights, 4-bit activations) on ``cnn16`` (the default
+teaching model) and ``cnn8``, the test accuracy of the fp32 model, of static PTQ (the same
+QuantConfig, calibrated on 256 training digits) and of QAT with the straight-through
+estimator (``ste``) and with learned step sizes (``lsq``), plus the QAT wall time. Mean and
+min-max over the three shipped pretrained seeds (0, 1, 2). Target: W4A4 QAT within one point
+of fp32.
+
+Recipes (FINDINGS.md): W4A4 15 epochs, lr 5e-4; W2A4 30 epochs, lr 2e-3 with MSE-searched
+weight scales (the STE keeps the MSE clipping ratio; LSQ starts from it). No early stopping.
+
+    python benchmarks/qat.py            # full study, writes benchmarks/results/qat.json
+    python benchmarks/qat.py --fast     # cnn8, seed 0, 1 epoch on 320 digits: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import qlib  # noqa: E402
+from qlib import data, models  # noqa: E402
+from qlib.modules import QuantConfig  # noqa: E402
+from qlib.ptq import quantize_static  # noqa: E402
+from qlib.qat import quantization_aware_training  # noqa: E402
+from qlib.train import accuracy_over_seeds, evaluate  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "qat.json"
+CONFIGS = {
+    "W4A4": (QuantConfig(weight_bits=4, act_bits=4), 15, 5e-4),
+    "W2A4": (QuantConfig(weight_bits=2, act_bits=4, weight_observer="mse"), 30, 2e-3),
+}
+METHODS = ("ste", "lsq")
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "qlib": qlib.__version__}
+
+
+def run(model_names, seeds, epochs_override=None, train_samples=None) -> list[dict]:
+    rows = []
+    for name in model_names:
+        splits = data.load_digits(models.image_size(name))
+        if train_samples:  # --fast: fewer training digits, same code path
+            x, y = splits.train.tensors
+            splits.train = torch.utils.data.TensorDataset(x[:train_samples], y[:train_samples])
+        calib = data.calibration_batches(splits.train, num_samples=256, seed=0)
+        for label, (config, epochs, lr) in CONFIGS.items():
+            epochs = epochs_override or epochs
+            fp32, ptq = [], []
+            qat = {m: [] for m in METHODS}
+            times = {m: [] for m in METHODS}
+            for seed in seeds:
+                model = models.pretrained(name, seed)
+                fp32.append(evaluate(model, splits.test))
+                ptq.append(evaluate(quantize_static(model, calib, config), splits.test))
+                for method in METHODS:
+                    start = time.perf_counter()
+                    qmodel, _ = quantization_aware_training(model, splits, config, epochs=epochs, lr=lr,
+                                                            method=method, seed=seed, progress=False)
+                    times[method].append(time.perf_counter() - start)
+                    qat[method].append(evaluate(qmodel, splits.test))
+            for method in METHODS:
+                rows.append({"model": name, "config": label, "method": method, "epochs": epochs, "lr": lr,
+                             "weight_observer": config.weight_observer, "fp32": accuracy_over_seeds(fp32),
+                             "ptq": accuracy_over_seeds(ptq), "qat": accuracy_over_seeds(qat[method]),
+                             "qat_time_s": accuracy_over_seeds(times[method]),
+                             "per_seed": {"fp32": fp32, "ptq": ptq, "qat": qat[method], "qat_time_s": times[method]}})
+                print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def _fmt(stats: dict, digits: int = 1) -> str:
+    return f"{stats['mean']:.{digits}f} [{stats['min']:.{digits}f}, {stats['max']:.{digits}f}]"
+
+
+HEADER = (f"{'model':6} {'config':6} {'method':6} {'fp32':>18} {'PTQ':>18} {'QAT':>18} "
+          f"{'QAT - fp32':>10} {'QAT time s':>18}")
+
+
+def format_row(row: dict) -> str:
+    gap = row["qat"]["mean"] - row["fp32"]["mean"]
+    return (f"{row['model']:6} {row['config']:6} {row['method']:6} {_fmt(row['fp32']):>18} {_fmt(row['ptq']):>18} "
+            f"{_fmt(row['qat']):>18} {gap:>+10.1f} {_fmt(row['qat_time_s']):>18}")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fast", action="store_true", help="cnn8, seed 0, 1 epoch on 320 digits")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names, seeds = (["cnn8"], [0]) if args.fast else (["cnn16", "cnn8"], list(models.SEEDS))
+    start = time.perf_counter()
+    print(HEADER)
+    rows = run(names, seeds, epochs_override=1 if args.fast else None, train_samples=320 if args.fast else None)
+    result = {"study": "qat", "fast": args.fast, "machine": machine(), "versions": versions(), "seeds": seeds,
+              "data": "digits test split (360 images; one image = 0.28 points)",
+              "calibration": "256 training digits, seed 0", "rows": rows,
+              "total_time_s": time.perf_counter() - start}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out} in {result['total_time_s']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()
