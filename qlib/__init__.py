@@ -10,7 +10,7 @@ takes a ``seed=`` or a ``torch.Generator``.
 __version__ = "0.1.0"
 
 from . import check, data, measure, models, runtime, train  # noqa: F401
-from . import fold, intmodel, intops, lsq, modules, observers, ptq, qat, qparams  # noqa: F401
+from . import datafree, distill, fold, intmodel, intops, lsq, modules, observers, ptq, qat, qparams  # noqa: F401
 from .data import load_dataset, load_digits  # noqa: F401
 from .fold import fold_batchnorm, fold_bn  # noqa: F401
 from .intmodel import convert_to_integer  # noqa: F401

@@ -1,0 +1,271 @@
+"""Benchmark: data-free quantization of ``cnn16`` on the digits.
+
+On the shipped ``cnn16`` weights (seeds 0, 1, 2; mean and min-max over seeds) and the 360
+test digits, without touching a training image except where a row says "real":
+
+1. Calibration source x {W8A8, W6A6, W4A4} static PTQ (weights symmetric per-channel,
+   activations affine per-tensor, min-max and 99.9% percentile activation observers):
+   ``real`` (256 training digits), ``noise`` (N(0, 1)), ``noise_clamped`` (N(0, 1) clamped
+   to the input range: a control for the clamp), ``bn_synthetic`` (ZeroQ,
+   ``qlib.datafree.synthesize_bn``), ``generator`` (GDFQ, ``qlib.datafree.Generator``).
+   The input range and the input mean 0 / std 1 come from the preprocessing (the
+   standardized values of a black and a white pixel), not from images.
+2. How far each calibration set is from real digits (``score_calibration_set``).
+3. Cross-layer equalization and bias correction with *per-tensor* weights: the original
+   model, an fp32-equivalent copy with unbalanced channels (``unbalance``, spread 100),
+   after CLE, after CLE + analytic bias correction; calibrated on the BN-synthetic set.
+4. Data-free distillation at W4A4 (``qlib.distill.distill``): the BN-synthetic-calibrated
+   student trained against the fp32 teacher on the BN-synthetic images, and on a stream
+   from the generator.
+
+Targets: BN-synthetic calibration within 1.5 points of real-data calibration at W4A4
+(percentile observer, mean over seeds) and clearly ahead of noise (by >= 5 points, and on
+every seed); CLE brings the unbalanced model's per-tensor W8A8 back within 1 point of the
+original per-channel W8A8; distillation raises W4A4 accuracy and agreement with the teacher.
+
+    python benchmarks/datafree.py                  # full study -> benchmarks/results/datafree.json
+    python benchmarks/datafree.py --fast --out /tmp/datafree.json   # seed 0, 64 images, 20-step loops: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS_DIR, header, write  # noqa: E402
+from qlib import data, models  # noqa: E402
+from qlib.datafree import (Generator, bn_preactivation_stats, bn_statistics_loss, correct_bias,  # noqa: E402
+                           cross_layer_equalize, expected_inputs, gaussian_batches, generator_batches,
+                           scale_stats, score_calibration_set, synthesize_bn, train_generator, unbalance)
+from qlib.distill import agreement, distill  # noqa: E402
+from qlib.modules import QuantConfig  # noqa: E402
+from qlib.ptq import quantize_static  # noqa: E402
+from qlib.qparams import PerTensor  # noqa: E402
+from qlib.train import accuracy_over_seeds, evaluate  # noqa: E402
+
+MODEL = "cnn16"
+CONFIGS = {"W8A8": 8, "W6A6": 6, "W4A4": 4}
+SOURCES = ("real", "noise", "noise_clamped", "bn_synthetic", "generator")
+OBSERVERS = {"minmax": {}, "percentile": {"percentile": 99.9}}
+CLE_ROWS = ("original per-channel", "original per-tensor", "unbalanced per-tensor", "+ CLE", "+ CLE + bias corr.")
+MAX_GAP_TO_REAL = 1.5
+MIN_LEAD_OVER_NOISE = 5.0
+
+
+def settings(fast: bool) -> dict:
+    return {"model": MODEL, "dataset": "digits", "image_size": models.image_size(MODEL),
+            "seeds": [0] if fast else list(models.SEEDS),
+            "calibration": {"num_samples": 64 if fast else 256, "batch_size": 64, "seed": 0},
+            "bn_synthesis": {"steps": 20 if fast else 100, "lr": 0.5, "input_mean": 0.0, "input_std": 1.0,
+                             "seed": 0},
+            "generator": {"steps": 20 if fast else 200, "lr": 5e-3, "width": 16, "latent_dim": 64,
+                          "batch_size": 32 if fast else 64, "sample_seed": 0},
+            "distill": {"steps": 20 if fast else 200, "lr": 1e-4, "temperature": 4.0,
+                        "batch_size": 32 if fast else 64},
+            "unbalance_spread": 100.0,
+            "observers": {k: v for k, v in OBSERVERS.items() if not fast or k == "percentile"},
+            "quant_scheme": "weights symmetric signed (per-channel unless 'per-tensor'), activations affine "
+                            "per-tensor unsigned at every conv/linear input, BN folded"}
+
+
+def _summary(values) -> dict:
+    out = accuracy_over_seeds(values)
+    out["values"] = [round(v, 4) for v in values]
+    return out
+
+
+def _config(bits: int, observer: str, per_tensor: bool = False) -> QuantConfig:
+    cfg = QuantConfig(weight_bits=bits, act_bits=bits, act_observer=observer,
+                      act_observer_kwargs=dict(OBSERVERS[observer]))
+    return replace(cfg, weight_granularity=PerTensor()) if per_tensor else cfg
+
+
+def run(fast: bool = False, log=print) -> dict:
+    cfg = settings(fast)
+    seeds, cal = cfg["seeds"], cfg["calibration"]
+    size = cfg["image_size"]
+    shape = (1, size, size)
+    digits = data.load_digits(size)
+    # Known from the preprocessing: standardized pixels lie between the values of a black (0)
+    # and a white (1) pixel, which are the extremes of the standardized training images.
+    train_x = digits.train.tensors[0]
+    input_range = (train_x.min().item(), train_x.max().item())
+    real = data.calibration_batches(digits.train, cal["num_samples"], cal["batch_size"], seed=cal["seed"])
+    observers = list(cfg["observers"])
+    acc = {s: {c: {o: [] for o in observers} for c in CONFIGS} for s in SOURCES}
+    cle = {c: {r: [] for r in CLE_ROWS} for c in CONFIGS}
+    kd = {k: [] for k in ("ptq", "distilled_bn_synthetic", "distilled_generator")}
+    kd_agree = {k: [] for k in kd}
+    scores = {s: [] for s in SOURCES}
+    bn_loss = {"noise": [], "real": [], "bn_synthetic_start": [], "bn_synthetic_end": []}
+    seconds = {"bn_synthesis": [], "generator": [], "distill_bn_synthetic": [], "distill_generator": []}
+    fp32 = []
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for seed in seeds:
+        model = models.pretrained(MODEL, seed)
+        fp32.append(evaluate(model, digits.test))
+        s = cfg["bn_synthesis"]
+        t = time.perf_counter()
+        synth = synthesize_bn(model, shape, cal["num_samples"], cal["batch_size"], steps=s["steps"], lr=s["lr"],
+                              input_mean=s["input_mean"], input_std=s["input_std"], input_range=input_range,
+                              seed=s["seed"])
+        seconds["bn_synthesis"].append(time.perf_counter() - t)
+        g = cfg["generator"]
+        t = time.perf_counter()
+        gen = Generator(shape, digits.num_classes, g["latent_dim"], g["width"], input_range=input_range, seed=seed)
+        train_generator(gen, model, steps=g["steps"], batch_size=g["batch_size"], lr=g["lr"], seed=seed)
+        seconds["generator"].append(time.perf_counter() - t)
+        noise = gaussian_batches(shape, cal["num_samples"], cal["batch_size"], seed=cal["seed"])
+        sources = {"real": real, "noise": noise,
+                   "noise_clamped": [b.clamp(*input_range) for b in noise],
+                   "bn_synthetic": synth.batches,
+                   "generator": generator_batches(gen, cal["num_samples"], cal["batch_size"], seed=g["sample_seed"])}
+        groups = cal["num_samples"] // cal["batch_size"]
+        with torch.no_grad():
+            for key, x in (("noise", torch.cat(noise)), ("real", torch.cat(real))):
+                bn_loss[key].append(bn_statistics_loss(model, x, groups, 0.0, 1.0).item())
+        bn_loss["bn_synthetic_start"].append(synth.history[0])
+        bn_loss["bn_synthetic_end"].append(synth.history[-1])
+
+        for name, batches in sources.items():
+            scores[name].append(score_calibration_set(model, batches, reference=digits.test.tensors[0]))
+            for label, bits in CONFIGS.items():
+                for obs in observers:
+                    acc[name][label][obs].append(evaluate(quantize_static(model, batches, _config(bits, obs)),
+                                                          digits.test))
+        log(f"seed {seed} W4A4 {observers[-1]}: " + ", ".join(
+            f"{n} {acc[n]['W4A4'][observers[-1]][-1]:.1f}" for n in SOURCES)
+            + f"  ({time.perf_counter() - start:.0f} s)")
+
+        # CLE + bias correction, per-tensor weights, calibrated on the BN-synthetic images
+        stats = bn_preactivation_stats(model)
+        unbal, c_unbal = unbalance(model, cfg["unbalance_spread"], seed=seed)
+        equal, c_equal = cross_layer_equalize(unbal)
+        means = expected_inputs(equal, scale_stats(scale_stats(stats, c_unbal), c_equal))
+        for label, bits in CONFIGS.items():
+            row = {"original per-channel": quantize_static(model, synth, _config(bits, "minmax")),
+                   "original per-tensor": quantize_static(model, synth, _config(bits, "minmax", True)),
+                   "unbalanced per-tensor": quantize_static(unbal, synth, _config(bits, "minmax", True)),
+                   "+ CLE": quantize_static(equal, synth, _config(bits, "minmax", True))}
+            row["+ CLE + bias corr."] = correct_bias(row["+ CLE"], means)
+            for name, q in row.items():
+                cle[label][name].append(evaluate(q, digits.test))
+        log(f"seed {seed} CLE W8A8 per-tensor: " + ", ".join(f"{r} {cle['W8A8'][r][-1]:.1f}" for r in CLE_ROWS)
+            + f"  ({time.perf_counter() - start:.0f} s)")
+
+        # data-free distillation at W4A4
+        d = cfg["distill"]
+        w4 = _config(4, "percentile")
+        student = quantize_static(model, synth, w4)
+        kd["ptq"].append(evaluate(student, digits.test))
+        kd_agree["ptq"].append(agreement(student, model, digits.test))
+        for key, stream in (("bn_synthetic", synth), ("generator", gen)):
+            student = quantize_static(model, synth, w4)
+            t = time.perf_counter()
+            distill(student, model, stream, steps=d["steps"], lr=d["lr"], temperature=d["temperature"],
+                    batch_size=d["batch_size"], seed=seed)
+            seconds[f"distill_{key}"].append(time.perf_counter() - t)
+            kd[f"distilled_{key}"].append(evaluate(student, digits.test))
+            kd_agree[f"distilled_{key}"].append(agreement(student, model, digits.test))
+        log(f"seed {seed} W4A4 distillation: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in kd.items())
+            + f"  ({time.perf_counter() - start:.0f} s)")
+
+    obs_t = "percentile" if "percentile" in observers else observers[0]
+    w4 = {n: acc[n]["W4A4"][obs_t] for n in SOURCES}
+    mean = {n: sum(v) / len(v) for n, v in w4.items()}
+    gap = mean["real"] - mean["bn_synthetic"]
+    lead = mean["bn_synthetic"] - mean["noise"]
+    every_seed = all(a > b for a, b in zip(w4["bn_synthetic"], w4["noise"]))
+    cle_gap = max(a - b for a, b in zip(cle["W8A8"]["original per-channel"], cle["W8A8"]["+ CLE"]))
+    kd_gain = min(b - a for a, b in zip(kd["ptq"], kd["distilled_bn_synthetic"]))
+    agree_gain = min(b - a for a, b in zip(kd_agree["ptq"], kd_agree["distilled_bn_synthetic"]))
+    targets = [
+        {"name": f"BN-synthetic within {MAX_GAP_TO_REAL} points of real data at W4A4 ({obs_t}, mean)",
+         "value": gap, "threshold": MAX_GAP_TO_REAL, "met": gap <= MAX_GAP_TO_REAL},
+        {"name": f"BN-synthetic ahead of Gaussian noise at W4A4 by >= {MIN_LEAD_OVER_NOISE} points "
+                 f"({obs_t}, mean) and on every seed",
+         "value": lead, "threshold": MIN_LEAD_OVER_NOISE, "met": lead >= MIN_LEAD_OVER_NOISE and every_seed},
+        {"name": "CLE: unbalanced model, per-tensor W8A8 within 1 point of original per-channel (worst seed)",
+         "value": cle_gap, "threshold": 1.0, "met": cle_gap <= 1.0},
+        {"name": "distillation raises W4A4 accuracy and teacher agreement on every seed (smallest gain)",
+         "value": min(kd_gain, agree_gain), "threshold": 0.0, "met": kd_gain > 0 and agree_gain > 0},
+    ]
+    result = header("datafree", seeds, fast)
+    result.update({
+        "settings": {**cfg, "input_range": list(input_range)},
+        "fp32": _summary(fp32),
+        "accuracy": {n: {c: {o: _summary(v) for o, v in d.items()} for c, d in per.items()} for n, per in acc.items()},
+        "calibration_scores": {n: {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+                               for n, rows in scores.items()},
+        "bn_loss": {k: _summary(v) for k, v in bn_loss.items()},
+        "cle_bias_correction": {c: {r: _summary(v) for r, v in d.items()} for c, d in cle.items()},
+        "distillation_W4A4": {"accuracy": {k: _summary(v) for k, v in kd.items()},
+                              "agreement_with_teacher": {k: _summary(v) for k, v in kd_agree.items()}},
+        "method_seconds": {k: _summary(v) for k, v in seconds.items()},
+        "targets": targets,
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
+    })
+    return result
+
+
+def table(result: dict) -> str:
+    """The result as text tables (what ``main`` prints)."""
+    def acc(s):
+        return f"{s['mean']:6.2f} [{s['min']:.1f}, {s['max']:.1f}]"
+
+    observers = list(result["settings"]["observers"])
+    lines = [f"Data-free quantization: {result['settings']['model']} on digits, seeds {result['seeds']}"
+             f"{' (fast)' if result['fast'] else ''}; test accuracy % mean [min, max]",
+             f"fp32: {acc(result['fp32'])}", ""]
+    for obs in observers:
+        lines.append(f"calibration source ({obs} activations)  " + "  ".join(f"{c:>20s}" for c in CONFIGS))
+        for n in SOURCES:
+            lines.append(f"  {n:37s}" + "  ".join(f"{acc(result['accuracy'][n][c][obs]):>20s}" for c in CONFIGS))
+        lines.append("")
+    lines.append("calibration set vs real test digits: bn_distance  mmd_inputs  mmd_outputs  confidence  class_entropy")
+    for n, s in result["calibration_scores"].items():
+        lines.append(f"  {n:15s} {s['bn_distance']:10.4f}  {s['mmd_inputs']:10.4f}  {s['mmd_outputs']:11.4f}  "
+                     f"{s['confidence']:10.3f}  {s['class_entropy']:13.3f}")
+    b = result["bn_loss"]
+    lines += ["", "BN-statistics loss (mean): " + ", ".join(f"{k} {v['mean']:.4f}" for k, v in b.items()), "",
+              "CLE + bias correction (min-max activations, BN-synthetic calibration)  "
+              + "  ".join(f"{c:>20s}" for c in CONFIGS)]
+    for r in CLE_ROWS:
+        lines.append(f"  {r:69s}" + "  ".join(f"{acc(result['cle_bias_correction'][c][r]):>20s}" for c in CONFIGS))
+    d = result["distillation_W4A4"]
+    lines += ["", "data-free distillation, W4A4 (percentile), student calibrated on BN-synthetic images:"]
+    for k in d["accuracy"]:
+        lines.append(f"  {k:24s} accuracy {acc(d['accuracy'][k])}   agreement with teacher "
+                     f"{acc(d['agreement_with_teacher'][k])}")
+    lines += ["", "seconds per seed (mean): " + ", ".join(f"{k} {v['mean']:.1f}" for k, v in result["method_seconds"].items())
+              + f"; total {result['seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU", ""]
+    for t in result["targets"]:
+        lines.append(f"target {'MET ' if t['met'] else 'MISSED'}: {t['name']}: {t['value']:.3g} (threshold {t['threshold']})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--fast", action="store_true", help="seed 0, 64 images, 20-step loops: a smoke test")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "datafree.json"), help="where to write the JSON")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machine)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = run(fast=args.fast, log=lambda s: print(s, flush=True))
+    print()
+    print(table(result))
+    path = write(result, args.out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

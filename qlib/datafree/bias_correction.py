@@ -1,0 +1,203 @@
+"""Bias correction: remove the *average* error that weight quantization adds to each output.
+
+Nagel et al., ICCV 2019, "Data-Free Quantization Through Weight Equalization and Bias
+Correction", section 4.2. Quantizing a layer's weights ``W`` to ``W_q`` changes its output
+by ``eps x`` with ``eps = W_q - W``. The error is not zero-mean: its expectation ::
+
+    E[y_q - y] = (W_q - W) E[x]          (per output channel; convs sum over the kernel)
+
+shifts every output channel by a constant, which the next layers amplify. Subtracting it
+from the bias removes it: ``b' = b - (W_q - W) E[x]``.
+
+E[x] without data: if ``x = relu(z)`` and ``z`` is the output of a BatchNorm, then in
+eval mode ``z_c`` has (for the training data) mean ``beta_c`` and std ``|gamma_c|`` (that
+is what BatchNorm does). Assuming ``z_c ~ N(mu, sigma^2)``, the ReLU output has the
+*clipped-normal* mean ::
+
+    E[relu(z)] = mu * Phi(mu / sigma) + sigma * phi(mu / sigma)
+
+with ``Phi``/``phi`` the standard normal cdf/pdf. Mean-preserving modules between the ReLU
+and the layer (average pooling, flatten, identity) keep it; max-pooling does not (its
+output mean is larger), so such layers are skipped here. ``empirical_input_means``
+measures E[x] on (synthetic) inputs instead: the paper's "empirical bias correction".
+
+The statistics ``(beta, |gamma|)`` must be read *before* folding (``bn_preactivation_stats``);
+if the folded layers are later rescaled (``equalize.unbalance``, ``cross_layer_equalize``),
+``scale_stats`` carries the rescaling over. Zero padding at the borders of a convolution
+sees 0, not E[x]; the correction ignores this (as does the paper).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from ..fold import BATCHNORMS, find_layer_bn_pairs
+from .equalize import LAYERS
+from .synthetic import bn_layers
+
+__all__ = ["clipped_normal_mean", "bn_preactivation_stats", "scale_stats", "expected_inputs",
+           "empirical_input_means", "expected_output_error", "correct_bias"]
+
+MEAN_PRESERVING = (nn.Identity, nn.Dropout, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
+
+
+def clipped_normal_mean(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``E[relu(z)]`` for ``z ~ N(mean, std^2)``, elementwise; ``relu(mean)`` where std is 0."""
+    mean, std = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
+    if (std < 0).any() or not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        raise ValueError("need finite means and finite std >= 0")
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    a = mean / safe
+    cdf = 0.5 * (1 + torch.erf(a / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    out = mean * cdf + std * pdf
+    return torch.where(std > 0, out, mean.clamp_min(0)).to(torch.float32)
+
+
+def bn_preactivation_stats(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer: (beta, |gamma|)}`` for every layer followed by a BatchNorm (``qlib.fold``'s
+    pairs): the mean and std of the layer's BN-normalized output, per channel."""
+    bn_layers(model)
+    stats = {}
+    for layer_name, bn_name in find_layer_bn_pairs(model):
+        bn = model.get_submodule(bn_name)
+        ones = torch.ones_like(bn.running_mean)
+        gamma = bn.weight.detach() if bn.weight is not None else ones
+        beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(ones)
+        stats[layer_name] = (beta.clone(), gamma.abs().clone())
+    return stats
+
+
+def scale_stats(stats: dict, scales: dict[str, torch.Tensor]) -> dict:
+    """Statistics after the layers' outputs were multiplied per channel by ``scales``
+    (``unbalance``/``cross_layer_equalize`` return them): ``(mean * c, std * c)``."""
+    out = dict(stats)
+    for name, c in scales.items():
+        if name in out:
+            mean, std = out[name]
+            out[name] = (mean * c, std * c)
+    return out
+
+
+def expected_inputs(model: nn.Module, stats: dict) -> dict[str, torch.Tensor]:
+    """``{layer2: E[x]}`` for layers whose input is ``relu`` of a layer with known ``stats``
+    (its BatchNorm in between, or folded away), through mean-preserving modules only
+    (``nn.Sequential`` neighbours; max-pool: skipped).
+
+    ``E[x]`` has one value per input channel of ``layer2``, shape ``(C_in,)`` (a linear
+    layer after ``Flatten`` gets each channel's value repeated over its block).
+    """
+    out = {}
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        dot = f"{prefix}." if prefix else ""
+        for i, (n1, _) in enumerate(children):
+            if dot + n1 not in stats:
+                continue
+            relus = 0
+            for n2, m2 in children[i + 1:]:
+                if type(m2) is nn.ReLU:
+                    relus += 1
+                elif isinstance(m2, BATCHNORMS) and relus == 0:
+                    continue  # unfolded: the stats describe this BatchNorm's output
+                elif type(m2) in LAYERS:
+                    if relus == 1:
+                        mean, std = stats[dot + n1]
+                        ex = clipped_normal_mean(mean, std)
+                        fan = _in_features(m2)
+                        if fan % len(ex) == 0:
+                            out[dot + n2] = ex.repeat_interleave(fan // len(ex))
+                    break
+                elif not isinstance(m2, MEAN_PRESERVING):
+                    break
+    return out
+
+
+def _in_features(layer: nn.Module) -> int:
+    return layer.weight.shape[1] * getattr(layer, "groups", 1)
+
+
+@torch.no_grad()
+def empirical_input_means(model: nn.Module, data, names=None) -> dict[str, torch.Tensor]:
+    """``{layer: per-input-channel mean of its input}`` measured on ``data`` (batches).
+
+    ``names``: the Conv2d/Linear layers to measure (default: all). Eval mode, no_grad.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LAYERS)}
+    names = list(layers) if names is None else list(names)
+    missing = [n for n in names if n not in layers]
+    if missing:
+        raise ValueError(f"not Conv2d/Linear layers of the model: {missing}")
+    sums: dict[str, list] = {n: [0.0, 0] for n in names}
+
+    def hook(module, args, name):
+        x = args[0].detach().to(torch.float64)
+        dims = [d for d in range(x.dim()) if d != 1]
+        sums[name][0] = sums[name][0] + x.sum(dim=dims)
+        sums[name][1] += x.numel() // x.shape[1]
+
+    handles = [layers[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
+    was_training = model.training
+    model.eval()
+    try:
+        seen = 0
+        for b in ([data] if isinstance(data, torch.Tensor) else data):
+            x = b[0] if isinstance(b, (tuple, list)) else b
+            if x.numel():
+                model(x)
+                seen += 1
+        if seen == 0:
+            raise ValueError("the data is empty: give at least one batch of inputs")
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: (s / c).to(torch.float32) for n, (s, c) in sums.items() if c}
+
+
+def expected_output_error(weight: torch.Tensor, weight_q: torch.Tensor,
+                          input_mean: torch.Tensor) -> torch.Tensor:
+    """``(W_q - W) E[x]`` per output channel, shape ``(C_out,)``.
+
+    ``weight``/``weight_q``: ``(C_out, C_in)`` or ``(C_out, C_in, kh, kw)`` (groups = 1;
+    each kernel tap sees the same ``E[x]``); ``input_mean``: ``(C_in,)``.
+    """
+    if weight.shape != weight_q.shape:
+        raise ValueError(f"weight {tuple(weight.shape)} and weight_q {tuple(weight_q.shape)} differ in shape")
+    if weight.dim() < 2 or input_mean.shape != (weight.shape[1],):
+        raise ValueError(f"input_mean must have shape ({weight.shape[1] if weight.dim() > 1 else '?'},), "
+                         f"got {tuple(input_mean.shape)}")
+    err = (weight_q - weight).detach()
+    err = err.reshape(err.shape[0], err.shape[1], -1).sum(dim=2)  # sum over kernel taps
+    return err @ input_mean.to(err.dtype)
+
+
+def correct_bias(quant_model: nn.Module, input_means: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of a converted fake-quant model (``qlib.ptq``) with ``b -= (W_q - W) E[x]``
+    for every layer named in ``input_means`` (:func:`expected_inputs` or
+    :func:`empirical_input_means`). ``W_q`` is what the layer's frozen ``weight_fq`` makes
+    of ``W``; a layer without bias gains one."""
+    if not input_means:
+        raise ValueError("input_means is empty: no layer to correct")
+    model = copy.deepcopy(quant_model)
+    for name, ex in input_means.items():
+        layer = model.get_submodule(name)
+        fq = getattr(layer, "weight_fq", None)
+        if fq is None:
+            raise ValueError(f"layer {name!r} is not a fake-quant layer: quantize the model first (qlib.ptq)")
+        if fq.observe or not fq.quantize:
+            raise ValueError(f"layer {name!r} is not converted: call qlib.ptq.convert first")
+        if getattr(layer, "groups", 1) != 1:
+            raise ValueError(f"layer {name!r} is a grouped convolution: not supported")
+        with torch.no_grad():
+            delta = expected_output_error(layer.weight, fq(layer.weight), ex.to(layer.weight.device))
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros_like(delta))
+            layer.bias.sub_(delta.to(layer.bias.dtype))
+    return model

@@ -1,0 +1,206 @@
+"""Cross-layer equalization (CLE): balance per-channel weight ranges without changing the function.
+
+Nagel, van Baalen, Blankevoort and Welling, ICCV 2019, "Data-Free Quantization Through
+Weight Equalization and Bias Correction". ReLU is *positive homogeneous*:
+``relu(s * x) = s * relu(x)`` for ``s > 0``. So for two consecutive layers
+``y = W2 relu(W1 x + b1) + b2`` and any positive per-channel scales ``s`` ::
+
+    W1' = diag(1/s) W1,   b1' = b1 / s,   W2' = W2 diag(s)      gives the same y exactly
+
+(max-pooling, average pooling and flattening commute with the scaling too). Per-tensor
+weight quantization gives every channel of a tensor the same grid, set by the largest
+channel: a channel whose range is 100x smaller gets ~2 of 256 codes. CLE picks ``s`` so
+that channel ``i`` has the same range in both layers::
+
+    r1_i = max |W1[i, ...]|    (output channel i of layer 1)
+    r2_i = max |W2[:, i, ...]| (input channel i of layer 2)
+    s_i  = sqrt(r1_i * r2_i) / r2_i    ->   r1_i / s_i = r2_i * s_i = sqrt(r1_i * r2_i)
+
+This maximizes the paper's "precision" ``sum_i (r1_i / R1) (r2_i / R2)`` (``R`` = range of
+the whole tensor). For chains of layers, equalize each pair in turn and repeat until the
+scales stop changing. BatchNorm must be folded first (``qlib.fold``): otherwise it would
+undo the scaling, and the weights that get quantized are the folded ones.
+
+``unbalance`` does the opposite on purpose: random positive scales ``c_i`` (an exact
+fp32-equivalent model whose per-tensor quantization collapses), the patient for the lesson.
+Both return the per-output-channel factor applied to every rescaled layer, so that
+statistics of its outputs (``bias_correction.scale_stats``) can follow the rescaling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..fold import BATCHNORMS, fold_batchnorm
+
+__all__ = ["POSITIVE_HOMOGENEOUS", "channel_ranges", "equalization_scales", "find_equalization_pairs",
+           "equalize_pair", "rescale_pair", "pair_precision", "cross_layer_equalize", "unbalance"]
+
+LAYERS = (nn.Conv2d, nn.Linear)
+POSITIVE_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d,
+                        nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten)
+"""Modules ``f`` with ``f(s * x) = s * f(x)`` for per-channel ``s > 0``: CLE may cross them."""
+
+
+def channel_ranges(weight: torch.Tensor, axis: int = 0, channels: int | None = None) -> torch.Tensor:
+    """``max |w|`` per channel along ``axis`` (0: output channels, 1: input channels).
+
+    ``channels``: for a linear layer after a ``Flatten``, its ``in_features`` hold
+    ``channels`` blocks of consecutive features, one block per channel of the previous
+    layer; each block counts as one channel. Returns a float tensor ``(channels,)``.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        raise ValueError("weight must be a tensor with at least 2 dims (out, in, ...)")
+    w = weight.detach().abs().movedim(axis, 0)
+    c = w.shape[0] if channels is None else channels
+    if w.shape[0] % c:
+        raise ValueError(f"{w.shape[0]} features do not split into {c} channels")
+    return w.reshape(c, -1).amax(dim=1)
+
+
+def equalization_scales(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+    """``s = sqrt(r1 * r2) / r2`` elementwise; 1 where a channel is dead (a range is 0)."""
+    if r1.shape != r2.shape:
+        raise ValueError(f"ranges differ in shape: {tuple(r1.shape)} vs {tuple(r2.shape)}")
+    alive = (r1 > 0) & (r2 > 0)
+    s = torch.sqrt(r1 * r2) / torch.where(alive, r2, torch.ones_like(r2))
+    return torch.where(alive, s, torch.ones_like(s))
+
+
+def find_equalization_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(layer1, layer2)`` names of consecutive ``Conv2d``/``Linear`` layers in an
+    ``nn.Sequential`` with only positive-homogeneous modules between them.
+
+    Grouped convolutions and residual blocks are skipped (their channels are shared).
+    Raises ValueError when a BatchNorm sits between two layers: fold it first.
+    """
+    pairs = []
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for i, (n1, m1) in enumerate(children):
+            if type(m1) not in LAYERS or getattr(m1, "groups", 1) != 1:
+                continue
+            for n2, m2 in children[i + 1:]:
+                if isinstance(m2, BATCHNORMS):
+                    raise ValueError(f"BatchNorm {prefix + '.' if prefix else ''}{n2} follows a layer: fold "
+                                     "BatchNorm before equalizing (qlib.fold.fold_batchnorm)")
+                if type(m2) in LAYERS:
+                    if getattr(m2, "groups", 1) == 1:
+                        dot = f"{prefix}." if prefix else ""
+                        pairs.append((dot + n1, dot + n2))
+                    break
+                if not isinstance(m2, POSITIVE_HOMOGENEOUS):
+                    break
+    return pairs
+
+
+def _in_view(layer2: nn.Module, channels: int) -> tuple[int, ...]:
+    """Shape that puts layer2's input channels on axis 1: ``(out, channels, rest)``."""
+    w = layer2.weight
+    if w.shape[1] % channels:
+        raise ValueError(f"layer 2 has {w.shape[1]} inputs, not a multiple of layer 1's {channels} outputs")
+    return (w.shape[0], channels, -1)
+
+
+@torch.no_grad()
+def equalize_pair(layer1: nn.Module, layer2: nn.Module) -> torch.Tensor:
+    """Equalize two consecutive layers in place; returns the scales ``s`` ``(channels,)``.
+
+    ``layer1``'s output channel ``i`` (weight and bias) is divided by ``s_i`` and
+    ``layer2``'s input channel ``i`` multiplied by it (module docstring).
+    """
+    c = layer1.weight.shape[0]
+    _in_view(layer2, c)  # checks that layer 2 takes layer 1's channels
+    r1 = channel_ranges(layer1.weight, 0)
+    r2 = channel_ranges(layer2.weight, 1, channels=c)
+    s = equalization_scales(r1, r2)
+    rescale_pair(layer1, layer2, s)
+    return s
+
+
+@torch.no_grad()
+def rescale_pair(layer1: nn.Module, layer2: nn.Module, s: torch.Tensor) -> None:
+    """In place: layer 1's output channel ``i`` (weight, bias) ``/ s_i``, layer 2's input
+    channel ``i`` ``* s_i``. Any ``s > 0`` keeps the function through a ReLU."""
+    if not (s > 0).all():
+        raise ValueError("scales must be positive (ReLU commutes only with positive scaling)")
+    layer1.weight.div_(s.reshape(-1, *[1] * (layer1.weight.dim() - 1)))
+    if layer1.bias is not None:
+        layer1.bias.div_(s)
+    w2 = layer2.weight
+    w2.copy_((w2.reshape(_in_view(layer2, len(s))) * s.reshape(1, -1, 1)).reshape(w2.shape))
+
+
+def pair_precision(layer1: nn.Module, layer2: nn.Module) -> float:
+    """Nagel et al.'s objective ``sum_i (r1_i / R1) (r2_i / R2)``: what CLE maximizes."""
+    c = layer1.weight.shape[0]
+    _in_view(layer2, c)
+    r1 = channel_ranges(layer1.weight, 0)
+    r2 = channel_ranges(layer2.weight, 1, channels=c)
+    return ((r1 / r1.max()) * (r2 / r2.max())).sum().item()
+
+
+def _folded_pairs(model: nn.Module):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    model = fold_batchnorm(model)  # an eval-mode copy; a model without BatchNorm is just copied
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise ValueError("the model has NaN or infinite weights (after folding BatchNorm)")
+    pairs = find_equalization_pairs(model)
+    if not pairs:
+        raise ValueError("no consecutive Conv2d/Linear layers with ReLU-like modules between them")
+    return model, pairs
+
+
+def cross_layer_equalize(model: nn.Module, iterations: int = 20, tol: float = 1e-4):
+    """CLE on a copy of ``model``: returns ``(equalized, scales)``.
+
+    BatchNorms are folded first (``qlib.fold.fold_batchnorm``), then every pair of
+    :func:`find_equalization_pairs` is equalized, in order, up to ``iterations`` sweeps or
+    until every ``|s_i - 1| < tol``. ``scales`` maps each rescaled layer to the total
+    factor ``(C_out,)`` its outputs were multiplied by (the product of ``1 / s``). In eval
+    mode ``equalized(x)`` equals ``model(x)`` up to float rounding.
+    """
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    model, pairs = _folded_pairs(model)
+    scales = {n1: torch.ones(model.get_submodule(n1).weight.shape[0]) for n1, _ in pairs}
+    for _ in range(iterations):
+        worst = 0.0
+        for n1, n2 in pairs:
+            s = equalize_pair(model.get_submodule(n1), model.get_submodule(n2))
+            scales[n1] = scales[n1] / s
+            worst = max(worst, (s - 1).abs().max().item())
+        if worst < tol:
+            break
+    return model, scales
+
+
+@torch.no_grad()
+def unbalance(model: nn.Module, spread: float = 100.0, seed: int = 0):
+    """An fp32-equivalent copy with badly unbalanced channel ranges: ``(model, scales)``.
+
+    Folds BatchNorm, then for every equalization pair multiplies output channel ``i`` of
+    layer 1 by ``c_i`` and input channel ``i`` of layer 2 by ``1 / c_i``, with
+    ``log c_i ~ U(-log spread, log spread)`` (a ``torch.Generator`` seeded with ``seed``).
+    ``scales`` maps each layer 1 to its ``c`` ``(C_out,)``. The float function is
+    unchanged; per-tensor weight quantization of the copy collapses.
+    """
+    if not (isinstance(spread, (int, float)) and math.isfinite(spread) and spread >= 1):
+        raise ValueError(f"spread must be a finite number >= 1, got {spread!r}")
+    model, pairs = _folded_pairs(model)
+    g = torch.Generator().manual_seed(seed)
+    scales = {}
+    for n1, n2 in pairs:
+        layer1, layer2 = model.get_submodule(n1), model.get_submodule(n2)
+        log_c = (2 * torch.rand(layer1.weight.shape[0], generator=g) - 1) * math.log(spread)
+        c = log_c.exp()
+        rescale_pair(layer1, layer2, 1 / c)
+        scales[n1] = c
+    return model, scales
+

@@ -1,0 +1,143 @@
+"""Tests for qlib.datafree.equalize (cross-layer equalization).
+
+Reference: Nagel et al., ICCV 2019, "Data-Free Quantization Through Weight Equalization
+and Bias Correction", section 4.1: s_i = sqrt(r1_i * r2_i) / r2_i makes the ranges of
+channel i equal in both layers (sqrt(r1_i * r2_i)), leaves the fp32 function unchanged
+through ReLU (positive homogeneity), and maximizes sum_i (r1_i/R1)(r2_i/R2). Checked on
+random Sequential models (conv, linear, pooling, flatten) against the unequalized model.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from qlib.datafree.equalize import (channel_ranges, cross_layer_equalize, equalization_scales, equalize_pair,
+                                    find_equalization_pairs, pair_precision, rescale_pair, unbalance)
+from qlib.models import create
+from qlib.modules import QuantConfig
+from qlib.ptq import quantize_static
+from qlib.qparams import PerTensor
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (no OpenMP hand-offs), more so on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model.eval()
+
+
+def test_scales_formula_and_equal_ranges():
+    r1, r2 = torch.tensor([4.0, 1.0, 0.5, 0.0]), torch.tensor([1.0, 9.0, 2.0, 3.0])
+    s = equalization_scales(r1, r2)
+    torch.testing.assert_close(s[:3], torch.sqrt(r1[:3] * r2[:3]) / r2[:3])
+    assert s[3] == 1.0  # a dead channel stays as it is
+    torch.testing.assert_close(r1[:3] / s[:3], r2[:3] * s[:3])
+
+    g = torch.Generator().manual_seed(0)
+    l1, l2 = nn.Linear(5, 4), nn.Linear(4, 3)
+    with torch.no_grad():
+        l1.weight.copy_(torch.randn(4, 5, generator=g) * torch.tensor([[10.0], [0.1], [1.0], [3.0]]))
+        l2.weight.copy_(torch.randn(3, 4, generator=g))
+    r1, r2 = channel_ranges(l1.weight, 0), channel_ranges(l2.weight, 1)
+    s = equalize_pair(l1, l2)
+    torch.testing.assert_close(channel_ranges(l1.weight, 0), torch.sqrt(r1 * r2))
+    torch.testing.assert_close(channel_ranges(l2.weight, 1), torch.sqrt(r1 * r2))
+    torch.testing.assert_close(s, torch.sqrt(r1 * r2) / r2)
+
+
+def test_find_pairs_and_bn_must_be_folded():
+    cnn = create("cnn8", seed=0)
+    with pytest.raises(ValueError, match="fold BatchNorm"):
+        find_equalization_pairs(cnn)
+    from qlib.fold import fold_batchnorm
+    assert find_equalization_pairs(fold_batchnorm(cnn)) == [("0", "3"), ("3", "7"), ("7", "12")]
+    mlp = fold_batchnorm(create("mlp", seed=0))
+    assert find_equalization_pairs(mlp) == [("1", "4"), ("4", "7")]
+    # a non-homogeneous activation or a grouped conv breaks the chain
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Sigmoid(), nn.Conv2d(4, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    assert find_equalization_pairs(m) == []
+
+
+@pytest.mark.parametrize("name", ["cnn8", "mlp"])
+def test_equalization_keeps_fp32_function_and_balances_ranges(name):
+    model = randomize_bn(create(name, seed=1), seed=1)
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    unbal, c = unbalance(model, spread=50.0, seed=0)
+    equal, scales = cross_layer_equalize(unbal)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(unbal(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(equal(x), ref, rtol=1e-4, atol=1e-4)
+    assert set(scales) == set(c)
+    for n1, n2 in find_equalization_pairs(equal):
+        l1, l2 = equal.get_submodule(n1), equal.get_submodule(n2)
+        u1, u2 = unbal.get_submodule(n1), unbal.get_submodule(n2)
+        assert pair_precision(l1, l2) > pair_precision(u1, u2)
+        spread_before = channel_ranges(u1.weight).max() / channel_ranges(u1.weight).min()
+        spread_after = channel_ranges(l1.weight).max() / channel_ranges(l1.weight).min()
+        assert spread_after < spread_before
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in equal.modules())
+
+
+def test_equalization_is_a_fixed_point_and_undoes_unbalancing():
+    model = randomize_bn(create("cnn8", seed=2), seed=2)
+    eq_a, _ = cross_layer_equalize(model, iterations=200, tol=1e-7)
+    eq_b, _ = cross_layer_equalize(unbalance(model, spread=100.0, seed=3)[0], iterations=200, tol=1e-7)
+    for (name, a), b in zip(eq_a.named_parameters(), eq_b.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+    s = equalize_pair(eq_a.get_submodule("0"), eq_a.get_submodule("3"))
+    torch.testing.assert_close(s, torch.ones_like(s), rtol=1e-3, atol=1e-3)
+
+
+def test_per_tensor_quantization_collapses_then_recovers(digits8):
+    """The lesson's story on random-BN cnn8: unbalanced per-tensor W6 is bad, CLE repairs it."""
+    model = randomize_bn(create("cnn8", seed=0), seed=0)
+    x = digits8.train.tensors[0][:128]
+    unbal, _ = unbalance(model, spread=100.0, seed=0)
+    equal, _ = cross_layer_equalize(unbal)
+    cfg = QuantConfig(weight_bits=6, act_bits=8, weight_granularity=PerTensor())
+
+    def err(m):
+        with torch.no_grad():
+            ref = model(x)
+            return ((quantize_static(m, [x], cfg)(x) - ref).pow(2).mean() / ref.pow(2).mean()).item()
+    assert err(unbal) > 5 * err(equal)
+    assert err(equal) < 0.05
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="no consecutive"):
+        cross_layer_equalize(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="no consecutive"):  # residual blocks are not handled
+        cross_layer_equalize(create("res16", seed=0))
+    with pytest.raises(ValueError, match="spread"):
+        unbalance(create("mlp", seed=0), spread=0.5)
+    with pytest.raises(ValueError, match="iterations"):
+        cross_layer_equalize(create("mlp", seed=0), iterations=0)
+    with pytest.raises(ValueError, match="positive"):
+        rescale_pair(nn.Linear(2, 3), nn.Linear(3, 2), torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match="ranges differ"):
+        equalization_scales(torch.ones(3), torch.ones(4))
+    with pytest.raises(ValueError, match="not a multiple"):
+        equalize_pair(nn.Linear(2, 3), nn.Linear(4, 2))
+    with pytest.raises(TypeError):
+        cross_layer_equalize("model")
+    broken = create("mlp", seed=0)
+    with torch.no_grad():
+        broken[1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        cross_layer_equalize(broken)

@@ -1,0 +1,83 @@
+"""Tests for qlib.datafree.generator (GDFQ-style generator trained from the teacher alone).
+
+Reference: GDFQ (Xu et al., ECCV 2020): the generator's loss is the teacher's
+cross-entropy on the requested labels plus the BN-statistics loss of ZeroQ
+(qlib.datafree.synthetic.bn_statistics_loss); training must lower both and make the
+teacher recognise the requested classes more often than chance. Uses the shipped cnn8.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from qlib import models
+from qlib.datafree.generator import Generator, generator_batches, train_generator
+from qlib.fold import fold_batchnorm
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (no OpenMP hand-offs), more so on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_shapes_labels_seed_and_range():
+    g = Generator((1, 8, 8), num_classes=10, latent_dim=16, width=8, input_range=(-1.0, 2.0), seed=0)
+    x, y = g.sample(20, torch.Generator().manual_seed(0))
+    assert x.shape == (20, 1, 8, 8) and x.dtype == torch.float32
+    assert y.tolist() == [i % 10 for i in range(20)]
+    assert x.min() >= -1.0 and x.max() <= 2.0
+    same = Generator((1, 8, 8), 10, 16, 8, input_range=(-1.0, 2.0), seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(g.parameters(), same.parameters()))
+    batches = generator_batches(g, num_samples=50, batch_size=16, seed=1)
+    assert [len(b) for b in batches] == [16, 16, 16, 2]
+    assert torch.equal(torch.cat(batches), torch.cat(generator_batches(g, 50, 16, seed=1)))
+    free = Generator((3, 16, 12), num_classes=5, latent_dim=8, width=4)
+    out = free(torch.randn(6, 8), torch.arange(6) % 5)
+    assert out.shape == (6, 3, 16, 12)
+    # no input_range: the last BatchNorm standardizes every batch
+    assert abs(out.mean().item()) < 1e-4 and abs(out.std(unbiased=False).item() - 1) < 1e-2
+
+
+def test_training_lowers_losses_and_teacher_recognises_labels():
+    teacher = models.pretrained("cnn8", 0)
+    before = [p.clone() for p in teacher.parameters()]
+    gen = Generator((1, 8, 8), num_classes=10, latent_dim=32, width=8, seed=0)
+    hist = train_generator(gen, teacher, steps=60, batch_size=32, lr=1e-2, seed=0)
+    assert set(hist) == {"loss", "ce", "bn", "confidence"} and len(hist["loss"]) == 60
+    head, tail = slice(0, 10), slice(-10, None)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    assert mean(hist["ce"][tail]) < 0.7 * mean(hist["ce"][head])
+    assert mean(hist["loss"][tail]) < mean(hist["loss"][head])
+    assert mean(hist["confidence"][tail]) > mean(hist["confidence"][head])
+    x = torch.cat(generator_batches(gen, 100, 50, seed=0))
+    with torch.no_grad():
+        hit = (teacher(x).argmax(1) == torch.arange(100) % 10).float().mean().item()
+    assert hit > 0.2  # chance is 0.1
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+    assert all(p.requires_grad for p in teacher.parameters())
+
+
+def test_clear_errors():
+    teacher = models.pretrained("cnn8", 0)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        Generator((1, 6, 6))
+    with pytest.raises(ValueError, match="input_range"):
+        Generator((1, 8, 8), input_range=(2.0, 1.0))
+    g = Generator((1, 8, 8), latent_dim=4, width=4)
+    with pytest.raises(ValueError, match="z must have shape"):
+        g(torch.randn(3, 5), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="int64 labels"):
+        g(torch.randn(3, 4), torch.zeros(3))
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        train_generator(g, fold_batchnorm(teacher), steps=1)
+    with pytest.raises(ValueError, match="does not accept"):
+        train_generator(Generator((1, 8, 8), latent_dim=4, width=4), nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), steps=1)
+    with pytest.raises(TypeError):
+        train_generator(nn.Linear(2, 2), teacher, steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        train_generator(g, teacher, steps=0)
