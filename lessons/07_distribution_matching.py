@@ -1,0 +1,279 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% tags=["colab-setup"]
+# Setup: on Google Colab this installs qlib from the course repository;
+# anywhere else (JupyterLab from `make lab`) it does nothing.
+import subprocess, sys
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "qlib @ git+https://github.com/qdm-course/quantization-course@main"], check=True)
+
+# %% [markdown]
+# # 07 · Distribution matching: measuring calibration sets, equalizing, correcting bias
+#
+# **What you will learn**
+# - **MMD** and **KL** as measures of how far a calibration set is from the real data, on
+#   inputs and on the activations the model computes from them; which synthetic set is closer;
+# - **cross-layer equalization** (CLE): rescale channels between two layers so that
+#   per-tensor weight quantization works again, without changing the float function;
+# - **bias correction**: remove the *mean* output error that quantized weights add, using
+#   only the BatchNorm statistics stored in the model.
+#
+# All three come from the data-free quantization literature (ZeroQ; Nagel et al., ICCV 2019):
+# the model itself carries enough of a summary of its training data to repair its quantization.
+
+# %%
+import dataclasses
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+from qlib import data, models, ptq, runtime
+from qlib.datafree import (bn_preactivation_stats, channel_ranges, correct_bias, cross_layer_equalize,
+                           expected_inputs, expected_output_error, gaussian_batches, histogram_kl, mmd,
+                           synthesize_bn, unbalance)
+from qlib.fold import fold_batchnorm
+from qlib.modules import PerTensor, QuantConfig
+from qlib.train import evaluate
+
+torch.set_num_threads(2)
+SEED = 0
+digits = data.load_digits(16)
+model = models.pretrained("cnn16", seed=SEED).eval()
+fp32 = evaluate(model, digits.test)
+print(f"cnn16 fp32 test accuracy {fp32:.1f}%   fast mode: {runtime.fast()}")
+
+# %% [markdown]
+# ## 1. MMD: a distance between two samples
+#
+# Maximum mean discrepancy with a Gaussian kernel $k(a, b) = e^{-\|a - b\|^2 / 2h^2}$:
+#
+# $$ \mathrm{MMD}^2(P, Q) = \mathbb{E}\,k(x, x') + \mathbb{E}\,k(y, y') - 2\,\mathbb{E}\,k(x, y),
+#    \qquad x, x' \sim P,\; y, y' \sim Q. $$
+#
+# It is zero exactly when $P = Q$. The unbiased estimate leaves out the $i = j$ terms of the
+# first two means (so it scatters around 0 for two samples of the same distribution). We
+# write it, with the median of the pooled pairwise distances as $h$, and check against qlib.
+
+# %%
+def mmd2(x, y):
+    x, y = x.flatten(1).double(), y.flatten(1).double()
+    z = torch.cat([x, y])
+    d = torch.cdist(z, z)
+    h = d[torch.triu_indices(len(z), len(z), 1).unbind()].median()
+    k = torch.exp(-d**2 / (2 * h**2))
+    n, m = len(x), len(y)
+    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
+    return ((kxx.sum() - kxx.trace()) / (n * (n - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1))
+            - 2 * kxy.mean()).item()
+
+
+N = runtime.pick(256, 128)
+real_a, real_b = digits.train.tensors[0][:N], digits.val.tensors[0][:N]
+noise = torch.cat(gaussian_batches(digits.image_shape, num_samples=N, seed=SEED))
+print("ours:", round(mmd2(real_a, noise), 5), " qlib:", round(mmd(real_a, noise), 5))
+assert abs(mmd2(real_a, noise) - mmd(real_a, noise)) < 1e-6 + 1e-4 * abs(mmd(real_a, noise))
+
+# %% [markdown]
+# ## 2. Which calibration set is closer to the real data?
+#
+# Three candidates of the same size: other **real** digits (the train split, as a baseline),
+# Gaussian **noise**, and **BN-synthetic** images (ZeroQ, `synthesize_bn`). The reference is
+# the validation split. We measure MMD on the raw inputs and on the penultimate activations
+# (what the last layer sees), the KL between activation histograms (what a calibration
+# observer sees), and the end result: W4A4 PTQ accuracy calibrated on each set.
+
+# %%
+synthetic = synthesize_bn(model, digits.image_shape, num_samples=N, batch_size=64,
+                          steps=runtime.pick(100, 15), seed=SEED, progress=False).x
+candidates = {"real (train)": real_a, "noise": noise, "BN-synthetic": synthetic}
+penultimate = model[:-1]  # everything up to the last Linear: (N, 64) features
+
+
+def features(x):
+    with torch.no_grad():
+        return penultimate(x)
+
+
+W4A4 = QuantConfig(weight_bits=4, act_bits=4)
+rows = {}
+for name, x in candidates.items():
+    rows[name] = {
+        "MMD inputs": mmd(x, real_b),
+        "MMD features": mmd(features(x), features(real_b)),
+        "KL features": histogram_kl(features(real_b), features(x)),
+        "W4A4 acc": evaluate(ptq.quantize_static(model, x.split(64), W4A4), digits.test),
+    }
+print(f"{'set':14s}" + "".join(f"{k:>14s}" for k in next(iter(rows.values()))))
+for name, r in rows.items():
+    print(f"{name:14s}" + "".join(f"{v:14.4f}" if k != "W4A4 acc" else f"{v:13.1f}%" for k, v in r.items()))
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+for name, x in [("real (val)", real_b), *candidates.items()]:
+    axes[0].hist(features(x).flatten().tolist(), bins=60, histtype="step", density=True, label=name)
+axes[0].set_yscale("log")
+axes[0].set_xlabel("penultimate activation value")
+axes[0].set_title("what the calibration observer sees")
+axes[0].legend(fontsize=8)
+names = list(rows)
+axes[1].bar(names, [rows[n]["MMD features"] for n in names], color=["tab:green", "tab:orange", "tab:blue"])
+axes[1].set_ylabel("MMD^2 to real (features)")
+axes[1].set_title("distance to the real data, in feature space")
+plt.tight_layout()
+plt.show()
+
+
+def ranking(key, reverse=False):
+    return sorted(rows, key=lambda n: rows[n][key], reverse=reverse)
+
+
+by_acc = ranking("W4A4 acc", reverse=True)
+for key in ("MMD inputs", "MMD features", "KL features"):
+    print(f"closest first by {key:12s}: {ranking(key)}   same order as W4A4 accuracy: {ranking(key) == by_acc}")
+
+# %% [markdown]
+# Read the table column by column. The input-space MMD says little: every synthetic image is
+# far from a digit. Feature space is where calibration happens. MMD (a kernel distance between
+# whole feature vectors) and the histogram KL (the pooled values only, which is all a
+# per-tensor min-max observer uses) need not agree, and neither has to rank the sets as the
+# W4A4 accuracy does: min-max calibration depends on the extremes, which neither distance
+# weighs much. The cell below prints which ranking agrees with the accuracy on this run.
+# One model, one seed, few synthesis steps in fast mode: see FINDINGS.md for the spread.
+#
+# ## 3. Cross-layer equalization
+#
+# Per-tensor weight quantization gives all channels of a tensor one grid, sized by the
+# largest channel. `unbalance` makes an *exactly equivalent* float model whose channels differ
+# in range by up to 100x in each direction: it multiplies output channel $i$ of a layer by
+# $c_i$ and the matching input channel of the next layer by $1/c_i$ (ReLU commutes with
+# positive scaling). CLE undoes this: for each pair it picks
+# $s_i = \sqrt{r_{1,i} r_{2,i}} / r_{2,i}$, which gives channel $i$ the range
+# $\sqrt{r_{1,i} r_{2,i}}$ in both layers (`cross_layer_equalize`).
+
+# %%
+folded = fold_batchnorm(model)
+patient, _ = unbalance(model, spread=100.0, seed=SEED)
+healed, _ = cross_layer_equalize(patient)
+x_check = digits.test.tensors[0][:64]
+with torch.no_grad():
+    for name, m in [("unbalanced", patient), ("equalized", healed)]:
+        print(f"{name:10s} max |logit - fp32 logit| = {(m(x_check) - folded(x_check)).abs().max().item():.2e}")
+
+fig, axes = plt.subplots(1, 3, figsize=(12, 3), sharey=True)
+for ax, (name, m) in zip(axes, [("original (folded)", folded), ("unbalanced", patient), ("after CLE", healed)]):
+    r = channel_ranges(m[3].weight, axis=0)
+    ax.bar(range(len(r)), r.tolist())
+    ax.set_yscale("log")
+    ax.set_title(f"{name}: max/min = {(r.max() / r.min()).item():.0f}")
+    ax.set_xlabel("output channel of layer '3'")
+axes[0].set_ylabel("max |w| per channel")
+plt.tight_layout()
+plt.show()
+
+# %%
+accs = {}
+for bits in (8, 6):
+    per_tensor = QuantConfig(weight_bits=bits, act_bits=8, weight_granularity=PerTensor())
+    calib = real_a.split(64)
+    accs[f"W{bits}A8 per-tensor"] = {name: evaluate(ptq.quantize_static(m, calib, per_tensor), digits.test)
+                                     for name, m in [("original", model), ("unbalanced", patient),
+                                                     ("after CLE", healed)]}
+for k, v in accs.items():
+    print(k, {n: round(a, 1) for n, a in v.items()})
+
+# %% [markdown]
+# The float function never changed, yet per-tensor W8 accuracy collapses on the unbalanced
+# model (its small channels round to zero) and returns after CLE. Per-channel scales
+# (qlib's default) are immune to this; CLE matters for hardware that offers per-tensor only.
+#
+# ## 4. Bias correction
+#
+# Quantizing $W$ to $W_q$ changes a layer's output by $(W_q - W)x$; its *mean* over the data,
+# $(W_q - W)\,\mathbb{E}[x]$, is a constant shift per output channel. If the layer's input is
+# $\mathrm{relu}(z)$ with $z$ the output of a BatchNorm, then $z_c$ has mean $\beta_c$ and std
+# $|\gamma_c|$, and $\mathbb{E}[\mathrm{relu}(z_c)] = \mu\Phi(\mu/\sigma) + \sigma\phi(\mu/\sigma)$
+# under a Gaussian assumption: no data needed. The correction is $b' = b - (W_q - W)\,\mathbb{E}[x]$.
+# We quantize the weights per tensor at 4 bits (activations at 8) and measure, on real test
+# inputs, the mean output error of each corrected layer before and after.
+
+# %%
+W4 = QuantConfig(weight_bits=4, act_bits=8, weight_granularity=PerTensor())
+q = ptq.quantize_static(model, real_a.split(64), W4)
+means = expected_inputs(model, bn_preactivation_stats(model))  # {layer: E[x]} from BN statistics
+q_bc = correct_bias(q, means)
+
+
+def layer_inputs(m, name, x):
+    seen = {}
+    h = m.get_submodule(name).register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        m(x)
+    h.remove()
+    return seen["x"]
+
+
+def mean_output_error(name, qmodel, x):
+    """Per output channel: mean of (quantized layer - float layer) on the float model's inputs."""
+    layer, qlayer = folded.get_submodule(name), qmodel.get_submodule(name)
+    xin = layer_inputs(folded, name, x)
+    with torch.no_grad():
+        w_q = qlayer.weight_fq(qlayer.weight)
+        if isinstance(layer, torch.nn.Conv2d):
+            diff = (F.conv2d(xin, w_q, qlayer.bias, padding=layer.padding)
+                    - F.conv2d(xin, layer.weight, layer.bias, padding=layer.padding))
+            return diff.mean(dim=(0, 2, 3))
+        return (F.linear(xin, w_q, qlayer.bias) - F.linear(xin, layer.weight, layer.bias)).mean(0)
+
+
+x_test = digits.test.tensors[0]
+fig, axes = plt.subplots(1, len(means), figsize=(11, 3))
+for ax, name in zip(axes, means):
+    before, after = mean_output_error(name, q, x_test), mean_output_error(name, q_bc, x_test)
+    predicted = expected_output_error(folded.get_submodule(name).weight,
+                                      q.get_submodule(name).weight_fq(q.get_submodule(name).weight), means[name])
+    ax.bar(range(len(before)), before.tolist(), alpha=0.6, label="before")
+    ax.bar(range(len(after)), after.tolist(), alpha=0.6, label="after")
+    ax.plot(range(len(predicted)), predicted.tolist(), "k.", ms=4, label="predicted (W_q - W) E[x]")
+    ax.set_title(f"layer '{name}': |mean error| {before.abs().mean():.3f} -> {after.abs().mean():.3f}")
+    ax.set_xlabel("output channel")
+    ax.legend(fontsize=7)
+axes[0].set_ylabel("mean output error (test inputs)")
+plt.tight_layout()
+plt.show()
+print(f"W4A8 per-tensor: {evaluate(q, digits.test):.1f}%  ->  with bias correction "
+      f"{evaluate(q_bc, digits.test):.1f}%   (fp32 {fp32:.1f}%)")
+
+# %% [markdown]
+# The predicted shift (dots) follows the measured one, and the correction removes most of
+# it; what remains comes from the Gaussian assumption and from zero padding. At 4 bits per
+# tensor the shift is large enough to move whole classes, so removing it can recover many
+# points of accuracy (see the printed line). It fixes only the *mean* error, not the
+# per-input rounding noise, and it relies on the model having BatchNorm statistics.
+#
+# ## Summary
+# - MMD compares two samples through a kernel; KL compares two histograms. Measured on the
+#   activations the model computes (not on pixels), they separate real from synthetic
+#   calibration sets; whether they also predict PTQ accuracy must be checked, not assumed.
+# - CLE rescales channels between layers with ReLU in between; the float function is
+#   unchanged, and per-tensor quantization recovers.
+# - Bias correction predicts the mean output error $(W_q - W)\,\mathbb{E}[x]$ from BatchNorm
+#   statistics and folds it into the bias.
+#
+# **Exercises**
+# 1. Compute `mmd` between two disjoint halves of the validation set. How large is "zero"?
+#    Which of the differences in section 2 exceed it?
+# 2. Run section 3 with `spread=10` and `spread=1000`. At which spread does per-tensor W8 fail?
+# 3. Apply CLE to the *original* cnn16 and quantize per tensor at W4A8. Does it help a model
+#    that was never unbalanced? Compare with per-channel scales.
+# 4. Replace the BN-statistics `E[x]` by `qlib.datafree.empirical_input_means` on the
+#    BN-synthetic images (empirical bias correction). Which predicts the error better?
