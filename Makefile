@@ -31,12 +31,14 @@ $(STAMP): pyproject.toml constraints.txt
 lab: setup
 	$(BIN)/jupyter lab --notebook-dir=$(CURDIR) --port=$(PORT) $(ROOT_ARGS) $(LAB_ARGS)
 
+# One torch thread per process: tests and notebook kernels share two cores, and
+# oversubscribed threads made small tensor ops 5-10x slower there.
 test: setup
-	QLIB_FAST=1 QLIB_QUIET=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 QLIB_FAST=1 QLIB_QUIET=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Library tests only (no notebooks, no grading): seconds, for quick iteration.
 test-fast: setup
-	QLIB_FAST=1 QLIB_QUIET=1 $(BIN)/python -m pytest -m "not notebook and not grading" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 QLIB_FAST=1 QLIB_QUIET=1 $(BIN)/python -m pytest -m "not notebook and not grading" $(PYTEST_ARGS)
 
 doctor: setup
 	$(BIN)/python -m qlib doctor

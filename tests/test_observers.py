@@ -271,3 +271,14 @@ def test_constructor_errors():
     with pytest.raises(ValueError, match="bins must be an int"):
         EntropyObserver(bins=4)
     assert isinstance(make_observer("minmax", granularity=PerTensor()), MinMaxObserver)
+
+
+def test_kl_search_keeps_tensorrt_floor_of_128_bins():
+    # A sparse histogram (most mass in one bin, as on digit backgrounds): at 4 bits the
+    # search without a floor clips almost everything; TensorRT never goes below 128 bins.
+    hist = torch.zeros(2048, dtype=torch.float64)
+    hist[:3] = 1e5
+    hist[3:60] = torch.rand(57, dtype=torch.float64) * 50
+    hist[60::7] = 1.0
+    assert kl_threshold_bins(hist, 8) >= 128
+    assert kl_threshold_bins(hist, 8, min_bins=8) < 128  # the collapse the floor prevents
