@@ -1,0 +1,265 @@
+"""qlib.check.lab04: reference answers pass; typical wrong answers fail with a useful message.
+
+References: ``torch.fake_quantize_per_tensor_affine`` (the STE, through qlib's
+``FakeQuantizeSTE``), ``torch._fake_quantize_learnable_per_tensor_affine`` (LSQ, through
+``qlib.lsq.lsq_fake_quantize``) and ``qlib.qat.quantization_aware_training`` (the 2-bit run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from qlib import check
+from qlib.check import lab04
+from qlib.lsq import lsq_fake_quantize
+from qlib.modules import QuantConfig
+from qlib.qat import quantization_aware_training
+from qlib.quantize import FakeQuantizeSTE
+
+W2A4 = QuantConfig(weight_bits=2, act_bits=4, weight_observer="mse")
+
+
+# ------------------------------------------------------------------ reference answers
+def lsq_scale_grad(x, scale, zero_point, quant_min, quant_max, grad_output, grad_factor):
+    s = scale.clone().requires_grad_(True)
+    lsq_fake_quantize(x, s, zero_point, quant_min, quant_max, grad_factor=grad_factor).backward(grad_output)
+    return s.grad
+
+
+def qat_2bit(model, digits):
+    qmodel, _ = quantization_aware_training(model, digits, W2A4, epochs=5, lr=2e-3, method="lsq", seed=0,
+                                            progress=False)
+    return qmodel
+
+
+def test_reference_answers_pass_the_gradient_checks(capsys):
+    lab04.fake_quant_ste_forward(FakeQuantizeSTE)
+    lab04.fake_quant_ste_backward(FakeQuantizeSTE)
+    lab04.fake_quant_ste_hidden(FakeQuantizeSTE)
+    lab04.lsq_scale_grad(lsq_scale_grad)
+    lab04.lsq_scale_grad_hidden(lsq_scale_grad)
+    assert capsys.readouterr().out.count("PASS") == 5
+
+
+def test_reference_qat_passes(capsys):
+    lab04.qat_2bit(qat_2bit)
+    assert "PASS" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_reference_qat_passes_the_hidden_check(capsys):
+    lab04.qat_2bit_hidden(qat_2bit)
+    assert "PASS" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ Q1 wrong answers
+def ste_class(forward_values=None, backward_grad=None):
+    """A FakeQuantSTE with one part replaced: forward_values(x, s, z, qmin, qmax) -> y,
+    backward_grad(grad_output, x, s, z, qmin, qmax) -> grad_x."""
+    class Wrong(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, scale, zero_point, quant_min, quant_max):
+            ctx.save_for_backward(x, scale, zero_point)
+            ctx.quant_range = (quant_min, quant_max)
+            if forward_values is not None:
+                return forward_values(x, scale, zero_point, quant_min, quant_max)
+            q = torch.round(x * (1.0 / scale)) + zero_point
+            return (torch.clamp(q, quant_min, quant_max) - zero_point) * scale
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            x, scale, zero_point = ctx.saved_tensors
+            qmin, qmax = ctx.quant_range
+            if backward_grad is not None:
+                return backward_grad(grad_output, x, scale, zero_point, qmin, qmax), None, None, None, None
+            q = torch.round(x * (1.0 / scale)) + zero_point
+            return grad_output * ((q >= qmin) & (q <= qmax)), None, None, None, None
+    return Wrong
+
+
+def test_the_test_helper_is_right_when_nothing_is_replaced(capsys):
+    lab04.fake_quant_ste_forward(ste_class())
+    lab04.fake_quant_ste_backward(ste_class())
+    assert capsys.readouterr().out.count("PASS") == 2
+
+
+def test_backward_without_clamp_mask_fails():
+    no_mask = ste_class(backward_grad=lambda dy, *_: dy)
+    lab04.fake_quant_ste_forward(no_mask)  # the forward is right
+    with pytest.raises(AssertionError, match="no clamp mask: the gradient must be 0"):
+        lab04.fake_quant_ste_backward(no_mask)
+
+
+def test_backward_mistakes_get_hints():
+    def x_range_mask(dy, x, s, z, qmin, qmax):
+        return dy * ((x >= (qmin - z) * s) & (x <= (qmax - z) * s))
+
+    def strict(dy, x, s, z, qmin, qmax):
+        q = torch.round(x * (1.0 / s)) + z
+        return dy * ((q > qmin) & (q < qmax))
+
+    def mask_only(dy, x, s, z, qmin, qmax):
+        q = torch.round(x * (1.0 / s)) + z
+        return ((q >= qmin) & (q <= qmax)).float()
+    with pytest.raises(AssertionError, match="test the rounded code, not x"):
+        lab04.fake_quant_ste_backward(ste_class(backward_grad=x_range_mask))
+    with pytest.raises(AssertionError, match="use <= and >="):
+        lab04.fake_quant_ste_backward(ste_class(backward_grad=strict))
+    with pytest.raises(AssertionError, match="not the mask alone"):
+        lab04.fake_quant_ste_backward(ste_class(backward_grad=mask_only))
+    with pytest.raises(AssertionError, match="0 almost everywhere"):
+        lab04.fake_quant_ste_backward(ste_class(backward_grad=lambda dy, *_: torch.zeros_like(dy)))
+
+
+def test_rounding_half_away_fails_the_forward():
+    def half_away(x, s, z, qmin, qmax):
+        v = x * (1.0 / s)
+        return (torch.clamp(torch.sign(v) * torch.floor(v.abs() + 0.5) + z, qmin, qmax) - z) * s
+    with pytest.raises(AssertionError, match="round ties to even"):
+        lab04.fake_quant_ste_forward(ste_class(forward_values=half_away))
+
+
+def test_forward_mistakes_get_hints():
+    def divides(x, s, z, qmin, qmax):
+        return (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s
+
+    def no_clamp(x, s, z, qmin, qmax):
+        return torch.round(x * (1.0 / s)) * s
+
+    def codes(x, s, z, qmin, qmax):
+        return torch.clamp(torch.round(x * (1.0 / s)) + z, qmin, qmax)
+    with pytest.raises(AssertionError, match="multiply by the float32 reciprocal"):
+        lab04.fake_quant_ste_forward(ste_class(forward_values=divides))
+    with pytest.raises(AssertionError, match="clamp the codes"):
+        lab04.fake_quant_ste_forward(ste_class(forward_values=no_clamp))
+    with pytest.raises(AssertionError, match="not the integer codes"):
+        lab04.fake_quant_ste_forward(ste_class(forward_values=codes))
+
+
+def test_hidden_ste_check_catches_the_same_mistakes():
+    with pytest.raises(AssertionError, match="FAIL"):
+        lab04.fake_quant_ste_hidden(ste_class(backward_grad=lambda dy, *_: dy))
+
+
+def test_ste_structure_mistakes_are_reported():
+    class OneGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, scale, zero_point, quant_min, quant_max):
+            return torch.round(x * (1.0 / scale)) * scale
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return grad_output
+
+    class Unanswered(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, scale, zero_point, quant_min, quant_max):
+            raise NotImplementedError()
+
+    def a_function(x, scale, zero_point, quant_min, quant_max):
+        return x
+    with pytest.raises(check.CheckFailed, match="raised RuntimeError"):
+        lab04.fake_quant_ste_backward(OneGradient)
+    with pytest.raises(check.CheckFailed, match="not implemented yet"):
+        lab04.fake_quant_ste_forward(Unanswered)
+    with pytest.raises(check.CheckFailed, match="deriving from torch.autograd.Function"):
+        lab04.fake_quant_ste_forward(a_function)
+
+
+# ------------------------------------------------------------------ Q2 wrong answers
+def scale_grad_with(inside=None, below=None, above=None, factor=True, zp_round=True, reduce=torch.sum):
+    def fn(x, scale, zero_point, quant_min, quant_max, grad_output, grad_factor):
+        z = torch.clamp(torch.round(zero_point), quant_min, quant_max) if zp_round else zero_point
+        v = x * (1.0 / scale)
+        q = torch.round(v) + z
+        d_in = inside(v) if inside else torch.round(v) - v
+        d_lo = below(z, quant_min) if below else quant_min - z
+        d_hi = above(z, quant_max) if above else quant_max - z
+        d = torch.where(q < quant_min, d_lo, torch.where(q > quant_max, d_hi, d_in))
+        out = reduce(grad_output * d)
+        return out * grad_factor if factor else out
+    return fn
+
+
+def test_scale_grad_helper_is_right_by_default(capsys):
+    lab04.lsq_scale_grad(scale_grad_with())
+    lab04.lsq_scale_grad_hidden(scale_grad_with())
+    assert capsys.readouterr().out.count("PASS") == 2
+
+
+def test_wrong_grad_factor_fails():
+    with pytest.raises(AssertionError, match="multiply the summed gradient by grad_factor"):
+        lab04.lsq_scale_grad(scale_grad_with(factor=False))
+
+    def own_factor(x, scale, zero_point, quant_min, quant_max, grad_output, grad_factor):
+        return scale_grad_with()(x, scale, zero_point, quant_min, quant_max, grad_output, 1.0) / x.numel() ** 0.5
+    with pytest.raises(AssertionError, match=r"= 1/sqrt\(N\) \(N = 9 elements\) times the expected one"):
+        lab04.lsq_scale_grad(own_factor)
+
+
+def test_scale_grad_mistakes_get_hints():
+    with pytest.raises(AssertionError, match="the sign is flipped"):
+        lab04.lsq_scale_grad(scale_grad_with(inside=lambda v: v - torch.round(v)))
+    with pytest.raises(AssertionError, match="you forgot the zero_point"):
+        lab04.lsq_scale_grad(scale_grad_with(below=lambda z, qmin: torch.full_like(z, float(qmin)),
+                                             above=lambda z, qmax: torch.full_like(z, float(qmax))))
+    with pytest.raises(AssertionError, match="not 0"):
+        lab04.lsq_scale_grad(scale_grad_with(below=lambda z, qmin: z * 0, above=lambda z, qmax: z * 0))
+    with pytest.raises(AssertionError, match="expected one number"):
+        lab04.lsq_scale_grad(scale_grad_with(reduce=lambda t: t))
+    with pytest.raises(AssertionError, match=r"= 1/N .* the sum \(not the mean\)"):
+        lab04.lsq_scale_grad(scale_grad_with(reduce=torch.mean))
+
+
+def test_unrounded_zero_point_fails_the_hidden_check():
+    with pytest.raises(AssertionError, match="round and clamp the learned zero point"):
+        for _ in range(3):  # the hidden check draws non-integer zero points most of the time
+            lab04.lsq_scale_grad_hidden(scale_grad_with(zp_round=False))
+
+
+# ------------------------------------------------------------------ Q3 wrong answers
+def test_ptq_only_fails_on_accuracy():
+    def no_training(model, digits):
+        qmodel, _ = quantization_aware_training(model, digits, W2A4, epochs=0, progress=False)
+        return qmodel
+    with pytest.raises(AssertionError, match=r"test accuracy .* < 95.0% \(post-training quantization, min-max, gives"):
+        lab04.qat_2bit(no_training)
+
+
+def test_qat_shape_mistakes_fail():
+    def returns_history_too(model, digits):
+        return quantization_aware_training(model, digits, W2A4, epochs=0, progress=False)
+
+    def eight_bit_ends(model, digits):
+        qmodel, _ = quantization_aware_training(model, digits, W2A4, epochs=0, progress=False,
+                                                per_layer={"0": QuantConfig(), "12": QuantConfig()})
+        return qmodel
+
+    def float_model(model, digits):
+        return model
+
+    def four_bit(model, digits):
+        qmodel, _ = quantization_aware_training(model, digits, dataclasses.replace(W2A4, weight_bits=4),
+                                                epochs=0, progress=False)
+        return qmodel
+    with pytest.raises(AssertionError, match=r"returns \(model, history\)"):
+        lab04.qat_2bit(returns_history_too)
+    with pytest.raises(AssertionError, match="first and last included"):
+        lab04.qat_2bit(eight_bit_ends)
+    with pytest.raises(AssertionError, match="expected fake-quant layers"):
+        lab04.qat_2bit(float_model)
+    with pytest.raises(AssertionError, match="at 4 bits"):
+        lab04.qat_2bit(four_bit)
+
+
+def test_qat_that_changes_the_float_model_fails():
+    def in_place(model, digits):
+        qmodel, _ = quantization_aware_training(model, digits, W2A4, epochs=0, progress=False)
+        with torch.no_grad():
+            model[0].weight.mul_(1.01)
+        return qmodel
+    with pytest.raises(AssertionError, match="float model you were given changed"):
+        lab04.qat_2bit(in_place)
