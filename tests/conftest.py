@@ -17,6 +17,17 @@ os.environ.setdefault("QLIB_QUIET", "1")
 os.environ["PATH"] = str(BIN) + os.pathsep + os.environ.get("PATH", "")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run faster on one torch thread (no OpenMP hand-offs), more so on 2 shared cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT

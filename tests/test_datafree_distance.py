@@ -18,15 +18,6 @@ from qlib.datafree.distance import (bn_statistic_distance, gaussian_kernel, hist
                                     score_calibration_set, softmax_kl)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (no OpenMP hand-offs), more so on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 

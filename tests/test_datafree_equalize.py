@@ -19,15 +19,6 @@ from qlib.ptq import quantize_static
 from qlib.qparams import PerTensor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (no OpenMP hand-offs), more so on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomize_bn(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

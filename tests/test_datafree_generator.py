@@ -15,15 +15,6 @@ from qlib.datafree.generator import Generator, generator_batches, train_generato
 from qlib.fold import fold_batchnorm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (no OpenMP hand-offs), more so on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_shapes_labels_seed_and_range():
     g = Generator((1, 8, 8), num_classes=10, latent_dim=16, width=8, input_range=(-1.0, 2.0), seed=0)
     x, y = g.sample(20, torch.Generator().manual_seed(0))

@@ -17,15 +17,6 @@ from qlib.datafree.synthetic import (SyntheticData, batch_moments, bn_layers, bn
 from qlib.fold import fold_batchnorm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (no OpenMP hand-offs), more so on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def structured_images(n, seed=0):
     """Stand-in "real" data: smooth random 6x6 images (upsampled 3x3 patterns), mean 0 std 1."""
     g = torch.Generator().manual_seed(seed)

@@ -22,15 +22,6 @@ from qlib.modules import QuantConfig
 from qlib.ptq import quantize_static
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (no OpenMP hand-offs), more so on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 
