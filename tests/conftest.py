@@ -43,3 +43,13 @@ def digits8():
 def digits16():
     from qlib import data
     return data.load_digits(16)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print each executed notebook's wall time (tests/test_notebooks.py records them)."""
+    times = getattr(config, "notebook_times", {})
+    if times:
+        terminalreporter.write_sep("-", "notebook execution times (QLIB_FAST=1)")
+        for name, seconds in sorted(times.items()):
+            terminalreporter.write_line(f"{seconds:7.1f} s  {name}")
+        terminalreporter.write_line(f"{sum(times.values()):7.1f} s  total")

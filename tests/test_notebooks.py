@@ -36,9 +36,13 @@ def execute(path: Path) -> float:
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.relative_to(ROOT).as_posix() for p in NOTEBOOKS])
-def test_notebook_executes(path: Path):
+def test_notebook_executes(path: Path, request):
     seconds = execute(path)
-    print(f"\n[notebook time] {path.relative_to(ROOT)}: {seconds:.1f} s")
+    rel = path.relative_to(ROOT).as_posix()
+    print(f"\n[notebook time] {rel}: {seconds:.1f} s")
+    if not hasattr(request.config, "notebook_times"):
+        request.config.notebook_times = {}
+    request.config.notebook_times[rel] = seconds  # printed at the end by conftest
 
 
 def test_every_notebook_is_found():
