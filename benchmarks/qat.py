@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import qlib  # noqa: E402
+from benchmarks.common import machine, versions  # noqa: E402
 from qlib import data, models  # noqa: E402
 from qlib.modules import QuantConfig  # noqa: E402
 from qlib.ptq import quantize_static  # noqa: E402
@@ -42,16 +40,6 @@ CONFIGS = {
     "W2A4": (QuantConfig(weight_bits=2, act_bits=4, weight_observer="mse"), 30, 2e-3),
 }
 METHODS = ("ste", "lsq")
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-
-
-def versions() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "qlib": qlib.__version__}
 
 
 def run(model_names, seeds, epochs_override=None, train_samples=None) -> list[dict]:

@@ -47,7 +47,7 @@ from .modules import FakeQuantize, QuantConfig, swap_modules
 from .observers import ObserverBase
 from .qparams import check_tensor, choose_qparams, minmax, quant_range
 from .quantize import fake_quantize
-from .train import as_loader, evaluate
+from .train import as_loader, evaluate, train_epoch
 
 __all__ = ["METHODS", "ste_staircase", "FixedQParamsObserver", "TrackingWeightFakeQuantize", "qat_layers",
            "prepare_qat", "refresh_weight_qparams", "set_bits", "step_sizes", "convert_qat", "to_integer",
@@ -403,15 +403,7 @@ def quantization_aware_training(model: nn.Module, data, config: QuantConfig | No
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()  # use and keep the running statistics
         history["lr"].append(opt.param_groups[0]["lr"])
-        total, count = 0.0, 0
-        for x, y in loader:
-            loss = loss_fn(qmodel, x, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            lr_schedule.step()
-            total, count = total + loss.item() * len(x), count + len(x)
-        history["loss"].append(total / count)
+        history["loss"].append(train_epoch(qmodel, loader, opt, lr_schedule, loss_fn))
         history["weight_bits"].append(bits[0])
         history["act_bits"].append(bits[1])
         for name, s in step_sizes(qmodel).items():

@@ -53,6 +53,20 @@ def evaluate(model: nn.Module, data, batch_size: int = 512) -> float:
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
 
+def train_epoch(model: nn.Module, loader, opt, sched, loss_fn) -> float:
+    """One pass over ``loader``: loss, backward, optimizer and scheduler step; mean loss."""
+    total, count = 0.0, 0
+    for x, y in loader:
+        loss = loss_fn(model, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.item() * len(x)
+        count += len(x)
+    return total / count
+
+
 def train(model: nn.Module, train_data, val_data=None, epochs: int = 40, lr: float = 3e-3,
           weight_decay: float = 1e-4, batch_size: int = 64, seed: int = 0,
           loss_fn=None, progress: bool = True) -> dict[str, list[float]]:
@@ -72,16 +86,7 @@ def train(model: nn.Module, train_data, val_data=None, epochs: int = 40, lr: flo
     bar = tqdm(range(epochs), desc="train", disable=not progress or runtime.quiet())
     for _ in bar:
         model.train()
-        total, count = 0.0, 0
-        for x, y in loader:
-            loss = loss_fn(model, x, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(x)
-            count += len(x)
-        history["loss"].append(total / count)
+        history["loss"].append(train_epoch(model, loader, opt, sched, loss_fn))
         if val_data is not None:
             history["val_acc"].append(evaluate(model, val_data))
             bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", val=f"{history['val_acc'][-1]:.1f}")
