@@ -1,0 +1,71 @@
+"""qlib.batching: the one helper that turns data into batches on a device and dtype.
+
+Reference: the forms accepted are written in the module docstring; modes are compared with
+each submodule's own ``training`` flag.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from qlib.batching import eval_mode, input_batches, iter_batches, model_device, model_dtype, to_device
+
+
+def _data(n=10):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, generator=g), torch.arange(n) % 3
+
+
+def test_forms_give_the_same_batches():
+    x, y = _data()
+    ds = TensorDataset(x, y)
+    for data in (ds, DataLoader(ds, batch_size=4), [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]):
+        xs, ys = zip(*iter_batches(data, batch_size=4))
+        assert torch.equal(torch.cat(xs), x) and torch.equal(torch.cat(ys), y)
+    (bx, by), = list(iter_batches(x))
+    assert torch.equal(bx, x) and by is None
+
+
+def test_dtype_casts_inputs_not_labels():
+    x, y = _data()
+    for dtype in (torch.float64, torch.bfloat16):
+        (bx, by), = list(iter_batches([(x, y)], dtype=dtype))
+        assert bx.dtype == dtype and by.dtype == torch.int64
+    assert next(input_batches(TensorDataset(x, y), dtype=torch.float64)).dtype == torch.float64
+
+
+def test_shuffle_is_seeded():
+    x, y = _data(32)
+    a = [b for b, _ in iter_batches(TensorDataset(x, y), 8, shuffle=True, seed=3)]
+    b = [b for b, _ in iter_batches(TensorDataset(x, y), 8, shuffle=True, seed=3)]
+    c = [b for b, _ in iter_batches(TensorDataset(x, y), 8, shuffle=True, seed=4)]
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not all(torch.equal(p, q) for p, q in zip(a, c))
+
+
+def test_empty_batches_skipped_and_bad_forms_rejected():
+    x, _ = _data()
+    assert list(iter_batches([x[:0]])) == []
+    for bad in (3, "abc", {"x": x}, [3.0]):
+        with pytest.raises(TypeError, match="expected|each batch"):
+            list(iter_batches(bad))
+
+
+def test_model_device_and_dtype():
+    m = nn.Linear(2, 2).double()
+    assert model_device(m) == torch.device("cpu") and model_dtype(m) == torch.float64
+    assert model_device(nn.ReLU()) == torch.device("cpu") and model_dtype(nn.ReLU()) == torch.float32
+    t = to_device((torch.ones(1), torch.ones(1, dtype=torch.long)), "cpu", torch.float64)
+    assert t[0].dtype == torch.float64 and t[1].dtype == torch.long
+
+
+def test_eval_mode_restores_each_submodule_even_on_error():
+    m = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    m.train()
+    m[1].eval()  # deliberately frozen BN stays frozen afterwards
+    with pytest.raises(RuntimeError):
+        with eval_mode(m):
+            assert not m.training and not m[0].training
+            raise RuntimeError("boom")
+    assert m.training and m[0].training and not m[1].training
