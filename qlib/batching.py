@@ -10,6 +10,8 @@ in. They go through these functions instead of each writing its own:
   cast to ``dtype``. Labels keep their integer dtype.
 - ``input_batches(data, ...)``: the same, inputs only (calibration needs no labels).
 - ``model_device(model)`` / ``model_dtype(model)``: where a model's parameters live.
+- ``placed(model, data, ...)``: ``iter_batches`` on the model's own device and dtype.
+- ``check_seed(seed)``: seeds of shuffles and draws are ints.
 - ``eval_mode(*models)``: a context manager that puts models in eval mode and restores every
   submodule's own mode on exit, also when an exception is raised.
 
@@ -37,12 +39,15 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of ``model``'s first floating-point parameter; float32 for a model with none."""
+def model_dtype(model: nn.Module, default: torch.dtype | None = torch.float32) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating-point parameter; ``default`` for a model with none.
+
+    Loops pass ``default=None`` so that inputs of a parameter-free model keep their dtype.
+    """
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype
-    return torch.float32
+    return default
 
 
 def to_device(x, device=None, dtype: torch.dtype | None = None):
@@ -64,8 +69,8 @@ def _source(data, batch_size: int, shuffle: bool, seed: int):
     if isinstance(data, torch.Tensor):
         return [data]  # one tensor is one batch (iterating it would give single samples)
     if isinstance(data, TensorDataset):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         gen = torch.Generator().manual_seed(seed) if shuffle else None
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen)
     if isinstance(data, (str, bytes, dict)):
@@ -92,27 +97,50 @@ def _split(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def iter_batches(data, batch_size: int = 256, *, shuffle: bool = False, seed: int = 0,
-                 device=None, dtype: torch.dtype | None = None,
+                 device=None, dtype: torch.dtype | None = None, finite: bool = False,
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Yield ``(x, y)`` batches of ``data`` on ``device``, floating ``x`` cast to ``dtype``.
 
     ``data``: a tensor ``(N, ...)`` (one batch, ``y`` is ``None``); a ``TensorDataset``
     (cut into ``batch_size`` batches, shuffled with ``seed`` when ``shuffle``); a
     ``DataLoader`` or any iterable of tensors or ``(x, y)`` pairs (used as they come).
-    Empty batches are skipped. Raises ``TypeError`` for anything else.
+    Empty batches are skipped. Raises ``TypeError`` for anything else. With ``finite=True``
+    a batch whose inputs hold NaN or infinity raises ``ValueError`` (naming the batch): a
+    loop fed NaN must stop, not return a number.
     """
-    for batch in _source(data, batch_size, shuffle, seed):
+    for i, batch in enumerate(_source(data, batch_size, shuffle, seed)):
         x, y = _split(batch)
         if x.numel() == 0:
             continue
+        if finite and x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError(f"batch {i} of the data contains NaN or infinite inputs: "
+                             "expected finite numbers")
         yield to_device(x, device, dtype), to_device(y, device)
 
 
-def input_batches(data, batch_size: int = 256, *, device=None,
-                  dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+def input_batches(data, batch_size: int = 256, *, device=None, dtype: torch.dtype | None = None,
+                  finite: bool = False) -> Iterator[torch.Tensor]:
     """Like ``iter_batches``, inputs only: ``x`` of every batch, on ``device``."""
-    for x, _ in iter_batches(data, batch_size, device=device, dtype=dtype):
+    for x, _ in iter_batches(data, batch_size, device=device, dtype=dtype, finite=finite):
         yield x
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` as an int, or ``TypeError``: seeds are ints (not bools, floats or strings)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{name} must be an int, got {seed!r}")
+    return seed
+
+
+def placed(model: nn.Module, data, batch_size: int = 256, *, shuffle: bool = False, seed: int = 0,
+           finite: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``iter_batches`` on ``model``'s device, floating inputs cast to its floating dtype.
+
+    What every loop uses: a float64 or bfloat16 model gets float64 or bfloat16 inputs, a
+    CUDA model gets CUDA batches, and (``finite``) NaN inputs stop the loop with a message.
+    """
+    yield from iter_batches(data, batch_size, shuffle=shuffle, seed=seed, device=model_device(model),
+                            dtype=model_dtype(model, default=None), finite=finite)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ the straight-through estimator of ``qlib.quantize.fake_quantize``.
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 
 import torch
@@ -30,8 +31,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import runtime
+from .batching import check_seed, eval_mode, input_batches, model_device, model_dtype, to_device
 
-__all__ = ["kd_loss", "feature_loss", "capture_outputs", "agreement", "distill"]
+__all__ = ["check_temperature", "kd_loss", "feature_loss", "capture_outputs", "agreement", "distill"]
 
 
 def _check_logits(student_logits, teacher_logits):
@@ -45,6 +47,19 @@ def _check_logits(student_logits, teacher_logits):
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} "
                          "logits differ in shape")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(f"student logits on {student_logits.device} and teacher logits on "
+                         f"{teacher_logits.device}: expected one device")
+
+
+def check_temperature(temperature) -> float:
+    """A softmax temperature as a float: a real number ``T > 0`` (``TypeError`` for bools and
+    non-numbers, ``ValueError`` for ``T <= 0``, NaN or infinity: ``softmax(z / 0)`` is NaN)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number > 0, got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -55,11 +70,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     distributions agree. Gradients flow to the student only (the teacher is detached).
     """
     _check_logits(student_logits, teacher_logits)
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    t = temperature
-    log_q = F.log_softmax(student_logits / t, dim=1)
-    log_p = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    t = check_temperature(temperature)
+    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+    log_q = F.log_softmax(student_logits.to(dtype) / t, dim=1)
+    log_p = F.log_softmax(teacher_logits.detach().to(dtype) / t, dim=1)
     return t * t * F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 
 
@@ -79,9 +93,11 @@ def feature_loss(student_feats, teacher_feats) -> torch.Tensor:
         raise ValueError(f"need equally many (>= 1) features, got {len(student_feats)} and {len(teacher_feats)}")
     total = 0.0
     for s, t in zip(student_feats, teacher_feats):
+        if not (isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor)):
+            raise TypeError(f"features must be tensors, got {type(s).__name__} and {type(t).__name__}")
         if s.shape != t.shape:
             raise ValueError(f"feature shapes differ: {tuple(s.shape)} vs {tuple(t.shape)}")
-        t = t.detach()
+        t = t.detach().to(device=s.device, dtype=s.dtype)
         total = total + (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
     return total / len(teacher_feats)
 
@@ -89,6 +105,8 @@ def feature_loss(student_feats, teacher_feats) -> torch.Tensor:
 @contextmanager
 def capture_outputs(model: nn.Module, names):
     """Context manager: ``{name: output}`` of the named submodules on each forward pass."""
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"names must be a list of module names (strings), got {names!r}")
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
@@ -108,57 +126,62 @@ def agreement(student: nn.Module, teacher: nn.Module, data, batch_size: int = 51
     """Percentage of inputs on which student and teacher predict the same class.
 
     ``data``: a tensor of inputs, a list of batches, or a TensorDataset (labels unused).
+    Each model sees the inputs on its own device and dtype, in eval mode (modes restored).
     """
-    batches = _as_batches(data)
-    if not batches:
-        raise ValueError("agreement needs at least one input")
-    modes = student.training, teacher.training
-    student.eval(), teacher.eval()
+    for name, m in (("student", student), ("teacher", teacher)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    batches = _inputs(data, "agreement data", batch_size)
     same = total = 0
-    for x in batches:
-        for chunk in x.split(batch_size):
-            same += (student(chunk).argmax(1) == teacher(chunk).argmax(1)).sum().item()
-            total += len(chunk)
-    student.train(modes[0]), teacher.train(modes[1])
+    with eval_mode(student, teacher):
+        for x in batches:
+            for chunk in x.split(batch_size):
+                s = student(_place(chunk, student)).argmax(1)
+                t = teacher(_place(chunk, teacher)).argmax(1)
+                same += (s == t.to(s.device)).sum().item()
+                total += len(chunk)
     return 100.0 * same / total
 
 
-def _as_batches(data) -> list[torch.Tensor]:
-    if isinstance(data, torch.Tensor):
-        return [data] if data.numel() else []
-    if isinstance(data, torch.utils.data.TensorDataset):
-        return [data.tensors[0]] if len(data) else []
-    try:
-        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
-    except TypeError:
-        raise TypeError(f"expected a tensor, a TensorDataset or an iterable of batches, "
-                        f"got {type(data).__name__}") from None
-    for b in batches:
-        if not isinstance(b, torch.Tensor) or not b.is_floating_point():
-            raise TypeError("every batch must be a floating-point tensor")
-        if not torch.isfinite(b).all():
-            raise ValueError("the data contains NaN or infinite values")
-    return [b for b in batches if b.numel()]
+def _place(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``x`` on ``model``'s device, cast to its floating dtype (``qlib.batching``)."""
+    return to_device(x, model_device(model), model_dtype(model, default=None))
 
 
-def _sampler(data, batch_size: int, g: torch.Generator):
-    """A function ``step -> x``: fresh generator samples, or shuffled minibatches of a fixed set."""
+def _inputs(data, what: str, batch_size: int = 512) -> list[torch.Tensor]:
+    """The non-empty, finite, floating input batches of ``data`` (any ``qlib.batching`` form)."""
+    batches = []
+    for x in input_batches(data, batch_size, finite=True):
+        if not x.is_floating_point():
+            raise TypeError(f"every batch of inputs must be a floating-point tensor, got {x.dtype}")
+        batches.append(x)
+    if not batches:
+        raise ValueError(f"{what} is empty: give at least one batch of inputs")
+    return batches
+
+
+def _sampler(data, batch_size: int, g: torch.Generator, student: nn.Module):
+    """A function ``step -> x`` on the student's device and dtype: fresh generator samples,
+    or random minibatches (drawn with ``g``) of a fixed set."""
     if hasattr(data, "sample") and isinstance(data, nn.Module):  # a trained qlib Generator
-        data.eval()
-
         def draw():
-            with torch.no_grad():
-                return data.sample(batch_size, g)[0]
+            with torch.no_grad(), eval_mode(data):
+                return _place(data.sample(batch_size, g)[0], student)
         return draw
     if callable(data) and not isinstance(data, nn.Module):
-        return lambda: data(batch_size, g)
-    batches = _as_batches(data)
-    if not batches:
-        raise ValueError("distillation data is empty: give at least one batch of inputs")
-    x = torch.cat(batches)
+        def call():
+            x = data(batch_size, g)
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                raise TypeError(f"the data function must return a floating-point tensor, got {type(x).__name__}")
+            return _place(x, student)
+        return call
+    x = torch.cat(_inputs(data, "distillation data"))
 
     def draw():
-        return x[torch.randint(len(x), (min(batch_size, len(x)),), generator=g)]
+        idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=g)
+        return _place(x[idx], student)
     return draw
 
 
@@ -173,14 +196,22 @@ def distill(student: nn.Module, teacher: nn.Module, data, steps: int = 200, lr: 
     Each step minimizes ``kd_loss`` at ``temperature`` (+ ``feature_weight *
     feature_loss`` on the outputs of ``feature_layers``, module names present in both
     models) with Adam (``lr``) over the student's float parameters. Both models run in
-    eval mode (no BatchNorm statistics are updated by synthetic data).
+    eval mode (no BatchNorm statistics are updated by synthetic data) and get their modes
+    back afterwards, also when a step raises. Inputs go to each model's device and dtype.
     Returns the history ``{"loss": [...], "kd": [...]}`` (one value per step).
     """
+    for name, m in (("student", student), ("teacher", teacher)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
     for name, v in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    check_temperature(temperature)
+    check_seed(seed)
+    for name, v in (("lr", lr), ("feature_weight", feature_weight)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 \
+                or (name == "lr" and v == 0):
+            raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
     if student is teacher:
         raise ValueError("student and teacher must be different modules (deep-copy the teacher)")
     params = [p for p in student.parameters() if p.requires_grad]
@@ -190,26 +221,23 @@ def distill(student: nn.Module, teacher: nn.Module, data, steps: int = 200, lr: 
     if feature_weight > 0 and not names:
         raise ValueError("feature_weight > 0 needs feature_layers (module names in both models)")
     g = torch.Generator().manual_seed(seed)
-    draw = _sampler(data, batch_size, g)
+    draw = _sampler(data, batch_size, g, student)
     opt = torch.optim.Adam(params, lr=lr)
-    modes = student.training, teacher.training
-    student.eval(), teacher.eval()
     history: dict[str, list[float]] = {"loss": [], "kd": []}
-    try:
-        with capture_outputs(student, names) as s_feats, capture_outputs(teacher, names) as t_feats:
-            for _ in tqdm(range(steps), desc="distill", disable=not progress or runtime.quiet()):
-                x = draw()
-                with torch.no_grad():
-                    t_logits = teacher(x)
-                kd = kd_loss(student(x), t_logits, temperature)
-                loss = kd + (feature_weight * feature_loss(s_feats, t_feats) if feature_weight > 0 else 0.0)
-                if not torch.isfinite(loss):
-                    raise ValueError("distillation diverged (loss is NaN or infinite): lower lr")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                history["loss"].append(loss.item())
-                history["kd"].append(kd.item())
-    finally:
-        student.train(modes[0]), teacher.train(modes[1])
+    with eval_mode(student, teacher), capture_outputs(student, names) as s_feats, \
+            capture_outputs(teacher, names) as t_feats:
+        for step in tqdm(range(steps), desc="distill", disable=not progress or runtime.quiet()):
+            x = draw()
+            with torch.no_grad():
+                t_logits = teacher(_place(x, teacher))
+            s_logits = student(x)
+            kd = kd_loss(s_logits, t_logits.to(s_logits.device), temperature)
+            loss = kd + (feature_weight * feature_loss(s_feats, t_feats) if feature_weight > 0 else 0.0)
+            if not torch.isfinite(loss):
+                raise ValueError(f"distillation diverged at step {step} (loss is NaN or infinite): lower lr")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            history["loss"].append(loss.item())
+            history["kd"].append(kd.item())
     return history
