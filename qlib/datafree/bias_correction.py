@@ -35,6 +35,7 @@ import math
 import torch
 from torch import nn
 
+from ..batching import eval_mode, input_batches, model_device, model_dtype
 from ..fold import BATCHNORMS, find_layer_bn_pairs
 from .equalize import LAYERS
 from .synthetic import bn_layers
@@ -125,9 +126,12 @@ def _in_features(layer: nn.Module) -> int:
 
 @torch.no_grad()
 def empirical_input_means(model: nn.Module, data, names=None) -> dict[str, torch.Tensor]:
-    """``{layer: per-input-channel mean of its input}`` measured on ``data`` (batches).
+    """``{layer: per-input-channel mean of its input}`` measured on ``data``.
 
-    ``names``: the Conv2d/Linear layers to measure (default: all). Eval mode, no_grad.
+    ``names``: the Conv2d/Linear layers to measure (default: all). ``data``: a tensor, a
+    list of batches (tensors or ``(x, y)``) or a TensorDataset, fed on the model's device and
+    dtype. Eval mode (every submodule's mode restored, also on an error), no_grad. The means
+    are float32 on the model's device.
     """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LAYERS)}
     names = list(layers) if names is None else list(names)
@@ -143,13 +147,11 @@ def empirical_input_means(model: nn.Module, data, names=None) -> dict[str, torch
         sums[name][1] += x.numel() // x.shape[1]
 
     handles = [layers[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
-    was_training = model.training
-    model.eval()
+    device, dtype = model_device(model), model_dtype(model, default=None)
     try:
         seen = 0
-        for b in ([data] if isinstance(data, torch.Tensor) else data):
-            x = b[0] if isinstance(b, (tuple, list)) else b
-            if x.numel():
+        with eval_mode(model):
+            for x in input_batches(data, device=device, dtype=dtype, finite=True):
                 model(x)
                 seen += 1
         if seen == 0:
@@ -157,7 +159,6 @@ def empirical_input_means(model: nn.Module, data, names=None) -> dict[str, torch
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return {n: (s / c).to(torch.float32) for n, (s, c) in sums.items() if c}
 
 
@@ -175,7 +176,7 @@ def expected_output_error(weight: torch.Tensor, weight_q: torch.Tensor,
                          f"got {tuple(input_mean.shape)}")
     err = (weight_q - weight).detach()
     err = err.reshape(err.shape[0], err.shape[1], -1).sum(dim=2)  # sum over kernel taps
-    return err @ input_mean.to(err.dtype)
+    return err @ input_mean.to(device=err.device, dtype=err.dtype)
 
 
 def correct_bias(quant_model: nn.Module, input_means: dict[str, torch.Tensor]) -> nn.Module:

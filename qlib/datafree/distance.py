@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batching import eval_mode, input_batches, model_device, model_dtype, to_device
+from ..distill import check_temperature
 from .synthetic import batch_moments, bn_layers, capture_bn_inputs
 
 __all__ = ["gaussian_kernel", "median_bandwidth", "mmd", "softmax_kl", "histogram_kl",
@@ -70,9 +72,12 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None,
     x, y = _flat(x, "x"), _flat(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y have different sizes per sample: {x.shape[1]} vs {y.shape[1]}")
+    if bandwidth is not None and (isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float))):
+        raise TypeError(f"bandwidth must be a number > 0 or None, got {bandwidth!r}")
+    y = y.to(x.device)
     h = median_bandwidth(x, y) if bandwidth is None else float(bandwidth)
-    if not h > 0:
-        raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+    if not (h > 0 and h < float("inf")):
+        raise ValueError(f"bandwidth must be a finite number > 0, got {bandwidth}")
     kxx, kyy, kxy = gaussian_kernel(x, x, h), gaussian_kernel(y, y, h), gaussian_kernel(x, y, h)
     n, m = len(x), len(y)
     if unbiased:
@@ -87,10 +92,12 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None,
 
 def softmax_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, temperature: float = 1.0) -> float:
     """Mean over inputs of ``KL(softmax(p/T) || softmax(q/T))``; logits ``(N, classes)``."""
+    t = check_temperature(temperature)  # T = 0 would divide by zero: NaN
     p, q = _flat(logits_p, "logits_p"), _flat(logits_q, "logits_q")
     if p.shape != q.shape:
         raise ValueError(f"logits differ in shape: {tuple(p.shape)} vs {tuple(q.shape)}")
-    log_p, log_q = F.log_softmax(p / temperature, 1), F.log_softmax(q / temperature, 1)
+    q = q.to(p.device)
+    log_p, log_q = F.log_softmax(p / t, 1), F.log_softmax(q / t, 1)
     return (log_p.exp() * (log_p - log_q)).sum(1).mean().item()
 
 
@@ -100,7 +107,11 @@ def histogram_kl(a: torch.Tensor, b: torch.Tensor, bins: int = 64, eps: float = 
     Common edges span ``[min, max]`` of both samples; ``eps`` is added to every bin
     before normalizing so that empty bins of ``b`` give a large but finite value.
     """
-    a, b = _flat(a, "a").flatten(), _flat(b, "b").flatten()
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be a positive int, got {bins!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite number >= 0 (> 0 keeps empty bins finite), got {eps!r}")
+    a, b = _flat(a, "a").flatten(), _flat(b, "b").flatten().to(a.device)
     lo, hi = min(a.min(), b.min()).item(), max(a.max(), b.max()).item()
     if hi <= lo:
         return 0.0
@@ -115,12 +126,8 @@ def _kl(p: torch.Tensor, q: torch.Tensor, eps: float) -> float:
 
 
 def _batches(data) -> list[torch.Tensor]:
-    if isinstance(data, torch.Tensor):
-        data = [data]
-    elif isinstance(data, torch.utils.data.TensorDataset):
-        data = [data.tensors[0]]
-    out = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
-    out = [b for b in out if b.numel()]
+    """The non-empty input batches of ``data`` (any ``qlib.batching`` form), checked finite."""
+    out = list(input_batches(data, finite=True))
     if not out:
         raise ValueError("the data is empty: give at least one batch of inputs")
     for b in out:
@@ -133,18 +140,18 @@ def bn_statistic_distance(model: nn.Module, data) -> dict[str, float]:
     """Per BatchNorm: ``mean_c (mu~ - mu)^2 + mean_c (sigma~ - sigma)^2``, with ``mu~`` and
     ``sigma~`` the per-channel mean and std of that BN's input over *all* of ``data``.
 
-    ``data``: a tensor, a list of batches (tensors or ``(x, y)``) or a TensorDataset. The
-    model runs in eval mode (running statistics unchanged). Returns ``{bn_name: distance}``
+    ``data``: a tensor, a list of batches (tensors or ``(x, y)``) or a TensorDataset, fed on
+    the model's device and dtype. The model runs in eval mode (running statistics
+    unchanged; every submodule's mode restored, also on an error). Returns ``{bn_name: distance}``
     plus ``"total"`` (their sum). Raises ValueError for a model without BatchNorm.
     """
     bns = bn_layers(model)
     sums: dict[str, list] = {}
-    was_training = model.training
-    model.eval()
-    with capture_bn_inputs(model) as seen:
+    device, dtype = model_device(model), model_dtype(model, default=None)
+    with capture_bn_inputs(model) as seen, eval_mode(model):
         for x in _batches(data):
             seen.clear()
-            model(x)
+            model(to_device(x, device, dtype))
             for name, act in seen.items():
                 n = act.numel() // act.shape[1]
                 mean, var = batch_moments(act.double())
@@ -152,7 +159,6 @@ def bn_statistic_distance(model: nn.Module, data) -> dict[str, float]:
                 s[0] += n
                 s[1] = s[1] + mean[0] * n                      # sum of x per channel
                 s[2] = s[2] + (var[0] + mean[0] ** 2) * n      # sum of x^2 per channel
-    model.train(was_training)
     out = {}
     for name, bn in bns.items():
         if name not in sums:
@@ -178,9 +184,15 @@ def score_calibration_set(model: nn.Module, candidate, reference=None, max_sampl
     ``mmd_outputs`` between the logits and ``kl_classes`` between the predicted-class
     histograms, on at most ``max_samples`` inputs of each.
     """
-    x = torch.cat(_batches(candidate))[:max_samples]
-    was_training = model.training
-    model.eval()
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+        raise ValueError(f"max_samples must be an int >= 1, got {max_samples!r}")
+    with eval_mode(model):
+        return _report(model, candidate, reference, max_samples)
+
+
+def _report(model: nn.Module, candidate, reference, max_samples: int) -> dict[str, float]:
+    device, dtype = model_device(model), model_dtype(model, default=None)
+    x = to_device(torch.cat(_batches(candidate))[:max_samples], device, dtype)
     logits = model(x)
     try:
         bn = bn_statistic_distance(model, x)["total"]
@@ -191,11 +203,10 @@ def score_calibration_set(model: nn.Module, candidate, reference=None, max_sampl
     entropy = -(hist[hist > 0] * hist[hist > 0].log()).sum().item()
     report = {"bn_distance": bn, "confidence": probs.max(1).values.mean().item(), "class_entropy": entropy}
     if reference is not None:
-        r = torch.cat(_batches(reference))[:max_samples]
+        r = to_device(torch.cat(_batches(reference))[:max_samples], device, dtype)
         r_logits = model(r)
         r_hist = torch.bincount(r_logits.argmax(1), minlength=logits.shape[1]).double() / len(r)
         report["mmd_inputs"] = mmd(x, r)
         report["mmd_outputs"] = mmd(logits, r_logits)
         report["kl_classes"] = _kl(r_hist, hist, 1e-6)
-    model.train(was_training)
     return report

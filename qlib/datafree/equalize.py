@@ -129,6 +129,7 @@ def rescale_pair(layer1: nn.Module, layer2: nn.Module, s: torch.Tensor) -> None:
     channel ``i`` ``* s_i``. Any ``s > 0`` keeps the function through a ReLU."""
     if not (s > 0).all():
         raise ValueError("scales must be positive (ReLU commutes only with positive scaling)")
+    s = s.to(device=layer1.weight.device, dtype=layer1.weight.dtype)
     layer1.weight.div_(s.reshape(-1, *[1] * (layer1.weight.dim() - 1)))
     if layer1.bias is not None:
         layer1.bias.div_(s)
@@ -169,7 +170,10 @@ def cross_layer_equalize(model: nn.Module, iterations: int = 20, tol: float = 1e
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive int, got {iterations!r}")
     model, pairs = _folded_pairs(model)
-    scales = {n1: torch.ones(model.get_submodule(n1).weight.shape[0]) for n1, _ in pairs}
+    scales = {}
+    for n1, _ in pairs:
+        w = model.get_submodule(n1).weight
+        scales[n1] = torch.ones(w.shape[0], device=w.device, dtype=w.dtype)
     for _ in range(iterations):
         worst = 0.0
         for n1, n2 in pairs:
@@ -194,12 +198,14 @@ def unbalance(model: nn.Module, spread: float = 100.0, seed: int = 0):
     if not (isinstance(spread, (int, float)) and math.isfinite(spread) and spread >= 1):
         raise ValueError(f"spread must be a finite number >= 1, got {spread!r}")
     model, pairs = _folded_pairs(model)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
     g = torch.Generator().manual_seed(seed)
     scales = {}
     for n1, n2 in pairs:
         layer1, layer2 = model.get_submodule(n1), model.get_submodule(n2)
         log_c = (2 * torch.rand(layer1.weight.shape[0], generator=g) - 1) * math.log(spread)
-        c = log_c.exp()
+        c = log_c.exp().to(device=layer1.weight.device, dtype=layer1.weight.dtype)  # drawn on the CPU
         rescale_pair(layer1, layer2, 1 / c)
         scales[n1] = c
     return model, scales

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import runtime
+from ..batching import check_seed, eval_mode
 from .synthetic import _check_sizes, bn_layers, bn_statistics_loss, check_input_shape
 
 __all__ = ["Generator", "train_generator", "generator_batches"]
@@ -92,11 +93,19 @@ class Generator(nn.Module):
 
     def sample(self, n: int, generator: torch.Generator | None = None,
                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` images and their labels; labels are balanced (``i % num_classes``) by default."""
-        device = self.fc.weight.device
-        z = torch.randn(n, self.latent_dim, generator=generator).to(device)
+        """``n`` images and their labels; labels are balanced (``i % num_classes``) by default.
+
+        ``z`` is drawn on the CPU (``generator`` is a CPU ``torch.Generator``, so a seed gives
+        the same images on any device), then moved to the generator's device and dtype.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        w = self.fc.weight
+        z = torch.randn(n, self.latent_dim, generator=generator).to(device=w.device, dtype=w.dtype)
         y = torch.arange(n) % self.num_classes if labels is None else labels
-        return self(z, y.to(device)), y
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"labels must be an int64 tensor of shape ({n},), got {type(y).__name__}")
+        return self(z, y.to(w.device)), y
 
 
 def train_generator(generator: Generator, teacher: nn.Module, steps: int = 200, batch_size: int = 64,
@@ -119,38 +128,39 @@ def train_generator(generator: Generator, teacher: nn.Module, steps: int = 200, 
     for name, v in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not (math.isfinite(lr) and lr > 0) or ce_weight < 0 or bn_weight < 0:
-        raise ValueError("need lr > 0, ce_weight >= 0 and bn_weight >= 0")
-    g = torch.Generator().manual_seed(seed)
+    for name, v in (("lr", lr), ("ce_weight", ce_weight), ("bn_weight", bn_weight)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
+                or (name == "lr" and v == 0):
+            raise ValueError(f"need finite lr > 0, ce_weight >= 0 and bn_weight >= 0, got {name}={v!r}")
+    g = torch.Generator().manual_seed(check_seed(seed))
     opt = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.5, 0.999))
-    was_training = teacher.training
-    teacher.eval()
     frozen = [p.requires_grad for p in teacher.parameters()]
     for p in teacher.parameters():
         p.requires_grad_(False)
     generator.train()
     history: dict[str, list[float]] = {"loss": [], "ce": [], "bn": [], "confidence": []}
     try:
-        check_input_shape(teacher, generator.shape)
-        for _ in tqdm(range(steps), desc="generator", disable=not progress or runtime.quiet()):
-            y = torch.randint(generator.num_classes, (batch_size,), generator=g)
-            x, y = generator.sample(batch_size, g, labels=y)
-            bn, logits = bn_statistics_loss(teacher, x, 1, input_mean, input_std, return_logits=True)
-            ce = F.cross_entropy(logits, y.to(logits.device))
-            loss = ce_weight * ce + bn_weight * bn
-            if not torch.isfinite(loss):
-                raise ValueError("generator training diverged (loss is NaN or infinite): lower lr")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                conf = logits.softmax(1).gather(1, y.to(logits.device)[:, None]).mean()
-            for k, v in (("loss", loss), ("ce", ce), ("bn", bn), ("confidence", conf)):
-                history[k].append(v.item())
+        with eval_mode(teacher):  # every submodule's mode comes back, also on an error
+            check_input_shape(teacher, generator.shape)
+            for step in tqdm(range(steps), desc="generator", disable=not progress or runtime.quiet()):
+                y = torch.randint(generator.num_classes, (batch_size,), generator=g)
+                x, y = generator.sample(batch_size, g, labels=y)
+                bn, logits = bn_statistics_loss(teacher, x, 1, input_mean, input_std, return_logits=True)
+                ce = F.cross_entropy(logits, y.to(logits.device))
+                loss = ce_weight * ce + bn_weight * bn.to(ce.dtype)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"generator training diverged at step {step} (loss is NaN or "
+                                     "infinite): lower lr")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    conf = logits.softmax(1).gather(1, y.to(logits.device)[:, None]).mean()
+                for k, v in (("loss", loss), ("ce", ce), ("bn", bn), ("confidence", conf)):
+                    history[k].append(v.item())
     finally:
         for p, r in zip(teacher.parameters(), frozen):
             p.requires_grad_(r)
-        teacher.train(was_training)
     return history
 
 
@@ -158,8 +168,10 @@ def train_generator(generator: Generator, teacher: nn.Module, steps: int = 200, 
 def generator_batches(generator: Generator, num_samples: int = 256, batch_size: int = 64,
                       seed: int = 0) -> list[torch.Tensor]:
     """``num_samples`` generated images (balanced classes) in batches of ``batch_size``."""
+    if not isinstance(generator, Generator):
+        raise TypeError(f"generator must be a qlib Generator, got {type(generator).__name__}")
     _check_sizes(generator.shape, num_samples, batch_size)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_seed(seed))
     out = []
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)

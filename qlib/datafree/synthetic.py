@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import runtime
+from ..batching import check_seed, eval_mode, model_device, model_dtype, to_device
 from ..fold import BATCHNORMS
 
 __all__ = ["gaussian_batches", "uniform_batches", "bn_layers", "capture_bn_inputs",
@@ -54,28 +55,43 @@ def _check_sizes(shape, num_samples: int, batch_size: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _check_real(**values) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+
+
 def gaussian_batches(shape, num_samples: int = 256, batch_size: int = 64, mean: float = 0.0,
-                     std: float = 1.0, seed: int = 0) -> list[torch.Tensor]:
+                     std: float = 1.0, seed: int = 0, *, device=None,
+                     dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """``num_samples`` images ``x ~ N(mean, std^2)`` of ``shape`` ``(C, H, W)``, in batches.
 
     The simplest data-free calibration set: the right mean and spread for a standardized
-    input, but none of the structure of real images.
+    input, but none of the structure of real images. Drawn on the CPU with ``seed`` (the
+    same images on any machine), then put on ``device`` in ``dtype`` (e.g. the model's:
+    ``qlib.batching.model_device(model)``).
     """
     shape = _check_sizes(shape, num_samples, batch_size)
-    g = torch.Generator().manual_seed(seed)
+    _check_real(mean=mean, std=std)
+    if std < 0:
+        raise ValueError(f"std must be >= 0, got {std}")
+    g = torch.Generator().manual_seed(check_seed(seed))
     x = mean + std * torch.randn(num_samples, *shape, generator=g)
-    return list(x.split(batch_size))
+    return list(x.to(device=device, dtype=dtype).split(batch_size))
 
 
 def uniform_batches(shape, num_samples: int = 256, batch_size: int = 64, low: float = -1.0,
-                    high: float = 1.0, seed: int = 0) -> list[torch.Tensor]:
-    """``num_samples`` images ``x ~ U(low, high)`` of ``shape`` ``(C, H, W)``, in batches."""
+                    high: float = 1.0, seed: int = 0, *, device=None,
+                    dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """``num_samples`` images ``x ~ U(low, high)`` of ``shape`` ``(C, H, W)``, in batches
+    (drawn on the CPU with ``seed``, then put on ``device`` in ``dtype``)."""
     shape = _check_sizes(shape, num_samples, batch_size)
+    _check_real(low=low, high=high)
     if not low < high:
         raise ValueError(f"need low < high, got low={low}, high={high}")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_seed(seed))
     x = low + (high - low) * torch.rand(num_samples, *shape, generator=g)
-    return list(x.split(batch_size))
+    return list(x.to(device=device, dtype=dtype).split(batch_size))
 
 
 # ------------------------------------------------------------------ BatchNorm statistics
@@ -143,14 +159,17 @@ def bn_statistics_loss(model: nn.Module, x: torch.Tensor, groups: int = 1,
     ``x``: ``(N, C, H, W)`` (or ``(N, D)`` for an MLP); ``groups`` sub-batches are matched
     separately (each sub-batch must look like a training batch). ``input_mean`` /
     ``input_std`` (floats or per-channel tensors) add the input-statistics term. The model
-    should be in eval mode so that the running statistics are not updated.
+    runs in eval mode whatever its mode (its running statistics are never updated; every
+    submodule's mode is restored). ``x`` goes to the model's device and dtype (the gradient
+    still reaches the original ``x``); the loss lives there.
     Returns a 0-d tensor, or ``(loss, logits)`` with ``return_logits=True``.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point tensor")
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or infinite values")
-    with capture_bn_inputs(model) as seen:
+    x = to_device(x, model_device(model), model_dtype(model, default=None))
+    with capture_bn_inputs(model) as seen, eval_mode(model):
         logits = model(x)
     if not seen:
         raise ValueError("no BatchNorm was reached by the forward pass")
@@ -161,18 +180,19 @@ def bn_statistics_loss(model: nn.Module, x: torch.Tensor, groups: int = 1,
     if input_mean is not None or input_std is not None:
         mean, var = batch_moments(x, groups)
         if input_mean is not None:
-            loss = loss + ((mean - torch.as_tensor(input_mean, dtype=x.dtype)) ** 2).mean()
+            loss = loss + ((mean - torch.as_tensor(input_mean, dtype=x.dtype, device=x.device)) ** 2).mean()
         if input_std is not None:
-            loss = loss + ((var.sqrt() - torch.as_tensor(input_std, dtype=x.dtype)) ** 2).mean()
+            loss = loss + ((var.sqrt() - torch.as_tensor(input_std, dtype=x.dtype, device=x.device)) ** 2).mean()
     return (loss, logits) if return_logits else loss
 
 
 @torch.no_grad()
 def check_input_shape(model: nn.Module, shape) -> None:
-    """Raise ValueError unless ``model`` (in eval mode) accepts a batch of ``shape`` images."""
-    device = next(model.parameters()).device
+    """Raise ValueError unless ``model`` (in eval mode) accepts a batch of ``shape`` images
+    (on its device, in its dtype)."""
     try:
-        model(torch.zeros(2, *shape, device=device))
+        with eval_mode(model):
+            model(torch.zeros(2, *shape, device=model_device(model), dtype=model_dtype(model)))
     except RuntimeError as err:
         raise ValueError(f"the model does not accept inputs of shape (N, {', '.join(map(str, shape))}): "
                          f"{str(err).splitlines()[0]}") from err
@@ -234,6 +254,7 @@ def synthesize_bn(model: nn.Module, shape, num_samples: int = 256, batch_size: i
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    _check_real(ce_weight=ce_weight)
     if ce_weight < 0:
         raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
     for p in model.parameters():
@@ -247,38 +268,38 @@ def synthesize_bn(model: nn.Module, shape, num_samples: int = 256, batch_size: i
             raise ValueError("ce_weight > 0 needs num_classes >= 2 (the classes to aim at)")
         labels = torch.arange(num_samples) % num_classes
 
-    g = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    x = torch.randn(num_samples, *shape, generator=g).to(device)
+    g = torch.Generator().manual_seed(check_seed(seed))  # drawn on the CPU: same images on any device
+    device = model_device(model)
+    x = torch.randn(num_samples, *shape, generator=g).to(device=device, dtype=model_dtype(model))
     if input_range is not None:
         x = x.clamp(*input_range)
     x.requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
     groups = num_samples // batch_size
-    was_training = model.training
-    model.eval()
     grads = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     history = []
     try:
-        check_input_shape(model, shape)
-        for _ in tqdm(range(steps), desc="BN synthesis", disable=not progress or runtime.quiet()):
-            bn_loss, logits = bn_statistics_loss(model, x, groups, input_mean, input_std, return_logits=True)
-            loss = bn_loss + (ce_weight * F.cross_entropy(logits, labels.to(device)) if labels is not None else 0.0)
-            if not torch.isfinite(loss):
-                raise ValueError("BN-statistics synthesis diverged (loss is NaN or infinite): lower lr")
-            history.append(bn_loss.item())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if input_range is not None:
-                with torch.no_grad():
-                    x.clamp_(*input_range)
-        with torch.no_grad():
-            history.append(bn_statistics_loss(model, x, groups, input_mean, input_std).item())
+        with eval_mode(model):
+            check_input_shape(model, shape)
+            for _ in tqdm(range(steps), desc="BN synthesis", disable=not progress or runtime.quiet()):
+                bn_loss, logits = bn_statistics_loss(model, x, groups, input_mean, input_std,
+                                                     return_logits=True)
+                loss = bn_loss + (ce_weight * F.cross_entropy(logits, labels.to(device))
+                                  if labels is not None else 0.0)
+                if not torch.isfinite(loss):
+                    raise ValueError("BN-statistics synthesis diverged (loss is NaN or infinite): lower lr")
+                history.append(bn_loss.item())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if input_range is not None:
+                    with torch.no_grad():
+                        x.clamp_(*input_range)
+            with torch.no_grad():
+                history.append(bn_statistics_loss(model, x, groups, input_mean, input_std).item())
     finally:
         for p, r in zip(model.parameters(), grads):
             p.requires_grad_(r)
-        model.train(was_training)
     return SyntheticData(x.detach(), labels, batch_size, history)
