@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from .batching import check_seed
+
 SPLIT_SEED = 0
 """The digits split is the same for everyone: it is drawn with this seed, never another."""
 
@@ -52,10 +54,17 @@ class Splits:
         """A DataLoader over one part; the training part is shuffled with an explicit seed."""
         if part not in ("train", "val", "test"):
             raise ValueError(f"part must be 'train', 'val' or 'test', got {part!r}")
+        _check_count("batch_size", batch_size)
         shuffle = (part == "train") if shuffle is None else shuffle
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(check_seed(seed))
         return DataLoader(getattr(self, part), batch_size=batch_size, shuffle=shuffle,
                           generator=gen if shuffle else None)
+
+
+def _check_count(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return v
 
 
 def default_root() -> Path:
@@ -65,6 +74,10 @@ def default_root() -> Path:
 
 def resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """Bilinear resize of ``(N, C, H, W)`` images to ``image_size`` x ``image_size``."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a floating-point tensor (N, C, H, W), got "
+                         f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
+    _check_count("image_size", image_size)
     if images.shape[-1] == image_size and images.shape[-2] == image_size:
         return images
     return F.interpolate(images, size=(image_size, image_size), mode="bilinear",
@@ -72,13 +85,31 @@ def resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
 
 
 def standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """Standardize every tensor with the scalar mean and std of ``train``."""
+    """Standardize every tensor with the scalar mean and std of ``train``.
+
+    ``train`` must hold at least two finite values that are not all equal (``std > 0``):
+    dividing by a zero std would fill the result with NaN or infinity.
+    """
+    for t in (train, *others):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"expected floating-point tensors, got {getattr(t, 'dtype', type(t).__name__)}")
+        if not torch.isfinite(t).all():
+            raise ValueError("the images contain NaN or infinite values")
+    if train.numel() < 2:
+        raise ValueError(f"train must hold at least 2 values to estimate a std, got {train.numel()}")
     mean, std = train.mean(), train.std()
+    if not std > 0:
+        raise ValueError("train has zero spread (every value equal): cannot standardize")
     return [(t - mean) / std for t in (train, *others)]
 
 
 def split_indices(n: int, fractions=(0.6, 0.2), seed: int = SPLIT_SEED):
     """A seeded permutation of ``range(n)`` cut into train / val / test index tensors."""
+    _check_count("n", n)
+    if (len(fractions) != 2 or not all(isinstance(f, (int, float)) and 0 <= f <= 1 for f in fractions)
+            or sum(fractions) > 1):
+        raise ValueError(f"fractions must be (train, val) in [0, 1] with a sum <= 1, got {fractions!r}")
+    check_seed(seed)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_train = round(n * fractions[0])
     n_val = round(n * fractions[1])
@@ -137,6 +168,10 @@ def _to_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
 def load_torchvision(name: str, image_size: int | None = None, root: str | Path | None = None,
                      download: bool = False, val_fraction: float = 0.1) -> Splits:
     """An opt-in torchvision dataset, split into train / val (seeded) / test, standardized."""
+    if name not in TORCHVISION_DATASETS:
+        raise ValueError(f"unknown torchvision dataset {name!r}; expected one of {', '.join(TORCHVISION_DATASETS)}")
+    if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
+        raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
     root = Path(root) if root is not None else default_root()
     try:
         train_ds, test_ds = _torchvision_pair(name, root, download)
@@ -166,7 +201,9 @@ def load_dataset(name: str = "digits", image_size: int | None = None,
     ``image_size`` resizes the images (digits: default 8; 16 for ``cnn16``/``res16``).
     torchvision datasets download only with ``download=True``.
     """
-    if not isinstance(name, str) or name.lower() not in DATASETS:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a dataset name (str), one of {', '.join(DATASETS)}; got {type(name).__name__}")
+    if name.lower() not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     name = name.lower()
     if name == "digits":
@@ -176,9 +213,18 @@ def load_dataset(name: str = "digits", image_size: int | None = None,
 
 def calibration_batches(dataset: TensorDataset, num_samples: int = 256, batch_size: int = 64,
                         seed: int = 0) -> list[torch.Tensor]:
-    """A few input batches (no labels) drawn from ``dataset`` with a seed, for calibration."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    """A few input batches (no labels) drawn from ``dataset`` with a seed, for calibration.
+
+    ``num_samples`` distinct images (a seeded permutation, at most the dataset's size) in
+    batches of ``batch_size`` (the last one may be smaller), on the dataset's device.
+    """
+    if not isinstance(dataset, TensorDataset):
+        raise TypeError(f"dataset must be a TensorDataset (e.g. load_digits().train), got {type(dataset).__name__}")
+    _check_count("num_samples", num_samples)
+    _check_count("batch_size", batch_size)
+    check_seed(seed)
     x = dataset.tensors[0]
+    if num_samples > len(x):
+        raise ValueError(f"num_samples ({num_samples}) is more than the dataset's {len(x)} images")
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:num_samples]
     return list(x[idx].split(batch_size))

@@ -6,7 +6,8 @@ quantization parameters (one float32 scale and one zero point per tensor or chan
 what ``torch.save`` writes.
 
 Time: ``latency`` runs a function several times after a warm-up and returns the **median**
-in seconds. Only compare latencies measured side by side in one run, as ratios.
+in seconds, waiting for the GPU (``torch.cuda.synchronize``) when the work is on CUDA. Only
+compare latencies measured side by side in one run, as ratios.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from torch import nn
 
 def tensor_bytes(numel: int, bits: int) -> int:
     """Bytes to store ``numel`` numbers of ``bits`` bits each, packed: ``ceil(numel*bits/8)``."""
-    if not isinstance(bits, int) or not 1 <= bits <= 64:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 64:
         raise ValueError(f"bits must be an int between 1 and 64, got {bits!r}")
-    if numel < 0:
-        raise ValueError(f"numel must be >= 0, got {numel}")
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be an int >= 0, got {numel!r}")
     return (numel * bits + 7) // 8
 
 
@@ -38,27 +39,88 @@ def model_size_bytes(model: nn.Module, bits: int = 32) -> int:
 
 def state_dict_bytes(model: nn.Module) -> int:
     """Bytes ``torch.save(model.state_dict())`` writes: the real on-disk size, metadata included."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.getbuffer().nbytes
 
 
-def latency(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` in seconds, after ``warmup`` untimed calls."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+def _cuda_devices(things) -> list[torch.device]:
+    devices = []
+    for t in things:
+        if isinstance(t, nn.Module):
+            t = next(iter(list(t.parameters()) + list(t.buffers())), None)
+        dev = t.device if isinstance(t, torch.Tensor) else (torch.device(t) if t is not None else None)
+        if dev is not None and dev.type == "cuda" and dev not in devices:
+            devices.append(dev)
+    return devices
+
+
+def synchronizer(*things) -> Callable[[], None]:
+    """A function that waits until the GPU has finished the queued work of ``things``.
+
+    ``things``: tensors, modules or devices. CUDA kernels run *asynchronously*: ``y = f(x)``
+    returns as soon as the work is queued, so a timer read right after it measures the
+    queueing, not the computation. ``torch.cuda.synchronize(device)`` before starting and
+    before stopping the clock makes the time honest. With no CUDA thing it does nothing
+    (and never opens a CUDA context). Called with no argument it synchronizes the current
+    CUDA device when a CUDA context already exists (then work may be pending).
+    """
+    devices = _cuda_devices(things)
+    if not things and torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices = [torch.device("cuda", torch.cuda.current_device())]
+    if not devices:
+        return lambda: None
+
+    def sync():
+        for dev in devices:
+            torch.cuda.synchronize(dev)
+    return sync
+
+
+def check_repeats(repeats, warmup) -> None:
+    """``ValueError`` unless ``repeats`` is an int >= 1 and ``warmup`` an int >= 0."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+
+
+def latency(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, *, device=None) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` timed calls, after ``warmup``
+    untimed ones (first calls pay for allocation and caches).
+
+    The median, not the mean: one call slowed down by the operating system does not move
+    it. ``device``: where ``fn`` computes (a device, tensor or module); on CUDA the clock
+    starts and stops after ``torch.cuda.synchronize`` (see ``synchronizer``). By default it
+    synchronizes whenever a CUDA context exists. ``qlib.engines.compare_latency`` times
+    several models side by side.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be a function of no arguments, got {type(fn).__name__}")
+    check_repeats(repeats, warmup)
+    sync = synchronizer(device) if device is not None else synchronizer()
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def cast_error(weight: torch.Tensor, dtype: torch.dtype = torch.float16) -> float:
     """Largest absolute error of casting a float32 tensor to ``dtype`` and back."""
-    if not weight.is_floating_point():
-        raise TypeError(f"expected a floating-point tensor, got {weight.dtype}")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"expected a floating-point tensor, got {getattr(weight, 'dtype', type(weight).__name__)}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if weight.numel() == 0:
+        raise ValueError("weight is empty: no error to measure")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or infinite values")
     return (weight.to(dtype).float() - weight.float()).abs().max().item()

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .batching import check_seed
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 SEEDS = (0, 1, 2)
 
@@ -94,6 +96,8 @@ ZOO = {
 
 
 def _check_name(name: str) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a model name (str), one of {', '.join(ZOO)}; got {type(name).__name__}")
     if name not in ZOO:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(ZOO)}")
 
@@ -105,18 +109,28 @@ def image_size(name: str) -> int:
 
 
 def create(name: str, num_classes: int = 10, seed: int | None = 0) -> nn.Sequential:
-    """A freshly initialized zoo model; ``seed`` makes the initial weights reproducible."""
+    """A freshly initialized zoo model; ``seed`` makes the initial weights reproducible.
+
+    ``seed=None`` draws from (and advances) the global RNG. With a seed, the global CPU RNG
+    is forked (saved and restored, so the caller's random stream is untouched); only the
+    CPU's, since the weights are drawn on the CPU: no CUDA context is opened.
+    """
     _check_name(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     builder = ZOO[name][0]
     kwargs = {"num_classes": num_classes}
     if seed is None:
         return builder(**kwargs)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(check_seed(seed))
         return builder(**kwargs)
 
 
 def weights_path(name: str, seed: int = 0) -> Path:
+    """Where the shipped weights of ``name`` trained with ``seed`` live (they may not exist)."""
+    _check_name(name)
+    check_seed(seed)
     return WEIGHTS_DIR / f"{name}_digits_s{seed}.pt"
 
 
@@ -139,4 +153,6 @@ def zoo_info() -> dict:
 
 def count_parameters(model: nn.Module) -> int:
     """Number of learnable parameters."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     return sum(p.numel() for p in model.parameters())

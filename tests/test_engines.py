@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlib.engines import compare_latency, latency, torch_x86_quantize
+from qlib.engines import compare_latency, model_latency, torch_x86_quantize
 from qlib.models import create
 from qlib.ptq import quantize_static
 
@@ -62,6 +62,6 @@ def test_latency_side_by_side():
     q = torch_x86_quantize(model, x)
     times = compare_latency({"fp32": model, "int8": q}, x, repeats=5, warmup=1)
     assert set(times) == {"fp32", "int8"} and all(t > 0 for t in times.values())
-    assert latency(model, x, repeats=3) > 0
+    assert model_latency(model, x, repeats=3) > 0
     with pytest.raises(ValueError, match="repeats"):
-        latency(model, x, repeats=0)
+        model_latency(model, x, repeats=0)
