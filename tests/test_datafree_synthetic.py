@@ -156,3 +156,53 @@ def test_clear_errors():
         bad[0].weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         synthesize_bn(bad, (1, 6, 6), 8, 8, steps=2)
+
+
+# --- regressions (issue 8): running statistics, modes, dtypes ------------------------------
+
+def test_bn_statistics_loss_never_updates_running_statistics():
+    """Before: on a train-mode model the forward pass overwrote every BN's running stats
+    (the very targets of the loss) and normalized with batch statistics."""
+    model = small_cnn(0).train()
+    model[4].eval()
+    modes = [m.training for m in model.modules()]
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(32, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    loss = bn_statistics_loss(model, x)
+    assert all(torch.equal(stats[k], v) for k, v in model.state_dict().items())
+    assert [m.training for m in model.modules()] == modes
+    torch.testing.assert_close(loss, bn_statistics_loss(small_cnn(0).eval(), x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_dtypes(dtype):
+    """Before: noise was float32 only, and float32 x met float64 weights inside torch."""
+    b = gaussian_batches((1, 6, 6), num_samples=8, batch_size=4, seed=0, dtype=dtype)
+    assert all(t.dtype == dtype for t in b)
+    ref = gaussian_batches((1, 6, 6), num_samples=8, batch_size=4, seed=0)
+    assert torch.equal(b[0], ref[0].to(dtype))  # same draw, cast: the seed means the same images
+    model = small_cnn(0).to(dtype)
+    loss = bn_statistics_loss(model, ref[0])  # float32 x goes to the model's dtype
+    assert loss.dtype == dtype and torch.isfinite(loss)
+    if dtype == torch.float64:
+        synth = synthesize_bn(model, (1, 6, 6), num_samples=16, batch_size=8, steps=5, lr=0.1, progress=False)
+        assert synth.x.dtype == dtype and synth.history[-1] < synth.history[0]
+
+
+def test_synthesis_restores_every_submodule_mode_on_error():
+    """Before: one ``model.train(was_training)`` flag for the whole tree came back."""
+    model = small_cnn(0).train()
+    model[1].eval()
+    modes = [m.training for m in model.modules()]
+    with pytest.raises(ValueError, match="does not accept"):
+        synthesize_bn(model, (2, 6, 6), num_samples=8, batch_size=8, steps=1, progress=False)
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_synthesis_on_cuda():
+    model = small_cnn(0).cuda()
+    synth = synthesize_bn(model, (1, 6, 6), num_samples=16, batch_size=8, steps=3, progress=False)
+    assert synth.x.is_cuda
+    assert bn_statistics_loss(model, gaussian_batches((1, 6, 6), 8, 8)[0]).is_cuda  # CPU x moves
