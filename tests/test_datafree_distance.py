@@ -134,3 +134,47 @@ def test_clear_errors():
         bn_statistic_distance(m, [])
     with pytest.raises(ValueError, match="NaN"):
         bn_statistic_distance(m, torch.full((2, 1, 7, 7), float("inf")))
+
+
+# --- regressions (issue 8): temperature, modes on errors, dtypes ---------------------------
+
+def test_softmax_kl_rejects_non_positive_and_non_numeric_temperatures():
+    """Before: T = 0 returned NaN (0/0 inside the softmax) and T = True was taken as 1."""
+    a, b = torch.randn(4, 3, generator=gen(0)), torch.randn(4, 3, generator=gen(1))
+    for bad in (0, -2.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            softmax_kl(a, b, temperature=bad)
+    with pytest.raises(TypeError, match="temperature"):
+        softmax_kl(a, b, temperature=True)
+    assert softmax_kl(a, b, temperature=2) == pytest.approx(softmax_kl(a / 2, b / 2))
+
+
+class Boom(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+def test_modes_restored_when_the_forward_pass_raises():
+    """Before: an exception left the model in eval mode; a frozen BN came back in train mode."""
+    real = torch.randn(64, 1, 7, 7, generator=gen(0))
+    m = nn.Sequential(*bn_model(real), Boom()).train()
+    m[1].eval()
+    modes = [mod.training for mod in m.modules()]
+    with pytest.raises(RuntimeError, match="boom"):
+        bn_statistic_distance(m, real)
+    assert [mod.training for mod in m.modules()] == modes
+    with pytest.raises(RuntimeError, match="boom"):
+        score_calibration_set(m, real)
+    assert [mod.training for mod in m.modules()] == modes
+
+
+def test_float64_model_on_float32_data():
+    """Before: float32 batches met float64 weights inside torch (dtype error)."""
+    real = torch.randn(128, 1, 7, 7, generator=gen(0)) * 0.5 + 1.0
+    m = bn_model(real)
+    shifted = real + 0.5
+    want = bn_statistic_distance(m, shifted)["total"]
+    got = bn_statistic_distance(m.double(), shifted)["total"]
+    assert got == pytest.approx(want, rel=1e-4)
+    report = score_calibration_set(m, shifted, reference=real)
+    assert report["mmd_inputs"] > 0 and math.isfinite(report["mmd_outputs"])
