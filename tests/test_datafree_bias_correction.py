@@ -141,3 +141,38 @@ def test_clear_errors():
         empirical_input_means(model, [])
     with pytest.raises(ValueError, match="not Conv2d/Linear"):
         empirical_input_means(model, [torch.randn(2, 1, 8, 8)], ["2"])
+
+
+# --- regressions (issue 8): data forms, modes, dtypes ---------------------------------------
+
+def _relu_net():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2))
+
+
+def test_empirical_means_accept_every_data_form_and_other_dtypes():
+    """Before: a TensorDataset was iterated sample by sample (1-D inputs into the model), and
+    float32 data met a float64 model inside torch."""
+    model = _relu_net().eval()
+    x = torch.randn(64, 4, generator=gen(0))
+    want = empirical_input_means(model, x)
+    ds = torch.utils.data.TensorDataset(x, torch.zeros(64, dtype=torch.long))
+    for data in (ds, [x[:30], x[30:]], [(x[:30], None), (x[30:], None)]):
+        got = empirical_input_means(model, data)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k])
+    got = empirical_input_means(model.double(), x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_empirical_means_restore_every_mode_on_error():
+    model = _relu_net().train()
+    model[1].eval()
+    modes = [m.training for m in model.modules()]
+    with pytest.raises(ValueError, match="NaN"):
+        empirical_input_means(model, [torch.randn(4, 4), torch.full((4, 4), float("nan"))])
+    with pytest.raises(RuntimeError):
+        empirical_input_means(model, torch.randn(4, 3))  # wrong width: torch's own shape error
+    assert [m.training for m in model.modules()] == modes

@@ -132,3 +132,31 @@ def test_clear_errors():
         broken[1].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         cross_layer_equalize(broken)
+
+
+# --- regressions (issue 8): scales on the weights' device and dtype ------------------------
+
+def test_float64_models_keep_float64_scales_and_the_function():
+    """Before: ``unbalance`` returned float32 scales for a float64 model (drawn on the CPU in
+    float32 and never put on the weights' device and dtype; on CUDA: a device error)."""
+    model = randomize_bn(create("cnn8", seed=0)).double()
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    unbalanced, c = unbalance(model, spread=50.0, seed=0)
+    equalized, s = cross_layer_equalize(unbalanced)
+    for scales in (c, s):
+        assert all(v.dtype == torch.float64 and v.device == x.device for v in scales.values())
+    ref = model(x)
+    torch.testing.assert_close(unbalanced(x), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(equalized(x), ref, rtol=1e-10, atol=1e-10)
+    with pytest.raises(TypeError, match="seed"):
+        unbalance(model, seed=1.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_equalization_on_cuda():
+    model = randomize_bn(create("cnn8", seed=0)).cuda()
+    x = torch.randn(8, 1, 8, 8, device="cuda")
+    unbalanced, c = unbalance(model, seed=0)
+    equalized, s = cross_layer_equalize(unbalanced)
+    assert all(v.is_cuda for v in list(c.values()) + list(s.values()))
+    torch.testing.assert_close(equalized(x), model(x), rtol=1e-4, atol=1e-4)
