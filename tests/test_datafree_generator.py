@@ -72,3 +72,42 @@ def test_clear_errors():
         train_generator(nn.Linear(2, 2), teacher, steps=1)
     with pytest.raises(ValueError, match="steps"):
         train_generator(g, teacher, steps=0)
+
+
+# --- regressions (issue 8): modes, dtypes, the RNG of other devices --------------------------
+
+def test_teacher_modes_restored_when_training_raises():
+    """Before: ``teacher.train(was_training)`` restored one flag for the whole tree."""
+    teacher = models.pretrained("cnn8", 0).train()
+    teacher[1].eval()
+    modes = [m.training for m in teacher.modules()]
+    g = Generator((1, 8, 8), latent_dim=8, width=4, seed=0)
+    with pytest.raises(ValueError, match="lr"):
+        train_generator(g, teacher, steps=1, lr=float("nan"))
+    with pytest.raises(ValueError, match="NaN"):  # the images, or the loss, blow up
+        train_generator(g, teacher, steps=3, batch_size=8, lr=1e30)
+    assert [m.training for m in teacher.modules()] == modes
+    assert all(p.requires_grad for p in teacher.parameters())
+
+
+def test_float64_teacher_and_generator():
+    """Before: the generator's float32 images met a float64 teacher inside torch."""
+    teacher = models.pretrained("cnn8", 0).double()
+    g = Generator((1, 8, 8), latent_dim=8, width=4, seed=0)
+    hist = train_generator(g, teacher, steps=2, batch_size=8, seed=0, progress=False)
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in hist.values())
+    x, _ = g.double().sample(4, torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float64
+
+
+def test_seeded_construction_touches_only_the_cpu_rng(monkeypatch):
+    """Before: ``models.create`` forked the RNG of every CUDA device (a CUDA context per call,
+    and a query of the CUDA devices even on a CPU-only machine)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: calls.append(1) or 0)
+    state = torch.get_rng_state()
+    a, b = models.create("cnn8", seed=3), Generator((1, 8, 8), latent_dim=8, width=4, seed=3)
+    assert calls == [] and torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), models.create("cnn8", seed=3).parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(b.parameters(), Generator((1, 8, 8), latent_dim=8, width=4,
+                                                                           seed=3).parameters()))
