@@ -65,3 +65,32 @@ def test_latency_side_by_side():
     assert model_latency(model, x, repeats=3) > 0
     with pytest.raises(ValueError, match="repeats"):
         model_latency(model, x, repeats=0)
+
+
+def test_compare_latency_sees_ten_times_the_work():
+    """Reference: a chain of ten equal linear layers does ten times the multiply-adds of one."""
+    torch.manual_seed(0)
+    one = nn.Linear(256, 256)
+    ten = nn.Sequential(*[nn.Linear(256, 256) for _ in range(10)])
+    x = torch.randn(64, 256)
+    times = compare_latency({"one": one, "ten": ten}, x, repeats=9, warmup=2)
+    assert times["ten"] > 3 * times["one"]
+    assert model_latency(ten, x, repeats=5) > 3 * model_latency(one, x, repeats=5)
+    with pytest.raises(TypeError, match="tensor"):
+        compare_latency({"one": one}, [x])
+    with pytest.raises(TypeError, match="dict"):
+        compare_latency([one], x)
+
+
+def test_x86_quantize_accepts_every_data_form_and_float64_models():
+    """Before: a TensorDataset was iterated sample by sample, and a float64 model crashed
+    inside torch.ao; now every form goes through qlib.batching and the copy is float32."""
+    model = trained_like("mlp")
+    x = torch.randn(32, 1, 8, 8)
+    ds = torch.utils.data.TensorDataset(x, torch.zeros(32, dtype=torch.long))
+    ref = torch_x86_quantize(model, x)(x)
+    torch.testing.assert_close(torch_x86_quantize(model, ds)(x), ref)
+    torch.testing.assert_close(torch_x86_quantize(model.double(), x)(x), ref)
+    assert next(model.parameters()).dtype == torch.float64  # the original is untouched
+    with pytest.raises(ValueError, match="NaN"):
+        torch_x86_quantize(model, torch.full((4, 1, 8, 8), float("nan")))

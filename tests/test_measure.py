@@ -5,9 +5,13 @@ Reference: the packed-size formula ceil(numel * bits / 8) and torch.save's real 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
+from torch import nn
 
+import qlib
 from qlib import measure, models
 
 
@@ -30,9 +34,66 @@ def test_model_size_matches_parameters_and_state_dict():
         measure.model_size_bytes(torch.zeros(3))
 
 
-def test_latency_is_a_positive_median():
-    t = measure.latency(lambda: sum(range(1000)), repeats=5, warmup=1)
-    assert 0 < t < 1
+def test_latency_is_the_median_of_the_timed_calls_after_warmup():
+    """Reference: the median of ``repeats`` timed calls; ``warmup`` calls are not timed.
+
+    The calls sleep for a scripted number of milliseconds: the first (warm-up) call and two
+    outliers are slow. The median ignores them; a mean or a timed warm-up would not.
+    """
+    script = iter([0.3] + [0.002, 0.1, 0.002, 0.002, 0.1, 0.002, 0.002])
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(next(script))
+    t = measure.latency(fn, repeats=7, warmup=1)
+    assert len(calls) == 8
+    assert 0.002 <= t < 0.015  # the mean of the timed calls is >= 0.03; a timed warm-up, 0.3
+
+
+def test_latency_grows_with_the_work():
+    """Ten times the matrix products take several times longer (real CPU arithmetic)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(192, 192, generator=g), torch.randn(192, 192, generator=g)
+
+    def work(n):
+        def fn():
+            for _ in range(n):
+                a @ b
+        return fn
+    t1 = measure.latency(work(1), repeats=9, warmup=2)
+    t10 = measure.latency(work(10), repeats=9, warmup=2)
+    assert t10 > 3 * t1
+
+
+def test_synchronizer_is_a_no_op_without_cuda_work():
+    """On the CPU there is nothing to wait for, and no CUDA context may be opened for it."""
+    sync = measure.synchronizer(torch.zeros(2), nn.Linear(2, 2), torch.device("cpu"))
+    assert sync() is None
+    with pytest.raises(TypeError, match="function"):
+        measure.latency(3.0)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="repeats"):
+            measure.latency(lambda: None, repeats=bad)
+    with pytest.raises(ValueError, match="warmup"):
+        measure.latency(lambda: None, warmup=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_latency_waits_for_the_gpu():
+    """Without synchronize a CUDA matmul "takes" the few microseconds of queueing it."""
+    a = torch.randn(4096, 4096, device="cuda")
+    t_sync = measure.latency(lambda: a @ a, repeats=5, warmup=2, device=a)
+    t_small = measure.latency(lambda: a[:64, :64] @ a[:64, :64], repeats=5, warmup=2, device=a)
+    assert t_sync > 5 * t_small  # 4096^3 vs 64^3 multiply-adds, measured, not queued
+
+
+def test_one_meaning_of_latency():
+    """``qlib.latency`` is ``qlib.measure.latency`` (a function of no arguments); the engines'
+    model timer is ``model_latency``, not a second ``latency`` with another signature."""
+    from qlib import engines
+    assert qlib.latency is measure.latency
+    assert not hasattr(engines, "latency") and callable(engines.model_latency)
 
 
 def test_cast_error():
