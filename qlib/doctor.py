@@ -1,8 +1,12 @@
 """``python -m qlib doctor``: what this machine offers the course.
 
-Prints versions, the device (CPU or CUDA, the GPU's name and compute capability), whether
-Triton can compile kernels here or only interpret them on the CPU (``TRITON_INTERPRET=1``),
-and whether nbgrader and the JupyterLab extensions are installed.
+Prints versions, the device (CPU or CUDA, the GPU's name and compute capability), which
+backend runs qlib's exact int8 matrix product here (``qlib.kernels.int8_matmul``: PyTorch's
+``torch._int_mm``, an int32 matmul or float64), whether Triton is installed, and whether
+nbgrader and the JupyterLab extensions are installed.
+
+It reports only what is built: qlib has no Triton kernels yet, so doctor says so instead of
+promising a Triton path or a fallback from one.
 """
 
 from __future__ import annotations
@@ -31,27 +35,34 @@ def device_info() -> dict[str, str]:
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(0)
         info.update(device="cuda", gpu=torch.cuda.get_device_name(0),
-                    compute_capability=f"{major}.{minor}",
-                    int8_tensor_cores="yes" if (major, minor) >= (8, 0) else
-                    "no (Triton int8 tl.dot needs sm_80+; qlib falls back to an exact path)")
+                    compute_capability=f"{major}.{minor}")
     else:
         info["device"] = "cpu (no CUDA GPU visible)"
     return info
 
 
 def triton_mode() -> str:
-    """'compile' with a CUDA GPU, 'interpret' when only the CPU interpreter works, else why not."""
+    """Whether Triton is installed; qlib itself ships no Triton kernels yet."""
     try:
         importlib.import_module("triton")
     except Exception as err:  # noqa: BLE001 - any import failure means no Triton
-        return f"unavailable ({type(err).__name__}: {err})"
+        return f"none in qlib yet; triton unavailable ({type(err).__name__})"
+    return "none in qlib yet (triton is installed; int8 products use qlib.kernels.int8_matmul)"
+
+
+def int8_backends() -> str:
+    """The backend ``qlib.kernels.int8_matmul`` picks here for a small and a large product."""
     import torch
 
-    if torch.cuda.is_available():
-        return "compile (CUDA GPU present)"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "interpret (TRITON_INTERPRET=1, CPU)"
-    return "interpret only (no GPU: set TRITON_INTERPRET=1 before importing kernels)"
+    from .kernels import choose_backend
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    picks = []
+    for m, k, n in ((4, 6, 5), (64, 64, 64)):
+        a = torch.zeros(m, k, dtype=torch.int8, device=device)
+        b = torch.zeros(k, n, dtype=torch.int8, device=device)
+        picks.append(f"{m}x{k}x{n}: {choose_backend(a, b)}")
+    return f"{device}: " + ", ".join(picks)
 
 
 def _bin(name: str) -> str | None:
@@ -89,7 +100,8 @@ def report() -> list[tuple[str, str]]:
                  "jupyterlab", "ipywidgets", "nbclient"]:
         rows.append((dist, _version(dist)))
     rows += list(device_info().items())
-    rows += [("triton kernels", triton_mode()), ("nbgrader", nbgrader_status()),
+    rows += [("int8 matmul", int8_backends()), ("triton kernels", triton_mode()),
+             ("nbgrader", nbgrader_status()),
              ("lab extensions", lab_extensions()),
              ("fast mode", os.environ.get("QLIB_FAST", "0")),
              ("colab", str("google.colab" in sys.modules))]

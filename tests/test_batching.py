@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from qlib.batching import eval_mode, input_batches, iter_batches, model_device, model_dtype, to_device
+from qlib.batching import (check_seed, eval_mode, input_batches, iter_batches, model_device, model_dtype, placed,
+                           to_device)
 
 
 def _data(n=10):
@@ -69,3 +70,37 @@ def test_eval_mode_restores_each_submodule_even_on_error():
             assert not m.training and not m[0].training
             raise RuntimeError("boom")
     assert m.training and m[0].training and not m[1].training
+
+
+def test_placed_uses_the_models_device_and_dtype_and_stops_on_nan():
+    x, y = _data()
+    for dtype in (torch.float64, torch.bfloat16):
+        m = nn.Linear(3, 2).to(dtype)
+        (bx, by), = list(placed(m, [(x, y)]))
+        assert bx.dtype == dtype and bx.device == model_device(m) and by.dtype == torch.int64
+    (bx, _), = list(placed(nn.ReLU(), [x.double()]))  # no parameters: the input keeps its dtype
+    assert bx.dtype == torch.float64
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="batch 1 .*NaN"):
+        list(placed(nn.Linear(3, 2), [x, bad]))
+    assert len(list(iter_batches([bad]))) == 1  # iter_batches itself checks only when asked
+
+
+def test_check_seed_and_batch_size():
+    assert check_seed(3) == 3
+    for bad in (1.5, "1", True, None):
+        with pytest.raises(TypeError, match="seed"):
+            check_seed(bad)
+    x, y = _data()
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            list(iter_batches(TensorDataset(x, y), batch_size=bad))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_placed_on_cuda():
+    x, y = _data()
+    m = nn.Linear(3, 2).cuda()
+    (bx, by), = list(placed(m, TensorDataset(x, y), batch_size=16))
+    assert bx.is_cuda and by.is_cuda
