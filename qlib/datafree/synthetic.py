@@ -55,10 +55,12 @@ def _check_sizes(shape, num_samples: int, batch_size: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _check_real(**values) -> None:
+def _check_real(minimum: float | None = None, **values) -> None:
     for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or (minimum is not None and v < minimum)):
+            raise ValueError(f"{name} must be a finite number{'' if minimum is None else f' >= {minimum}'}, "
+                             f"got {v!r}")
 
 
 def gaussian_batches(shape, num_samples: int = 256, batch_size: int = 64, mean: float = 0.0,
@@ -68,13 +70,11 @@ def gaussian_batches(shape, num_samples: int = 256, batch_size: int = 64, mean: 
 
     The simplest data-free calibration set: the right mean and spread for a standardized
     input, but none of the structure of real images. Drawn on the CPU with ``seed`` (the
-    same images on any machine), then put on ``device`` in ``dtype`` (e.g. the model's:
-    ``qlib.batching.model_device(model)``).
+    same images on any machine), then put on ``device`` in ``dtype``.
     """
     shape = _check_sizes(shape, num_samples, batch_size)
-    _check_real(mean=mean, std=std)
-    if std < 0:
-        raise ValueError(f"std must be >= 0, got {std}")
+    _check_real(mean=mean)
+    _check_real(0, std=std)
     g = torch.Generator().manual_seed(check_seed(seed))
     x = mean + std * torch.randn(num_samples, *shape, generator=g)
     return list(x.to(device=device, dtype=dtype).split(batch_size))
@@ -252,21 +252,16 @@ def synthesize_bn(model: nn.Module, shape, num_samples: int = 256, batch_size: i
         raise ValueError(f"num_samples ({num_samples}) must be a multiple of batch_size ({batch_size})")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    _check_real(ce_weight=ce_weight)
-    if ce_weight < 0:
-        raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
-    for p in model.parameters():
-        if not torch.isfinite(p).all():
-            raise ValueError("the model has NaN or infinite parameters")
+    _check_real(0, ce_weight=ce_weight)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise ValueError("the model has NaN or infinite parameters")
     if input_range is not None and not (len(input_range) == 2 and input_range[0] < input_range[1]):
         raise ValueError(f"input_range must be (lo, hi) with lo < hi, got {input_range!r}")
-    labels = None
-    if ce_weight > 0:
-        if num_classes is None or num_classes < 2:
-            raise ValueError("ce_weight > 0 needs num_classes >= 2 (the classes to aim at)")
-        labels = torch.arange(num_samples) % num_classes
+    if ce_weight > 0 and (num_classes is None or num_classes < 2):
+        raise ValueError("ce_weight > 0 needs num_classes >= 2 (the classes to aim at)")
+    labels = torch.arange(num_samples) % num_classes if ce_weight > 0 else None
 
     g = torch.Generator().manual_seed(check_seed(seed))  # drawn on the CPU: same images on any device
     device = model_device(model)
