@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -126,10 +127,11 @@ def input_batches(data, batch_size: int = 256, *, device=None, dtype: torch.dtyp
 
 
 def check_seed(seed, name: str = "seed") -> int:
-    """``seed`` as an int, or ``TypeError``: seeds are ints (not bools, floats or strings)."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    """``seed`` as an int, or ``TypeError``: seeds are integers (Python or NumPy ints; not
+    bools, floats or strings, which would silently stand for another seed)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {seed!r}")
-    return seed
+    return int(seed)
 
 
 def placed(model: nn.Module, data, batch_size: int = 256, *, shuffle: bool = False, seed: int = 0,

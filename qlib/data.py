@@ -109,7 +109,7 @@ def split_indices(n: int, fractions=(0.6, 0.2), seed: int = SPLIT_SEED):
     if (len(fractions) != 2 or not all(isinstance(f, (int, float)) and 0 <= f <= 1 for f in fractions)
             or sum(fractions) > 1):
         raise ValueError(f"fractions must be (train, val) in [0, 1] with a sum <= 1, got {fractions!r}")
-    check_seed(seed)
+    seed = check_seed(seed)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_train = round(n * fractions[0])
     n_val = round(n * fractions[1])
@@ -222,7 +222,7 @@ def calibration_batches(dataset: TensorDataset, num_samples: int = 256, batch_si
         raise TypeError(f"dataset must be a TensorDataset (e.g. load_digits().train), got {type(dataset).__name__}")
     _check_count("num_samples", num_samples)
     _check_count("batch_size", batch_size)
-    check_seed(seed)
+    seed = check_seed(seed)
     x = dataset.tensors[0]
     if num_samples > len(x):
         raise ValueError(f"num_samples ({num_samples}) is more than the dataset's {len(x)} images")

@@ -207,7 +207,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, steps: int = 200, lr: 
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     check_temperature(temperature)
-    check_seed(seed)
+    seed = check_seed(seed)
     for name, v in (("lr", lr), ("feature_weight", feature_weight)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 \
                 or (name == "lr" and v == 0):

@@ -131,7 +131,7 @@ def train(model: nn.Module, train_data, val_data=None, epochs: int = 40, lr: flo
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     _check_positive("lr", lr)
     _check_positive("weight_decay", weight_decay, allow_zero=True)
-    check_seed(seed)
+    seed = check_seed(seed)
     loader = as_loader(train_data, batch_size, shuffle=True, seed=seed)
     if len(loader) == 0:
         raise ValueError("training data is empty: give at least one (x, y) batch")

@@ -4,6 +4,7 @@ Reference: the forms accepted are written in the module docstring; modes are com
 each submodule's own ``training`` flag.
 """
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -88,7 +89,7 @@ def test_placed_uses_the_models_device_and_dtype_and_stops_on_nan():
 
 
 def test_check_seed_and_batch_size():
-    assert check_seed(3) == 3
+    assert check_seed(3) == 3 and type(check_seed(np.int64(3))) is int
     for bad in (1.5, "1", True, None):
         with pytest.raises(TypeError, match="seed"):
             check_seed(bad)

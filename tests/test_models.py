@@ -5,6 +5,7 @@ Reference: qlib/weights/zoo.json, written by qlib/weights/train_zoo.py when it t
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,3 +46,16 @@ def test_bad_names_and_seeds():
 def test_parameter_counts_are_small():
     for name in models.ZOO:
         assert 20_000 < models.count_parameters(models.create(name)) < 80_000
+
+
+def test_seeded_create_forks_only_the_cpu_rng(monkeypatch):
+    """Before: ``fork_rng()`` without ``devices`` queried (and on a GPU machine initialized)
+    every CUDA device at each call. The weights are drawn on the CPU: fork only its RNG,
+    and leave the caller's random stream where it was."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: calls.append(1) or 0)
+    state = torch.get_rng_state()
+    a = models.create("cnn8", seed=3)
+    assert calls == [] and torch.equal(torch.get_rng_state(), state)
+    b = models.create("cnn8", seed=np.int64(3))  # NumPy ints are seeds too
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

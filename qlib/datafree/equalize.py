@@ -34,6 +34,7 @@ import math
 import torch
 from torch import nn
 
+from ..batching import check_seed
 from ..fold import BATCHNORMS, fold_batchnorm
 
 __all__ = ["POSITIVE_HOMOGENEOUS", "channel_ranges", "equalization_scales", "find_equalization_pairs",
@@ -198,9 +199,7 @@ def unbalance(model: nn.Module, spread: float = 100.0, seed: int = 0):
     if not (isinstance(spread, (int, float)) and math.isfinite(spread) and spread >= 1):
         raise ValueError(f"spread must be a finite number >= 1, got {spread!r}")
     model, pairs = _folded_pairs(model)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_seed(seed))
     scales = {}
     for n1, n2 in pairs:
         layer1, layer2 = model.get_submodule(n1), model.get_submodule(n2)

@@ -63,7 +63,7 @@ class Generator(nn.Module):
 
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
-                torch.manual_seed(seed)
+                torch.manual_seed(check_seed(seed))
             self._build(c, width)
 
     def _build(self, c: int, width: int) -> None:
