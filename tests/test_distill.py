@@ -115,3 +115,56 @@ def test_clear_errors(setup):
         agreement(student, teacher, torch.empty(0, 1, 8, 8))
     with pytest.raises(TypeError):
         distill(student, teacher, 3.0, steps=1)
+
+
+# --- regressions (issue 8): temperatures, modes on errors, dtypes ------------------------
+
+def test_temperature_must_be_a_positive_real_number():
+    """Before: ``True`` was accepted as T = 1 and a string raised from inside torch."""
+    s, t = torch.randn(2, 3, generator=gen(0)), torch.randn(2, 3, generator=gen(1))
+    for bad in (True, "4", None, torch.tensor(2.0)):
+        with pytest.raises(TypeError, match="temperature"):
+            kd_loss(s, t, bad)
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            kd_loss(s, t, bad)
+    torch.testing.assert_close(kd_loss(s, t, 2), kd_loss(s, t, 2.0))
+
+
+def test_modes_restored_when_distillation_or_agreement_raises(setup):
+    """Before: ``agreement`` left both models in eval mode after an error, and ``distill``
+    restored one flag per model (a deliberately frozen BatchNorm came back in train mode)."""
+    teacher, synth, config = setup
+    student = quantize_static(teacher, synth, config).train()
+    student[1].eval()
+    teacher = copy.deepcopy(teacher).train()
+    modes = [m.training for m in student.modules()], [m.training for m in teacher.modules()]
+
+    def data(n, g):
+        raise RuntimeError("no more data")
+    with pytest.raises(RuntimeError, match="no more data"):
+        distill(student, teacher, data, steps=2)
+    assert ([m.training for m in student.modules()], [m.training for m in teacher.modules()]) == modes
+    with pytest.raises(ValueError, match="NaN"):
+        agreement(student, teacher, [synth.x[:4], torch.full((4, 1, 8, 8), float("nan"))])
+    assert ([m.training for m in student.modules()], [m.training for m in teacher.modules()]) == modes
+
+
+def test_students_of_other_dtypes(setup):
+    """Before: float32 inputs met a float64 or bfloat16 student inside torch (dtype error)."""
+    teacher, synth, _ = setup
+    for dtype in (torch.float64, torch.bfloat16):
+        student = copy.deepcopy(teacher).to(dtype)
+        assert agreement(student, teacher, synth) > 90.0
+        hist = distill(student, teacher, synth, steps=3, lr=1e-4, batch_size=16, seed=0)
+        assert len(hist["kd"]) == 3 and all(torch.isfinite(torch.tensor(hist["loss"])))
+        assert all(p.dtype == dtype for p in student.parameters())
+
+
+def test_distill_is_reproducible_under_its_seed(setup):
+    teacher, synth, config = setup
+    runs = []
+    for _ in range(2):
+        student = quantize_static(teacher, synth, config)
+        runs.append(distill(student, teacher, synth, steps=4, batch_size=16, seed=3)["loss"])
+    assert runs[0] == runs[1]
