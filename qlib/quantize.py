@@ -96,12 +96,12 @@ def _as_tensor(v, name: str, device, floating: bool) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
         ok = v.is_floating_point() if floating else _is_integer(v.dtype)
         if not ok:
-            raise TypeError(f"{name} must be a {'floating-point' if floating else 'integer'} tensor, got {v.dtype}")
+            raise TypeError(f"{name} must be {'a floating-point' if floating else 'an integer'} tensor, got {v.dtype}")
         return v.detach().to(device=device, dtype=torch.float32 if floating else torch.int64, copy=True)
     kinds = (int, float) if floating else (int,)
     if isinstance(v, bool) or not isinstance(v, kinds):
-        raise TypeError(f"{name} must be {'a float' if floating else 'an integer tensor or int'} "
-                        f"or a tensor, got {type(v).__name__} {v!r}")
+        want = "a float (a number or a floating-point tensor)" if floating else "an integer (an int or an integer tensor)"
+        raise TypeError(f"{name} must be {want}, got {type(v).__name__} {v!r}")
     return torch.tensor(v, dtype=torch.float32 if floating else torch.int64, device=device)
 
 
