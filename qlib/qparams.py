@@ -149,8 +149,7 @@ def check_quant_range(quant_min: int, quant_max: int) -> None:
     Ranges from :func:`quant_range` have at most 16 bits; wider custom ranges (int32 bias
     or accumulator codes) are allowed, and ``quantize`` computes them exactly in float64.
     """
-    for name, v in (("quant_min", quant_min), ("quant_max", quant_max)):
-        _check_int(v, name)
+    _check_int(quant_min, "quant_min"), _check_int(quant_max, "quant_max")
     if quant_min >= quant_max:
         raise ValueError(f"quant_min must be < quant_max, got ({quant_min}, {quant_max})")
     if quant_min < -(2**31) or quant_max > 2**31 - 1:
@@ -170,13 +169,11 @@ def check_tensor(x, name: str = "x", floating: bool = True) -> None:
             raise ValueError(f"{name} contains NaN or infinite values")
 
 
-_GRANULARITY_ERROR = "granularity must be PerTensor(), PerChannel(axis) or PerGroup(group_size, axis), got {!r}"
-
-
 def check_granularity(granularity):
     """Raise TypeError unless ``granularity`` is a PerTensor/PerChannel/PerGroup instance."""
     if not isinstance(granularity, (PerTensor, PerChannel, PerGroup)):
-        raise TypeError(_GRANULARITY_ERROR.format(granularity))
+        raise TypeError(f"granularity must be PerTensor(), PerChannel(axis) or PerGroup(group_size, axis), "
+                        f"got {granularity!r}")
     return granularity
 
 
@@ -196,18 +193,13 @@ def to_rows(x: torch.Tensor, granularity=PerTensor()) -> torch.Tensor:
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    check_granularity(granularity)
+    qparams_shape(x.shape, granularity)  # checks the granularity, its axis and group size
     if isinstance(granularity, PerTensor):
         return x.reshape(1, -1)
-    if x.dim() == 0:
-        raise ValueError(f"{granularity} needs a tensor with at least 1 dim, got a 0-d tensor")
-    axis = _axis(granularity.axis, x.dim())
+    axis = granularity.axis % x.dim()
     if isinstance(granularity, PerChannel):
         return x.movedim(axis, 0).reshape(x.shape[axis], -1)
-    gs = granularity.group_size
-    if x.shape[axis] % gs:
-        raise ValueError(f"x.shape[{axis}] = {x.shape[axis]} is not divisible by group_size {gs}")
-    return x.movedim(axis, -1).reshape(-1, gs)
+    return x.movedim(axis, -1).reshape(-1, granularity.group_size)
 
 
 def qparams_shape(shape, granularity=PerTensor()) -> tuple[int, ...]:
@@ -259,24 +251,18 @@ def _symmetric_zero_point(quant_min: int, quant_max: int) -> int:
     return {(0, 255): 128, (0, 65535): 2**15}.get((quant_min, quant_max), (quant_min + quant_max) // 2)
 
 
-def _as_float_tensor(v, device=None) -> torch.Tensor:
-    """A tensor stays a tensor (moved to ``device``); a Python number becomes float32 there."""
-    if isinstance(v, torch.Tensor):
-        return v.detach() if device is None else v.detach().to(device)
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return torch.tensor(float(v), dtype=torch.float32, device=device)
-    return v  # check_tensor names what was expected
-
-
 def _min_max_tensors(min_val, max_val):
-    ref = next((v for v in (max_val, min_val) if isinstance(v, torch.Tensor)), None)
-    device = None if ref is None else ref.device
-    min_val, max_val = _as_float_tensor(min_val, device), _as_float_tensor(max_val, device)
+    """Float32 tensors on one device (the tensor argument's); Python numbers are accepted."""
+    device = next((v.device for v in (max_val, min_val) if isinstance(v, torch.Tensor)), None)
+    out = []
     for name, v in (("min_val", min_val), ("max_val", max_val)):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = torch.tensor(float(v), device=device)
         check_tensor(v, name)
+        out.append(v.detach().to(device=device, dtype=torch.float32))
+    min_val, max_val = out
     if min_val.shape != max_val.shape:
         raise ValueError(f"min_val {tuple(min_val.shape)} and max_val {tuple(max_val.shape)} differ in shape")
-    min_val, max_val = min_val.to(torch.float32), max_val.to(torch.float32)
     if (min_val > max_val).any():
         raise ValueError("min_val must be <= max_val (elementwise)")
     return min_val, max_val

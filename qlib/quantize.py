@@ -245,8 +245,8 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, quant_min: int, quant_max:
 
     Same shape, dtype and device as ``x``. Values and gradients are bit for bit those of
     ``torch.fake_quantize_per_tensor_affine`` (per-tensor) and
-    ``torch.fake_quantize_per_channel_affine`` (``axis=k``) on float16, bfloat16, float32
-    and float64 input.
+    ``torch.fake_quantize_per_channel_affine`` (``axis=k``) on float16, bfloat16 and float32
+    input; on float64 input per-tensor too, per-channel up to torch's unrounded product.
     """
     axis, group_size = _check_call(x, quant_min, quant_max, granularity, axis, group_size)
     scale, zero_point = _qparams(x, scale, zero_point, axis, group_size, (quant_min, quant_max))

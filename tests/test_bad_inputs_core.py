@@ -167,7 +167,7 @@ CASES = {
     "qparams_for granularity string": (lambda: qparams.qparams_for(X, granularity="per_channel"), TypeError,
                                        "granularity must be"),
     "to_rows PerChannel on 0-d": (lambda: qparams.to_rows(torch.tensor(1.0), PerChannel(0)), ValueError,
-                                  "at least 1 dim"),
+                                  "axis 0 is out of range for a tensor with 0 dims"),
     "to_rows list": (lambda: qparams.to_rows([1.0], PerTensor()), TypeError, "x must be a torch.Tensor"),
     "qparams_shape not divisible": (lambda: qparams.qparams_shape((4, 6), PerGroup(4)), ValueError, "not divisible"),
     "check_tensor list": (lambda: qparams.check_tensor([1.0]), TypeError, "must be a torch.Tensor"),
