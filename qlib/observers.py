@@ -76,7 +76,8 @@ def reservoir_update(sample: torch.Tensor, seen: int, new: torch.Tensor, capacit
 
     ``sample`` ``(R, m)``, ``new`` ``(R, n)``; ``seen`` columns came before ``new``.
     Algorithm R (vectorized): column number ``i`` replaces a random slot with
-    probability ``capacity / (i + 1)``. Returns ``(sample, seen + n)``.
+    probability ``capacity / (i + 1)``; when several columns of one batch draw the same
+    slot, the last one wins, as in the sequential algorithm. Returns ``(sample, seen + n)``.
     """
     _check_positive_int(capacity, "capacity")
     _check_int(seen, "seen")

@@ -19,7 +19,7 @@ from qlib.entropy import EntropyObserver
 from qlib.observers import (MinMaxObserver, MovingAverageMinMaxObserver,
                             MSEObserver, PercentileObserver, make_observer,
                             mse_range, percentile_range, reservoir_update)
-from qlib.qparams import PerChannel, PerGroup, PerTensor, choose_qparams, quant_range
+from qlib.qparams import PerChannel, PerGroup, choose_qparams, quant_range
 from qlib.quantize import fake_quantize
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecat")
