@@ -5,6 +5,10 @@ Read the modules in the order of the course: ``data``/``models``/``train`` (the 
 ``intops``/``intmodel`` (post-training quantization down to integer arithmetic), then
 ``qat``, ``datafree`` and ``distill``. Nothing is seeded at import; every random function
 takes a ``seed=`` or a ``torch.Generator``.
+
+``qlib.quantize`` is both the module ``qlib/quantize.py`` (``qlib.quantize.dequantize``) and
+its function: ``qlib.quantize(x, scale, zero_point, quant_min, quant_max)`` calls
+``qlib.quantize.quantize``.
 """
 
 __version__ = "0.1.0"
@@ -20,6 +24,8 @@ from .modules import QuantConfig, QuantConv2d, QuantLinear, swap_modules  # noqa
 from .observers import make_observer  # noqa: F401
 from .qat import quantization_aware_training  # noqa: F401
 from .ptq import calibrate, convert, prepare, quantize_dynamic, quantize_static  # noqa: F401
-from .qparams import PerChannel, PerGroup, PerTensor, choose_qparams, quant_range, qparams_for  # noqa: F401
-from .quantize import dequantize, fake_quantize, quantize  # noqa: F401  (the function wins over the module name)
+from .qparams import (PerAxis, PerChannel, PerGroup, PerTensor, check_bits, choose_qparams,  # noqa: F401
+                      quant_range, qparams_for)
+from .quantize import dequantize, fake_quantize  # noqa: F401
+from . import quantize  # noqa: F401,E402  the module, callable: qlib.quantize(x, ...) is quantize.quantize
 from .train import evaluate  # noqa: F401

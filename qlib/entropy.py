@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .observers import ObserverBase
+from .observers import ObserverBase, _check_int
+
+__all__ = ["kl_threshold_bins", "EntropyObserver"]
 
 
 @torch.no_grad()
@@ -32,7 +34,19 @@ def kl_threshold_bins(hist: torch.Tensor, num_levels: int, chunk: int = 256,
     ``min_bins`` is TensorRT's floor (it searches from 128 bins up): below 8 bits there are
     few levels, and on a sparse histogram clipping almost everything then scores a KL near
     zero. Without the floor, W4A4 calibration of cnn16's input collapsed to chance.
+    ``hist``: 1-D, finite, non-negative counts with a positive sum.
     """
+    if not isinstance(hist, torch.Tensor) or hist.dim() != 1 or hist.numel() == 0:
+        got = tuple(hist.shape) if isinstance(hist, torch.Tensor) else type(hist).__name__
+        raise ValueError(f"hist must be a non-empty 1-D tensor of counts, got {got}")
+    if hist.dtype == torch.bool or hist.is_complex():
+        raise TypeError(f"hist must hold real counts, got {hist.dtype}")
+    if not (torch.isfinite(hist).all() and (hist >= 0).all() and hist.sum() > 0):
+        raise ValueError("hist must hold finite, non-negative counts with a positive sum (no NaN or infinite)")
+    for name, v in (("num_levels", num_levels), ("chunk", chunk), ("min_bins", min_bins)):
+        _check_int(v, name)
+        if v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v}")
     bins = hist.numel()
     if num_levels >= bins:
         return bins
@@ -65,7 +79,8 @@ class EntropyObserver(ObserverBase):
 
     Keeps a ``bins``-bin histogram of ``|x|`` per row on ``[0, hist_max]``; when a batch
     exceeds ``hist_max`` the range grows by an integer factor ``f`` and every ``f`` old
-    bins merge into one, exactly. ``calculate_qparams`` picks the threshold ``t`` with
+    bins merge into one, exactly (``f`` is computed in float64: after an all-zero batch,
+    ``hist_max`` is 0 and the first non-zero batch sets it, the zeros staying in bin 0). ``calculate_qparams`` picks the threshold ``t`` with
     :func:`kl_threshold_bins` (levels: half the codes if values of both signs share them,
     all codes for non-negative affine data) and uses ``[max(min_val, -t), min(max_val, t)]``.
     Cost grows with ``bins**2``: keep ``bins`` small for many channels.
@@ -74,7 +89,8 @@ class EntropyObserver(ObserverBase):
 
     def __init__(self, bins: int = 2048, **kw):
         super().__init__(**kw)
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 8:
+        _check_int(bins, "bins")
+        if bins < 8:
             raise ValueError(f"bins must be an int >= 8, got {bins!r}")
         self.bins = bins
         self.register_buffer("hist", torch.empty(0, bins, dtype=torch.float64))
@@ -86,14 +102,23 @@ class EntropyObserver(ObserverBase):
         amax = a.amax(dim=1)
         if self.hist.shape[0] != rows.shape[0]:
             self.hist = torch.zeros(rows.shape[0], self.bins, dtype=torch.float64, device=rows.device)
-            self.hist_max = torch.where(amax > 0, amax, torch.full_like(amax, 1e-12))
-        grow = torch.ceil(amax / self.hist_max).clamp_min(1).to(torch.int64)  # merge factor per row
-        if (grow > 1).any():
-            merged = torch.arange(self.bins, device=rows.device)[None, :] // grow[:, None]
+            self.hist_max = torch.zeros_like(amax)
+        hist_max = self.hist_max
+        seen = hist_max > 0  # rows with a non-zero value so far
+        grow = torch.where(seen, torch.ceil(amax / torch.where(seen, hist_max, 1.0)).clamp_min(1), 1.0)
+        if (grow > 1).any():  # merge every `grow` old bins into one (grow >= bins: all into bin 0)
+            merged = torch.arange(self.bins, device=rows.device)[None, :] // grow.clamp_max(self.bins).long()[:, None]
             self.hist = torch.zeros_like(self.hist).scatter_add_(1, merged, self.hist)
-            self.hist_max = self.hist_max * grow
+            new_max = hist_max * grow
+            if not torch.isfinite(new_max).all():  # a factor beyond float32 (e.g. 1e-30, then 1e30)
+                wide = hist_max.double() * torch.ceil(amax.double() / hist_max.double())
+                big = torch.finfo(torch.float32).max
+                new_max = torch.where(torch.isfinite(new_max), new_max, wide.clamp_max(big).float())
+            hist_max = new_max
+        self.hist_max = torch.where(seen, hist_max, amax)  # only zeros so far: start the range here
         width = (self.hist_max / self.bins)[:, None]
-        index = torch.floor(a / width).to(torch.int64).clamp_(0, self.bins - 1)
+        index = torch.where(width > 0, torch.floor(a / width), 0.0)
+        index = index.clamp_(0, self.bins - 1).to(torch.int64)
         self.hist.scatter_add_(1, index, torch.ones_like(a, dtype=torch.float64))
 
     def _clip_range(self):

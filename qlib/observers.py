@@ -14,10 +14,13 @@ large rounding error), narrow ones clip the outliers (large clipping error).
 ``entropy``            TensorRT's threshold minimizing KL(P || Q) on a histogram of ``|x|``
 =====================  ===================================================================
 
-Pure functions first (``reservoir_update``, ``percentile_range``, ``mse_range``,
-``kl_threshold_bins``), thin ``nn.Module`` classes over them. Every class takes
-``bits, symmetric, granularity, signed``; for weights use
-``symmetric=True, signed=True, granularity=PerChannel(0)``.
+Pure functions first (``reservoir_update``, ``percentile_range``, ``mse_range``; the KL
+search ``kl_threshold_bins`` and ``EntropyObserver`` live in ``entropy.py`` and are
+re-exported here), thin ``nn.Module`` classes over them. Every class takes
+``bits, symmetric, granularity, signed``; ``signed=None`` (the default) means signed codes
+when symmetric and unsigned when affine, as in ``qparams.resolve_signed``. For weights use
+``symmetric=True, granularity=PerChannel(0)``. qlib has no ``HistogramObserver``: PyTorch's
+of that name minimizes an L2 error; qlib's histogram observer is ``EntropyObserver`` (KL).
 """
 
 from __future__ import annotations
@@ -27,15 +30,43 @@ import math
 import torch
 from torch import nn
 
-from .qparams import (_GRANULARITY_ERROR, PerChannel, PerGroup, PerTensor, check_tensor, choose_qparams,
-                      quant_range, rows_to_qparams, to_rows)
+from .qparams import (PerGroup, PerTensor, _check_int, _rows_minmax, check_granularity, check_quant_range,
+                      check_tensor, choose_qparams, quant_range, resolve_signed)
 from .quantize import fake_quantize
 
 __all__ = [
     "reservoir_update", "percentile_range", "mse_range", "kl_threshold_bins", "ObserverBase",
     "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver",
-    "EntropyObserver", "HistogramObserver", "make_observer",
+    "EntropyObserver", "make_observer",
 ]
+
+
+def __getattr__(name):  # entropy.py builds on this module: import its names on first use
+    if name in ("EntropyObserver", "kl_threshold_bins"):
+        from . import entropy
+        return getattr(entropy, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _check_rows(rows, name: str = "rows") -> None:
+    check_tensor(rows, name)
+    if rows.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (R, N), one row per qparams pair, got shape {tuple(rows.shape)}")
+
+
+def _check_percentile(percentile) -> float:
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)):
+        raise TypeError(f"percentile must be a number in (50, 100], got {type(percentile).__name__}")
+    if not 50 < percentile <= 100:
+        raise ValueError(f"percentile must be in (50, 100] (the upper clip; 100 - p is the lower), got {percentile}")
+    return float(percentile)
+
+
+def _check_positive_int(v, name: str) -> int:
+    _check_int(v, name)
+    if v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
 
 
 # ------------------------------------------------------------------ pure functions
@@ -45,16 +76,30 @@ def reservoir_update(sample: torch.Tensor, seen: int, new: torch.Tensor, capacit
 
     ``sample`` ``(R, m)``, ``new`` ``(R, n)``; ``seen`` columns came before ``new``.
     Algorithm R (vectorized): column number ``i`` replaces a random slot with
-    probability ``capacity / (i + 1)``. Returns ``(sample, seen + n)``.
+    probability ``capacity / (i + 1)``; when several columns of one batch draw the same
+    slot, the last one wins, as in the sequential algorithm. Returns ``(sample, seen + n)``.
     """
-    fill = max(0, min(capacity - sample.shape[1], new.shape[1]))
-    sample = torch.cat([sample, new[:, :fill]], dim=1)
+    _check_positive_int(capacity, "capacity")
+    _check_int(seen, "seen")
+    for name, t in (("sample", sample), ("new", new)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor (rows, columns), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if sample.shape[0] != new.shape[0] or seen < sample.shape[1] or sample.shape[1] > capacity:
+        raise ValueError(f"sample {tuple(sample.shape)} must have the rows of new {tuple(new.shape)}, at most "
+                         f"capacity={capacity} columns and no more than seen={seen}")
+    fill = min(capacity - sample.shape[1], new.shape[1])
+    sample = torch.cat([sample, new[:, :fill].to(sample.device)], dim=1)
     rest = new[:, fill:]
     if rest.shape[1]:
         index = torch.arange(seen + fill, seen + new.shape[1], dtype=torch.float64)
         slot = (torch.rand(rest.shape[1], generator=generator, dtype=torch.float64) * (index + 1)).long()
         keep = slot < capacity
-        sample[:, slot[keep].to(sample.device)] = rest[:, keep.to(rest.device)]
+        # several columns may draw the same slot: as in the sequential algorithm, the last wins
+        last = torch.full((capacity,), -1, dtype=torch.int64).scatter_reduce(
+            0, slot[keep], torch.arange(rest.shape[1])[keep], "amax")
+        slots = torch.nonzero(last >= 0).flatten()
+        sample[:, slots.to(sample.device)] = rest[:, last[slots].to(rest.device)].to(sample.device)
     return sample, seen + new.shape[1]
 
 
@@ -68,8 +113,12 @@ def _quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def percentile_range(rows: torch.Tensor, percentile: float, symmetric: bool = False):
-    """Clip each row at percentiles: ``(P_{100-p}, P_p)``, or ``(-t, t)``, ``t = P_p(|x|)``."""
-    q = percentile / 100.0
+    """Clip each row at percentiles: ``(P_{100-p}, P_p)``, or ``(-t, t)``, ``t = P_p(|x|)``.
+
+    ``rows`` ``(R, N)`` float; ``percentile`` in ``(50, 100]``; returns two ``(R,)`` tensors.
+    """
+    _check_rows(rows)
+    q = _check_percentile(percentile) / 100.0
     if symmetric:
         t = _quantile(rows.abs(), q)
         return -t, t
@@ -84,8 +133,15 @@ def mse_range(rows: torch.Tensor, quant_min: int, quant_max: int, symmetric: boo
 
     ``lo``/``hi`` (default: the row's min and max) are the unclipped range, shape ``(R,)``.
     """
+    _check_rows(rows)
+    check_quant_range(quant_min, quant_max)
+    _check_positive_int(grid, "grid")
     lo = rows.amin(dim=1) if lo is None else lo
     hi = rows.amax(dim=1) if hi is None else hi
+    for name, t in (("lo", lo), ("hi", hi)):
+        check_tensor(t, name)
+        if tuple(t.shape) != (rows.shape[0],):
+            raise ValueError(f"{name} must have shape (R,) = ({rows.shape[0]},), got {tuple(t.shape)}")
     best_err = torch.full_like(lo, float("inf"))
     best_a = torch.ones_like(lo)
     for k in range(1, grid + 1):
@@ -108,10 +164,10 @@ class ObserverBase(nn.Module):
     """
 
     def __init__(self, bits: int = 8, symmetric: bool = False, granularity=PerTensor(),
-                 signed: bool = False):
+                 signed: bool | None = None):
         super().__init__()
-        if not isinstance(granularity, (PerTensor, PerChannel, PerGroup)):
-            raise TypeError(_GRANULARITY_ERROR.format(granularity))
+        check_granularity(granularity)
+        signed = resolve_signed(signed, bool(symmetric))
         self.quant_min, self.quant_max = quant_range(bits, signed)
         self.bits, self.symmetric, self.granularity, self.signed = bits, bool(symmetric), granularity, signed
         self.register_buffer("min_val", torch.tensor(float("inf")))
@@ -119,9 +175,7 @@ class ObserverBase(nn.Module):
         self.register_buffer("num_batches", torch.tensor(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor(x)
-        rows = to_rows(x.detach().to(torch.float32), self.granularity)
-        lo, hi = (rows_to_qparams(t, x.shape, self.granularity) for t in torch.aminmax(rows, dim=1))
+        rows, lo, hi = _rows_minmax(x, self.granularity)
         if self.num_batches > 0 and lo.shape != self.min_val.shape:
             raise ValueError(f"this observer's qparams have shape {tuple(self.min_val.shape)}, but x of "
                              f"shape {tuple(x.shape)} gives {tuple(lo.shape)}; use one observer per tensor")
@@ -187,6 +241,8 @@ class MovingAverageMinMaxObserver(ObserverBase):
 
     def __init__(self, averaging_constant: float = 0.01, **kw):
         super().__init__(**kw)
+        if isinstance(averaging_constant, bool) or not isinstance(averaging_constant, (int, float)):
+            raise TypeError(f"averaging_constant must be a number in (0, 1], got {averaging_constant!r}")
         if not 0 < averaging_constant <= 1:
             raise ValueError(f"averaging_constant must be in (0, 1], got {averaging_constant}")
         self.averaging_constant = averaging_constant
@@ -204,9 +260,7 @@ class _SampleObserver(ObserverBase):
 
     def __init__(self, max_samples: int = 2**16, seed: int = 0, **kw):
         super().__init__(**kw)
-        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
-            raise ValueError(f"max_samples must be a positive int, got {max_samples!r}")
-        self.max_samples = max_samples
+        self.max_samples = _check_positive_int(max_samples, "max_samples")
         self.generator = torch.Generator().manual_seed(seed)
         self.register_buffer("sample", torch.empty(0, 0), persistent=False)
         self.seen = 0
@@ -234,9 +288,7 @@ class PercentileObserver(_SampleObserver):
 
     def __init__(self, percentile: float = 99.99, **kw):
         super().__init__(**kw)
-        if not 50 < percentile <= 100:
-            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
-        self.percentile = percentile
+        self.percentile = _check_percentile(percentile)
 
     def _clip_range(self):
         lo, hi = percentile_range(self._sample_rows(), self.percentile, self.symmetric)
@@ -249,9 +301,7 @@ class MSEObserver(_SampleObserver):
 
     def __init__(self, grid: int = 100, **kw):
         super().__init__(**kw)
-        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-            raise ValueError(f"grid must be a positive int, got {grid!r}")
-        self.grid = grid
+        self.grid = _check_positive_int(grid, "grid")
 
     def _clip_range(self):
         lo, hi = mse_range(self._sample_rows(), self.quant_min, self.quant_max, self.symmetric,
@@ -265,7 +315,7 @@ _OBSERVERS = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObs
 
 def make_observer(name: str, **kw) -> ObserverBase:
     """``make_observer("mse", bits=4, symmetric=True, granularity=PerChannel(0))``."""
-    if name not in _OBSERVERS:
+    if not isinstance(name, str) or name not in _OBSERVERS:
         raise ValueError(f"unknown observer {name!r}; expected one of {sorted(_OBSERVERS)}")
     if name == "entropy":  # its own module (qlib/entropy.py), which builds on this one
         from .entropy import EntropyObserver

@@ -22,22 +22,40 @@ symmetric::
     zero_point = 0 for a signed range, the middle of the range for an unsigned one
 
 Granularity says how many (scale, zero_point) pairs a tensor gets: ``PerTensor()`` one,
-``PerChannel(axis)`` one per slice along ``axis`` (weights: the output channels, axis 0),
-``PerGroup(group_size, axis)`` one per run of ``group_size`` consecutive elements along
-``axis`` (4-bit LLM weights: groups of 32..128 along the input dimension).
+``PerChannel(axis)`` one per slice along ``axis`` (weights: the output channels, axis 0;
+``PerAxis`` is torchao's name for the same class), ``PerGroup(group_size, axis)`` one per
+run of ``group_size`` consecutive elements along ``axis`` (4-bit LLM weights: groups of
+32..128 along the input dimension).
+
+One vocabulary for the whole library:
+
+* ``bits`` is an int in ``[2, 16]`` (:func:`check_bits`, which :func:`quant_range` calls);
+  a custom ``(quant_min, quant_max)`` may reach int32 (accumulators, biases).
+* ``signed=None`` means signed codes for symmetric and unsigned codes for affine schemes
+  (PyTorch's defaults: qint8 weights, quint8 activations); pass a bool to override.
+* Device: results live on the device of the input tensors.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 __all__ = [
-    "PerTensor", "PerChannel", "PerGroup", "quant_range", "check_quant_range",
-    "check_tensor", "to_rows", "qparams_shape", "rows_to_qparams", "minmax", "choose_qparams",
-    "choose_qparams_symmetric_qmax", "qparams_for",
+    "PerTensor", "PerChannel", "PerAxis", "PerGroup", "check_bits", "resolve_signed", "quant_range",
+    "check_quant_range", "check_granularity", "check_tensor", "to_rows", "qparams_shape",
+    "rows_to_qparams", "minmax", "choose_qparams", "choose_qparams_symmetric_qmax",
+    "minmax_qparams", "qparams_for",
 ]
+
+MIN_BITS, MAX_BITS = 2, 16
+
+
+def _check_int(v, name: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
 
 
 @dataclass(frozen=True)
@@ -47,9 +65,18 @@ class PerTensor:
 
 @dataclass(frozen=True)
 class PerChannel:
-    """One scale and zero_point per slice along ``axis`` (shape ``(x.shape[axis],)``)."""
+    """One scale and zero_point per slice along ``axis`` (shape ``(x.shape[axis],)``).
+
+    ``PerAxis`` (torchao's name) is this same class.
+    """
 
     axis: int = 0
+
+    def __post_init__(self):
+        _check_int(self.axis, "PerChannel axis")
+
+
+PerAxis = PerChannel
 
 
 @dataclass(frozen=True)
@@ -64,6 +91,38 @@ class PerGroup:
     group_size: int
     axis: int = -1
 
+    def __post_init__(self):
+        _check_int(self.group_size, "PerGroup group_size")
+        _check_int(self.axis, "PerGroup axis")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {self.group_size}")
+
+
+def check_bits(bits, name: str = "bits") -> int:
+    """The one rule for code widths: ``bits`` is an int (not a bool) in ``[2, 16]``.
+
+    1 bit gives only two codes, and affine quantization spends one of them on the
+    zero_point, so it cannot represent both signs (binary networks use ``sign(x)``);
+    above 16 bits float is cheaper. Returns ``bits``; raises TypeError/ValueError.
+    """
+    _check_int(bits, name)
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(
+            f"{name} must be in [{MIN_BITS}, {MAX_BITS}], got {bits}: 1 bit gives only two codes, and "
+            "affine quantization spends one of them on the zero_point, so it cannot represent "
+            "both signs (binary networks use sign(x) instead); above 16 bits float is cheaper"
+        )
+    return bits
+
+
+def resolve_signed(signed, symmetric) -> bool:
+    """The one default: ``signed=None`` -> signed when ``symmetric``, unsigned when affine."""
+    if signed is not None and not isinstance(signed, bool):
+        raise TypeError(f"signed must be True, False or None, got {signed!r}")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
+    return symmetric if signed is None else signed
+
 
 def quant_range(bits: int, signed: bool = True, narrow: bool = False) -> tuple[int, int]:
     """The integer range ``(quant_min, quant_max)`` of a ``bits``-bit code.
@@ -72,15 +131,11 @@ def quant_range(bits: int, signed: bool = True, narrow: bool = False) -> tuple[i
     unsigned: ``(0, 2**bits - 1)``, e.g. ``(0, 255)``.
     ``narrow=True`` (signed only) drops the lone most negative code: ``(-127, 127)``,
     the symmetric "restricted range" of TensorRT and TFLite weights.
+    ``bits`` follows :func:`check_bits` (2..16).
     """
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
-    if not 2 <= bits <= 16:
-        raise ValueError(
-            f"bits must be in [2, 16], got {bits}: 1 bit gives only two codes, and affine "
-            "quantization spends one of them on the zero_point, so it cannot represent "
-            "both signs (binary networks use sign(x) instead); above 16 bits float is cheaper"
-        )
+    check_bits(bits)
+    if not isinstance(signed, bool) or not isinstance(narrow, bool):
+        raise TypeError(f"signed and narrow must be True or False, got {signed!r}, {narrow!r}")
     if narrow and not signed:
         raise ValueError("narrow=True is a signed-range convention; use signed=True")
     if signed:
@@ -89,10 +144,12 @@ def quant_range(bits: int, signed: bool = True, narrow: bool = False) -> tuple[i
 
 
 def check_quant_range(quant_min: int, quant_max: int) -> None:
-    """Raise unless ``quant_min < quant_max`` are ints (codes are integers)."""
-    for name, v in (("quant_min", quant_min), ("quant_max", quant_max)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    """Raise unless ``quant_min < quant_max`` are ints (codes are integers) within int32.
+
+    Ranges from :func:`quant_range` have at most 16 bits; wider custom ranges (int32 bias
+    or accumulator codes) are allowed, and ``quantize`` computes them exactly in float64.
+    """
+    _check_int(quant_min, "quant_min"), _check_int(quant_max, "quant_max")
     if quant_min >= quant_max:
         raise ValueError(f"quant_min must be < quant_max, got ({quant_min}, {quant_max})")
     if quant_min < -(2**31) or quant_max > 2**31 - 1:
@@ -112,12 +169,16 @@ def check_tensor(x, name: str = "x", floating: bool = True) -> None:
             raise ValueError(f"{name} contains NaN or infinite values")
 
 
-_GRANULARITY_ERROR = "granularity must be PerTensor(), PerChannel(axis) or PerGroup(group_size, axis), got {!r}"
+def check_granularity(granularity):
+    """Raise TypeError unless ``granularity`` is a PerTensor/PerChannel/PerGroup instance."""
+    if not isinstance(granularity, (PerTensor, PerChannel, PerGroup)):
+        raise TypeError(f"granularity must be PerTensor(), PerChannel(axis) or PerGroup(group_size, axis), "
+                        f"got {granularity!r}")
+    return granularity
 
 
 def _axis(axis: int, ndim: int) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    _check_int(axis, "axis")
     if not -ndim <= axis < ndim:
         raise ValueError(f"axis {axis} is out of range for a tensor with {ndim} dims")
     return axis % ndim
@@ -130,47 +191,56 @@ def to_rows(x: torch.Tensor, granularity=PerTensor()) -> torch.Tensor:
     PerGroup(group_size, axis): ``(numel // group_size, group_size)``, rows in the
     row-major order of :func:`qparams_shape`.
     """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    qparams_shape(x.shape, granularity)  # checks the granularity, its axis and group size
     if isinstance(granularity, PerTensor):
         return x.reshape(1, -1)
+    axis = granularity.axis % x.dim()
     if isinstance(granularity, PerChannel):
-        axis = _axis(granularity.axis, x.dim())
         return x.movedim(axis, 0).reshape(x.shape[axis], -1)
-    if isinstance(granularity, PerGroup):
-        gs, axis = granularity.group_size, _axis(granularity.axis, x.dim())
-        if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1:
-            raise ValueError(f"group_size must be a positive int, got {gs!r}")
-        if x.shape[axis] % gs:
-            raise ValueError(f"x.shape[{axis}] = {x.shape[axis]} is not divisible by group_size {gs}")
-        return x.movedim(axis, -1).reshape(-1, gs)
-    raise TypeError(_GRANULARITY_ERROR.format(granularity))
+    return x.movedim(axis, -1).reshape(-1, granularity.group_size)
 
 
 def qparams_shape(shape, granularity=PerTensor()) -> tuple[int, ...]:
     """Shape of scale/zero_point for a tensor of ``shape`` (see :func:`to_rows`)."""
+    check_granularity(granularity)
+    shape = tuple(shape)
     if isinstance(granularity, PerTensor):
         return ()
+    axis = _axis(granularity.axis, len(shape))
     if isinstance(granularity, PerChannel):
-        return (shape[_axis(granularity.axis, len(shape))],)
-    if isinstance(granularity, PerGroup):
-        axis = _axis(granularity.axis, len(shape))
-        return tuple(s // granularity.group_size if d == axis else s for d, s in enumerate(shape))
-    raise TypeError(_GRANULARITY_ERROR.format(granularity))
+        return (shape[axis],)
+    if shape[axis] % granularity.group_size:
+        raise ValueError(f"shape[{axis}] = {shape[axis]} is not divisible by group_size {granularity.group_size}")
+    return tuple(s // granularity.group_size if d == axis else s for d, s in enumerate(shape))
 
 
 def rows_to_qparams(t: torch.Tensor, shape, granularity=PerTensor()) -> torch.Tensor:
     """Inverse of the row layout: a length-R vector -> :func:`qparams_shape`."""
+    want = qparams_shape(shape, granularity)
+    if not isinstance(t, torch.Tensor) or t.numel() != math.prod(want):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"expected a tensor of {math.prod(want)} values (one per row of "
+                         f"to_rows(x, {granularity})), got {got}")
     if isinstance(granularity, PerGroup):
         axis = _axis(granularity.axis, len(shape))
         moved = [s for d, s in enumerate(shape) if d != axis] + [shape[axis] // granularity.group_size]
         return t.reshape(moved).movedim(-1, axis)
-    return t.reshape(qparams_shape(shape, granularity))
+    return t.reshape(want)
+
+
+def _rows_minmax(x: torch.Tensor, granularity):
+    """``(rows, min_val, max_val)``: float32 rows of ``x`` and their qparams-shaped extremes."""
+    check_tensor(x)
+    rows = to_rows(x.detach().to(torch.float32), granularity)
+    lo, hi = torch.aminmax(rows, dim=1)
+    return rows, rows_to_qparams(lo, x.shape, granularity), rows_to_qparams(hi, x.shape, granularity)
 
 
 def minmax(x: torch.Tensor, granularity=PerTensor()) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-granularity ``(min_val, max_val)`` of ``x`` (float32, :func:`qparams_shape`)."""
-    check_tensor(x)
-    lo, hi = torch.aminmax(to_rows(x.detach().to(torch.float32), granularity), dim=1)
-    return rows_to_qparams(lo, x.shape, granularity), rows_to_qparams(hi, x.shape, granularity)
+    return _rows_minmax(x, granularity)[1:]
 
 
 def _symmetric_zero_point(quant_min: int, quant_max: int) -> int:
@@ -182,16 +252,27 @@ def _symmetric_zero_point(quant_min: int, quant_max: int) -> int:
 
 
 def _min_max_tensors(min_val, max_val):
-    min_val = torch.as_tensor(min_val).detach()
-    max_val = torch.as_tensor(max_val).detach()
+    """Float32 tensors on one device (the tensor argument's); Python numbers are accepted."""
+    device = next((v.device for v in (max_val, min_val) if isinstance(v, torch.Tensor)), None)
+    out = []
     for name, v in (("min_val", min_val), ("max_val", max_val)):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = torch.tensor(float(v), device=device)
         check_tensor(v, name)
+        out.append(v.detach().to(device=device, dtype=torch.float32))
+    min_val, max_val = out
     if min_val.shape != max_val.shape:
         raise ValueError(f"min_val {tuple(min_val.shape)} and max_val {tuple(max_val.shape)} differ in shape")
-    min_val, max_val = min_val.to(torch.float32), max_val.to(torch.float32)
     if (min_val > max_val).any():
         raise ValueError("min_val must be <= max_val (elementwise)")
     return min_val, max_val
+
+
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not 0 < eps < math.inf:
+        raise ValueError(f"eps must be > 0 and finite, got {eps}")
 
 
 def choose_qparams(min_val, max_val, quant_min: int, quant_max: int, symmetric: bool = False,
@@ -210,9 +291,10 @@ def choose_qparams(min_val, max_val, quant_min: int, quant_max: int, symmetric: 
     check_quant_range(quant_min, quant_max)
     if not quant_min <= 0 <= quant_max:
         raise ValueError(f"the range ({quant_min}, {quant_max}) must contain 0 so that 0.0 is exact")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    eps_t = torch.tensor(eps, dtype=torch.float32)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
+    _check_eps(eps)
+    eps_t = torch.tensor(eps, dtype=torch.float32, device=min_val.device)
     min_neg = torch.minimum(min_val, torch.zeros_like(min_val))
     max_pos = torch.maximum(max_val, torch.zeros_like(max_val))
     if symmetric:
@@ -236,10 +318,26 @@ def choose_qparams_symmetric_qmax(min_val, max_val, quant_max: int,
     the edge ``127.5`` between codes, using all 256 codes (-128 included) instead.
     """
     min_val, max_val = _min_max_tensors(min_val, max_val)
+    _check_int(quant_max, "quant_max")
+    if quant_max < 1:
+        raise ValueError(f"quant_max must be >= 1 (the largest positive code), got {quant_max}")
     check_quant_range(-quant_max, quant_max)
+    _check_eps(eps)
     scale = torch.maximum(min_val.abs(), max_val.abs()) / float(quant_max)
-    scale = torch.maximum(scale, torch.tensor(eps, dtype=torch.float32))
+    scale = torch.maximum(scale, torch.tensor(eps, dtype=torch.float32, device=scale.device))
     return scale, torch.zeros_like(scale, dtype=torch.int64)
+
+
+def minmax_qparams(x: torch.Tensor, quant_min: int, quant_max: int, symmetric: bool = False,
+                   granularity=PerTensor()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max ``(scale, zero_point)`` of ``x`` for the range ``[quant_min, quant_max]``.
+
+    ``choose_qparams(*minmax(x, granularity), quant_min, quant_max, symmetric)``: the one
+    place where "min-max qparams of a tensor" is computed (weights at every forward in
+    fake-quant modules, QAT's clip ratio, :func:`qparams_for`).
+    """
+    min_val, max_val = minmax(x, granularity)
+    return choose_qparams(min_val, max_val, quant_min, quant_max, symmetric=symmetric)
 
 
 def qparams_for(x: torch.Tensor, bits: int = 8, symmetric: bool = False,
@@ -247,12 +345,10 @@ def qparams_for(x: torch.Tensor, bits: int = 8, symmetric: bool = False,
     """Min-max ``(scale, zero_point)`` for tensor ``x`` in one call.
 
     ``signed=None`` means signed codes for symmetric and unsigned for affine
-    (PyTorch's defaults: qint8 weights, quint8 activations). Shapes: PerTensor ``()``;
-    PerChannel(axis) ``(x.shape[axis],)``; PerGroup(group_size, axis) the shape of ``x``
-    with ``x.shape[axis]`` replaced by ``x.shape[axis] // group_size``.
+    (:func:`resolve_signed`: PyTorch's defaults, qint8 weights, quint8 activations).
+    Shapes: PerTensor ``()``; PerChannel(axis) ``(x.shape[axis],)``; PerGroup(group_size,
+    axis) the shape of ``x`` with ``x.shape[axis]`` replaced by ``x.shape[axis] // group_size``.
     Pair it with ``quant_range(bits, signed)`` to quantize.
     """
-    signed = bool(symmetric) if signed is None else signed
-    quant_min, quant_max = quant_range(bits, signed)
-    min_val, max_val = minmax(x, granularity)
-    return choose_qparams(min_val, max_val, quant_min, quant_max, symmetric=symmetric)
+    quant_min, quant_max = quant_range(bits, resolve_signed(signed, symmetric))
+    return minmax_qparams(x, quant_min, quant_max, symmetric, granularity)

@@ -2,7 +2,8 @@
 
 Reference: torch.ao.quantization MinMaxObserver / PerChannelMinMaxObserver
 ``calculate_qparams()`` (per_tensor/per_channel, affine/symmetric, qint8/quint8 and custom
-2..8-bit ranges), compared bit for bit; the teaching variant against its written formula.
+2..8-bit ranges), compared bit for bit, including exact ties of the zero-point rounding;
+the teaching variant against its written formula.
 """
 
 import warnings
@@ -11,9 +12,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from qlib.qparams import (PerChannel, PerGroup, PerTensor, choose_qparams,
-                          choose_qparams_symmetric_qmax, minmax, qparams_for, qparams_shape,
-                          quant_range, to_rows)
+from qlib.qparams import (PerAxis, PerChannel, PerGroup, PerTensor, check_bits, choose_qparams,
+                          choose_qparams_symmetric_qmax, minmax, minmax_qparams, qparams_for,
+                          qparams_shape, quant_range, resolve_signed, rows_to_qparams, to_rows)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecat")
 tq = torch.ao.quantization
@@ -47,7 +48,7 @@ def data(draw, ndim_min=0):
     seed = draw(st.integers(0, 2**31 - 1))
     shape = tuple(draw(st.lists(st.integers(1, 6), min_size=max(ndim_min, 1), max_size=3)))
     g = torch.Generator().manual_seed(seed)
-    kind = draw(st.sampled_from(["gauss", "gauss", "positive", "negative", "zeros", "constant", "tiny"]))
+    kind = draw(st.sampled_from(["gauss", "gauss", "positive", "negative", "zeros", "constant", "tiny", "tie"]))
     spread = 10 ** draw(st.floats(-4, 3))
     x = torch.randn(shape, generator=g) * spread
     if kind == "positive":
@@ -60,6 +61,18 @@ def data(draw, ndim_min=0):
         x = torch.full(shape, draw(st.floats(-5, 5, width=32)))
     elif kind == "tiny":
         x = torch.randn(shape, generator=g) * 1e-8
+    elif kind == "tie":  # min and max on a power-of-two grid: min_neg / scale is k + 0.5
+        x = tie_tensor(shape, draw(st.integers(2, 8)), draw(st.integers(-12, 6)), g)
+    return x
+
+
+def tie_tensor(shape, bits, exponent, g):
+    """Values whose min/max make ``min_neg / scale`` an exact tie for ``bits``-bit ranges."""
+    levels = 2**bits - 1
+    k = int(torch.randint(0, levels, (1,), generator=g))
+    lo, hi = -(k + 0.5) * 2.0**exponent, (levels - k - 0.5) * 2.0**exponent
+    x = lo + torch.rand(shape, generator=g) * (hi - lo)
+    x.view(-1)[0], x.view(-1)[-1] = lo, hi
     return x
 
 
@@ -217,3 +230,95 @@ def test_errors():
         qparams_for(torch.ones(2, 6), granularity="per_channel")
     with pytest.raises(ValueError, match=r"bits must be in \[2, 16\]"):
         qparams_for(torch.ones(3), bits=1)
+
+
+# ------------------------------------------------------------------ exact ties
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("signed", [False, True])
+def test_zero_point_ties_round_half_to_even_like_torch(bits, signed):
+    # min_neg = -(k + 1/2) s and max_pos = (levels - k - 1/2) s with s a power of two:
+    # scale == s exactly and min_neg / scale == -(k + 1/2), a tie, for every k.
+    qmin, qmax = quant_range(bits, signed)
+    levels = qmax - qmin
+    for exponent in (-9, 0, 3):
+        s = 2.0**exponent
+        k = torch.arange(levels, dtype=torch.float32)
+        lo, hi = -(k + 0.5) * s, (levels - k - 0.5) * s
+        scale, zp = choose_qparams(lo, hi, qmin, qmax)
+        assert torch.all(scale == s) and torch.all(lo / scale == -(k + 0.5))
+        # written formula: Python's round() is half to even
+        assert zp.tolist() == [min(max(qmin - round(-(j + 0.5)), qmin), qmax) for j in range(levels)]
+        obs = torch_observer(bits, signed, False, axis=0)
+        obs(torch.stack([lo, hi], dim=1))
+        ref_scale, ref_zp = obs.calculate_qparams()
+        assert same_bits(scale, ref_scale) and torch.equal(zp, ref_zp.to(torch.int64))
+
+
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), bits=st.integers(2, 8), exponent=st.integers(-12, 6))
+def test_per_tensor_ties_match_torch(seed, bits, exponent):
+    x = tie_tensor((7, 3), bits, exponent, torch.Generator().manual_seed(seed))
+    obs = torch_observer(bits, False, False)
+    obs(x)
+    scale, zp = qparams_for(x, bits)
+    assert same_bits(scale.reshape(1), obs.calculate_qparams()[0])
+    assert torch.equal(zp.reshape(1), obs.calculate_qparams()[1].long())
+
+
+# ------------------------------------------------------------------ one vocabulary
+def test_check_bits_is_the_one_rule():
+    assert [check_bits(b) for b in (2, 8, 16)] == [2, 8, 16]
+    for bad, err in ((1, ValueError), (17, ValueError), (0, ValueError), (True, TypeError),
+                     (8.0, TypeError), ("8", TypeError)):
+        with pytest.raises(err, match=r"bits must be (in \[2, 16\]|an int)"):
+            check_bits(bad)
+        with pytest.raises(err, match=r"bits must be"):
+            quant_range(bad)
+
+
+def test_signed_default_one_rule():
+    assert resolve_signed(None, True) is True and resolve_signed(None, False) is False
+    assert resolve_signed(False, True) is False and resolve_signed(True, False) is True
+    with pytest.raises(TypeError, match="signed must be True, False or None"):
+        resolve_signed(1, True)
+    w = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
+    s, z = qparams_for(w, symmetric=True)  # signed: zero point 0
+    assert torch.equal(z, torch.tensor(0)) and same_bits(s, choose_qparams(w.min(), w.max(), -128, 127, True)[0])
+    s, z = qparams_for(w, symmetric=True, signed=False)  # explicit unsigned: zero point 128
+    assert torch.equal(z, torch.tensor(128))
+
+
+def test_per_axis_is_per_channel_and_granularities_validate():
+    assert PerAxis is PerChannel and PerAxis(1) == PerChannel(1)
+    w = torch.randn(3, 5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(qparams_for(w, granularity=PerAxis(1))[0], qparams_for(w, granularity=PerChannel(1))[0])
+    with pytest.raises(TypeError, match="PerChannel axis must be an int"):
+        PerChannel("0")
+    with pytest.raises(TypeError, match="PerGroup group_size must be an int"):
+        PerGroup(4.0)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        PerGroup(-2)
+
+
+def test_minmax_qparams_is_choose_qparams_of_minmax():
+    w = torch.randn(6, 8, generator=torch.Generator().manual_seed(4))
+    for g in (PerTensor(), PerChannel(0), PerGroup(4)):
+        for symmetric in (False, True):
+            want = choose_qparams(*minmax(w, g), -8, 7, symmetric=symmetric)
+            got = minmax_qparams(w, -8, 7, symmetric, g)
+            assert same_bits(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_python_numbers_and_dtypes_for_min_max():
+    want = choose_qparams(torch.tensor(-1.5), torch.tensor(2.0), 0, 255)
+    for lo, hi in ((-1.5, 2.0), (-1.5, 2), (torch.tensor(-1.5, dtype=torch.float64), 2.0),
+                   (torch.tensor(-1.5, dtype=torch.bfloat16), torch.tensor(2.0, dtype=torch.float16))):
+        got = choose_qparams(lo, hi, 0, 255)
+        assert same_bits(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_rows_to_qparams_checks_the_length():
+    x = torch.zeros(4, 6)
+    assert rows_to_qparams(torch.arange(8.0), x.shape, PerGroup(3)).shape == (4, 2)
+    with pytest.raises(ValueError, match="expected a tensor of 8 values"):
+        rows_to_qparams(torch.arange(6.0), x.shape, PerGroup(3))

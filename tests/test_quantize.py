@@ -1,18 +1,22 @@
 """Tests for qlib.quantize.
 
 Reference: torch.fake_quantize_per_tensor_affine and torch.fake_quantize_per_channel_affine
-(values and straight-through gradients, bit for bit), torch.quantize_per_tensor /
-torch.quantize_per_channel (``int_repr()`` codes); per-group against torch's per-tensor
-kernel applied group by group; the round-half-away variant against its written formula.
+(values and straight-through gradients, bit for bit, 2..16-bit ranges, on float16, bfloat16, float32 and float64
+input), torch.quantize_per_tensor / torch.quantize_per_channel (``int_repr()`` codes); per-group
+against torch's per-tensor kernel applied group by group; the round-half-away variant and the
+ranges wider than 16 bits against their written formulas computed exactly in Python.
 """
 
 import math
+import types
+from fractions import Fraction
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from qlib.qparams import PerGroup, qparams_for, quant_range
+import qlib
+from qlib.qparams import PerAxis, PerChannel, PerGroup, PerTensor, qparams_for, quant_range
 from qlib.quantize import (code_dtype, dequantize, fake_quantize, fake_quantize_per_group,
                            quantize, quantize_round_half_away)
 
@@ -26,7 +30,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @st.composite
-def qcase(draw, per_channel=False, max_bits=8):
+def qcase(draw, per_channel=False, max_bits=8, dtype=torch.float32):
     """(x, scale, zero_point, quant_min, quant_max, axis) with many exact and near ties.
 
     x = (k - zero_point + frac) * scale, k an integer code up to 3 beyond the range (so some
@@ -51,7 +55,9 @@ def qcase(draw, per_channel=False, max_bits=8):
     kind = torch.randint(0, 4, shape, generator=g)
     frac = torch.rand(shape, generator=g) - 0.5
     frac = torch.where(kind == 0, 0.0, torch.where(kind == 1, 0.5, torch.where(kind == 2, -0.5, frac)))
-    x = ((k - zero_point.reshape(view)).float() + frac) * scale.reshape(view)
+    x = ((k - zero_point.reshape(view)).to(dtype) + frac.to(dtype)) * scale.reshape(view).to(dtype)
+    if dtype == torch.float64:  # values between float32 numbers, where float32 math would round
+        x = x + x * (torch.rand(shape, generator=g, dtype=dtype) - 0.5) * 2.0**-30
     if not per_channel:
         scale, zero_point = scale[0], zero_point[0]
     return x, scale, zero_point, qmin, qmax, axis
@@ -65,7 +71,7 @@ def grad_of(fn, x, seed=0):
 
 
 @FAST
-@given(case=qcase(), tensor_qparams=st.booleans())
+@given(case=qcase(max_bits=16), tensor_qparams=st.booleans())
 def test_fake_quantize_per_tensor_matches_torch(case, tensor_qparams):
     x, scale, zp, qmin, qmax, _ = case
     if tensor_qparams:
@@ -78,7 +84,7 @@ def test_fake_quantize_per_tensor_matches_torch(case, tensor_qparams):
 
 
 @FAST
-@given(case=qcase(per_channel=True))
+@given(case=qcase(per_channel=True, max_bits=16))
 def test_fake_quantize_per_channel_matches_torch(case):
     x, scale, zp, qmin, qmax, axis = case
     y_ref, g_ref = grad_of(lambda t: torch.fake_quantize_per_channel_affine(
@@ -240,3 +246,149 @@ def test_errors():
         dequantize(torch.zeros(0, dtype=torch.int8), 0.1, 0)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         quantize([1.0, 2.0], 0.1, 0, -128, 127)
+
+
+# ------------------------------------------------------------------ dtypes and devices
+def same_float_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.all((a == b) | (a.isnan() & b.isnan())))
+
+
+@FAST
+@given(case=qcase(dtype=torch.float64))
+def test_float64_input_matches_torch_per_tensor(case):
+    # torch computes float64 input in float64 (with the float32 reciprocal): so does qlib;
+    # it used to round x to float32 first and return a float32 result cast to float64.
+    x, scale, zp, qmin, qmax, _ = case
+    y_ref, g_ref = grad_of(lambda t: torch.fake_quantize_per_tensor_affine(t, float(scale), int(zp), qmin, qmax), x)
+    y, g = grad_of(lambda t: fake_quantize(t, scale, zp, qmin, qmax), x)
+    assert y.dtype == torch.float64 and torch.equal(y, y_ref) and torch.equal(g, g_ref)
+    codes = torch.clamp(torch.round(x * (1.0 / torch.tensor(float(scale))).double()) + int(zp), qmin, qmax)
+    assert torch.equal(quantize(x, scale, zp, qmin, qmax).long(), codes.long())
+
+
+@FAST
+@given(case=qcase(per_channel=True, dtype=torch.float64))
+def test_float64_input_matches_torch_per_channel(case):
+    x, scale, zp, qmin, qmax, axis = case
+    y_ref, g_ref = grad_of(lambda t: torch.fake_quantize_per_channel_affine(
+        t, scale, zp.to(torch.int32), axis, qmin, qmax), x)
+    y, g = grad_of(lambda t: fake_quantize(t, scale, zp, qmin, qmax, axis=axis), x)
+    # torch's per-channel kernel keeps the float64 product (q - zp) * scale, its per-tensor
+    # kernel rounds it to float32; qlib rounds both (so fake_quantize == dequantize(quantize)).
+    assert torch.equal(y, y_ref.float().double()) and torch.equal(g, g_ref)
+    assert torch.equal(y.float(), dequantize(quantize(x, scale, zp, qmin, qmax, axis=axis), scale, zp, axis=axis))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_match_torch_and_float32_codes(dtype):
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(4, 256, generator=g) * 3).to(dtype)
+    scale, zp = torch.tensor([0.05, 0.1, 0.02, 0.3]), torch.tensor([3, -4, 0, 7])
+    y = fake_quantize(x, scale, zp, -8, 7, axis=0)
+    ref = torch.fake_quantize_per_channel_affine(x, scale, zp.to(torch.int32), 0, -8, 7)
+    assert y.dtype == dtype and torch.equal(y, ref)
+    assert torch.equal(fake_quantize(x, 0.07, 2, -128, 127),
+                       torch.fake_quantize_per_tensor_affine(x, 0.07, 2, -128, 127))
+    # codes: those of the float32 values (the upcast is exact)
+    assert torch.equal(quantize(x, scale, zp, -8, 7, axis=0), quantize(x.float(), scale, zp, -8, 7, axis=0))
+
+
+def test_scales_of_any_float_dtype_and_python_numbers():
+    x = torch.linspace(-3, 3, 50)
+    ref = quantize(x, 0.1, 3, -128, 127)
+    for scale in (torch.tensor(0.1, dtype=torch.float64), torch.tensor([0.1]), 0.1):
+        for zp in (3, torch.tensor(3, dtype=torch.int8), torch.tensor([3])):
+            assert torch.equal(quantize(x, scale, zp, -128, 127), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_inputs_with_python_and_cpu_qparams():
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    s, z = torch.rand(8) + 0.01, torch.randint(-8, 8, (8,))
+    for args in ((0.05, 3), (torch.tensor(0.05), torch.tensor(3)), (s, z)):
+        axis = 0 if args[0] is s else None
+        want = fake_quantize(x, *args, -8, 7, axis=axis)
+        got = fake_quantize(x.cuda(), *args, -8, 7, axis=axis)
+        assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
+        codes = quantize(x.cuda(), *args, -8, 7, axis=axis)
+        assert torch.equal(dequantize(codes, *args, axis=axis).cpu(), want)
+
+
+# ------------------------------------------------------------------ ranges wider than 16 bits
+def exact_codes(x, scale, zp, qmin, qmax):
+    """The written formula in exact arithmetic: float32 reciprocal, exact product, half to even."""
+    inv = Fraction((1.0 / torch.tensor(scale, dtype=torch.float32)).item())
+    return [min(max(round(Fraction(v) * inv) + zp, qmin), qmax) for v in x.tolist()]
+
+
+def test_int32_range_regression():
+    # 1e10 is far above 2**31 - 1: it clips to the top code (float32 math once gave -2**31)
+    x = torch.tensor([1e10, -1e10, 2.0**31, 2.0**31 - 128, 16777217.0, -16777219.0])
+    got = quantize(x, 1.0, 0, -(2**31), 2**31 - 1)
+    assert got.dtype == torch.int32
+    assert got.tolist() == exact_codes(x, 1.0, 0, -(2**31), 2**31 - 1)
+    assert got[:2].tolist() == [2**31 - 1, -(2**31)]
+    # float64 input keeps the integers that float32 cannot hold
+    x64 = torch.tensor([16777217.0, 2.0**30 + 1, -(2.0**31) + 3], dtype=torch.float64)
+    assert quantize(x64, 1.0, 0, -(2**31), 2**31 - 1).tolist() == [16777217, 2**30 + 1, -(2**31) + 3]
+    y = fake_quantize(torch.tensor([1e10], requires_grad=True), 1.0, 0, -(2**31), 2**31 - 1)
+    assert y.item() == 2.0**31  # the code 2**31 - 1, rounded to float32
+
+
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), signed=st.booleans(), bits=st.integers(17, 32))
+def test_wide_ranges_match_the_exact_formula(seed, signed, bits):
+    g = torch.Generator().manual_seed(seed)
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** min(bits, 31) - 1)
+    scale = float(10 ** (torch.rand(1, generator=g).item() * 6 - 3))
+    zp = int(torch.randint(qmin, qmax + 1, (1,), generator=g, dtype=torch.int64))
+    k = torch.randint(qmin - 5, qmax + 6, (200,), generator=g, dtype=torch.int64)
+    frac = torch.where(torch.rand(200, generator=g) < 0.5, 0.5, torch.rand(200, generator=g) - 0.5)
+    x = ((k - zp).double() + frac.double()) * scale
+    for xs in (x.float(), x):
+        got = quantize(xs, scale, zp, qmin, qmax)
+        assert got.tolist() == exact_codes(xs, scale, zp, qmin, qmax)
+        # dequantize: computed in float64, then rounded to float32
+        x_dq = dequantize(got, scale, zp)
+        exact = [(c - zp) * Fraction(torch.tensor(scale, dtype=torch.float32).item()) for c in got.tolist()]
+        assert all(abs(Fraction(a) - b) <= abs(b) * 2.0**-23 for a, b in zip(x_dq.tolist(), exact))
+
+
+# ------------------------------------------------------------------ one vocabulary
+def test_granularity_argument_everywhere():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 6, generator=g)
+    s, z = torch.rand(6, generator=g) + 0.05, torch.randint(-8, 8, (6,), generator=g)
+    for fn in (quantize, fake_quantize, quantize_round_half_away):
+        assert torch.equal(fn(x, s, z, -8, 7, granularity=PerChannel(1)), fn(x, s, z, -8, 7, axis=1))
+        assert torch.equal(fn(x, s, z, -8, 7, granularity=PerAxis(1)), fn(x, s, z, -8, 7, axis=1))
+        assert torch.equal(fn(x, 0.1, 2, -8, 7, granularity=PerTensor()), fn(x, 0.1, 2, -8, 7))
+        with pytest.raises(ValueError, match="either granularity= or axis="):
+            fn(x, s, z, -8, 7, axis=1, granularity=PerChannel(1))
+    q = quantize(x, s, z, -8, 7, axis=1)
+    assert torch.equal(dequantize(q, s, z, granularity=PerChannel(1)), dequantize(q, s, z, axis=1))
+    gs, gz = torch.rand(4, 2, generator=g) + 0.05, torch.randint(-8, 8, (4, 2), generator=g)
+    by_group = fake_quantize(x, gs, gz, -8, 7, granularity=PerGroup(3))
+    assert torch.equal(by_group, fake_quantize(x, gs, gz, -8, 7, axis=-1, group_size=3))
+    assert torch.equal(by_group, fake_quantize_per_group(x, gs, gz, -8, 7, 3, -1))
+    with pytest.raises(TypeError, match="granularity must be"):
+        quantize(x, s, z, -8, 7, granularity="per_channel")
+
+
+def test_qlib_quantize_is_the_function_and_the_module():
+    x = torch.linspace(-2, 2, 21)
+    assert isinstance(qlib.quantize, types.ModuleType) and callable(qlib.quantize)
+    assert torch.equal(qlib.quantize(x, 0.1, 0, -128, 127), quantize(x, 0.1, 0, -128, 127))
+    assert qlib.quantize.dequantize is dequantize and qlib.quantize.quantize is quantize
+    assert torch.equal(qlib.dequantize(qlib.quantize(x, 0.25, 1, -8, 7), 0.25, 1),
+                       qlib.quantize.fake_quantize(x, 0.25, 1, -8, 7))
+
+
+def test_round_half_away_checks_its_dtype():
+    x = torch.tensor([0.5, 1.5, -2.5])
+    with pytest.raises(TypeError, match="integer torch.dtype"):
+        quantize_round_half_away(x, 1.0, 0, -8, 7, dtype=torch.float32)
+    with pytest.raises(ValueError, match="cannot hold codes"):
+        quantize_round_half_away(x, 1.0, 0, 0, 255, dtype=torch.int8)
+    assert quantize_round_half_away(x, 1.0, 0, -8, 7, dtype=torch.int64).tolist() == [1, 2, -3]
+    assert quantize_round_half_away(x.double(), 1.0, 0, -8, 7).tolist() == [1, 2, -3]
