@@ -10,16 +10,24 @@ and in experiments we *simulate* that in float ("fake quantization")::
 Each ``fake_quantize`` is a ``FakeQuantize`` module holding an observer. Two switches
 drive it, as in ``torch.ao.quantization.FakeQuantize``:
 
-- ``observe``: the observer records the tensors that flow by (calibration);
+- ``observe``: the observer records the tensors that flow by;
 - ``quantize``: the tensor is replaced by its fake-quantized version.
 
+*When* it records: in training mode (QAT) whenever ``observe`` is on; in eval mode only
+while calibrating. Switching ``observe`` on opens a calibration (``calibrating = True``), so
+"set ``observe=True``, run the batches in eval mode" calibrates; ``qlib.ptq.calibrate`` closes
+it when it returns (``calibrating = False``), so evaluating a prepared model afterwards never
+moves its ranges. ``freeze()`` ends observing for good.
+
 PTQ calibrates with ``observe=True, quantize=False``, then freezes (``observe=False,
-quantize=True``: the qparams are computed once and cached). QAT uses both at once.
-``dynamic=True`` instead computes min-max qparams from every incoming batch.
+quantize=True``: the qparams are computed once and kept in the buffers ``frozen_scale`` /
+``frozen_zero_point``, so they travel with ``state_dict``, ``load_state_dict`` and ``.to()``).
+QAT uses both switches at once. ``dynamic=True`` instead computes min-max qparams from every
+incoming batch.
 
 ``QuantConfig`` says how to quantize (bits, symmetric, granularity, observer);
 ``swap_modules`` replaces every ``nn.Linear``/``nn.Conv2d`` of a model by
-``QuantLinear``/``QuantConv2d`` built with ``from_float``.
+``QuantLinear``/``QuantConv2d`` built with ``from_float`` (``set_submodule`` does the surgery).
 """
 
 from __future__ import annotations
@@ -31,12 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fold import _set_submodule
 from .observers import make_observer
 from .qparams import PerChannel, PerGroup, PerTensor, choose_qparams, minmax
 from .quantize import fake_quantize
 
-__all__ = ["QuantConfig", "FakeQuantize", "QuantLinear", "QuantConv2d", "QUANT_MODULES",
+__all__ = ["QuantConfig", "FakeQuantize", "QuantLinear", "QuantConv2d", "QUANT_MODULES", "set_submodule",
            "swap_modules", "quant_layers", "fake_quantizers", "set_quant_mode"]
 
 _GRANULARITIES = (PerTensor, PerChannel, PerGroup)
@@ -93,10 +100,10 @@ class QuantConfig:
 class FakeQuantize(nn.Module):
     """Observer + ``fake_quantize``, switched by ``observe``/``quantize`` (module docstring).
 
-    ``forward(x)`` returns a tensor of ``x``'s shape. ``qparams()`` gives the
-    ``(scale, zero_point)`` in use; once ``observe`` is off they are computed once and cached.
-    ``observed_batches`` counts the tensors the observer has seen (a buffer, so it survives
-    ``state_dict``).
+    ``forward(x)`` returns a tensor of ``x``'s shape and dtype. ``calculate_qparams()`` (alias
+    ``qparams()``) gives the ``(scale float32, zero_point int64)`` in use; once ``observe`` is off
+    they are computed once and kept in buffers. ``observed_batches`` counts the tensors the
+    observer has recorded (a buffer, so it survives ``state_dict``).
     """
 
     def __init__(self, observer: nn.Module, dynamic: bool = False):
@@ -104,39 +111,67 @@ class FakeQuantize(nn.Module):
         if not isinstance(observer, nn.Module) or not hasattr(observer, "calculate_qparams"):
             raise TypeError(f"observer must be a qlib observer module, got {type(observer).__name__}")
         self.observer = observer
-        self.dynamic = dynamic
-        self.observe = not dynamic
-        self.quantize = dynamic
+        self.dynamic = bool(dynamic)
         self.register_buffer("observed_batches", torch.tensor(0))
-        self._cached = None
+        self.register_buffer("frozen_scale", torch.empty(0))           # empty: not frozen yet
+        self.register_buffer("frozen_zero_point", torch.empty(0, dtype=torch.int64))
+        self.observe = not dynamic
+        self.quantize = self.dynamic
 
     quant_min = property(lambda self: self.observer.quant_min)
     quant_max = property(lambda self: self.observer.quant_max)
     bits = property(lambda self: self.observer.bits)
     granularity = property(lambda self: self.observer.granularity)
 
+    @property
+    def observe(self) -> bool:
+        """Whether the observer is on. Switching it on opens a calibration (``calibrating``)."""
+        return self._observe
+
+    @observe.setter
+    def observe(self, on: bool) -> None:
+        self._observe = bool(on)
+        self.calibrating = self._observe
+        if self._observe:
+            self.clear_frozen()
+
+    def clear_frozen(self) -> None:
+        """Forget the frozen qparams: the next ``qparams()`` computes them from the observer."""
+        self.frozen_scale = self.frozen_scale.new_empty(0)
+        self.frozen_zero_point = self.frozen_zero_point.new_empty(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic:
             return self._fake_quantize(x, *self.batch_qparams(x))
-        if self.observe:
+        if self.observe and (self.training or self.calibrating):
             self.observer(x.detach())
             self.observed_batches += 1
-            self._cached = None
         if not self.quantize:
             return x
         return self._fake_quantize(x, *self.qparams())
 
-    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale float32, zero_point int64)`` from the observer; cached once frozen."""
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale float32, zero_point int64)`` from the observer; computed once when frozen."""
         if self.dynamic:
             raise ValueError("a dynamic FakeQuantize has no fixed qparams: they come from each batch")
         if int(self.observed_batches) == 0:
             raise ValueError("this observer has seen no data: run calibration (qlib.ptq.calibrate) first")
         if self.observe:
             return self.observer.calculate_qparams()
-        if self._cached is None:
-            self._cached = self.observer.calculate_qparams()
-        return self._cached
+        if self.frozen_scale.numel() == 0:
+            scale, zero_point = self.observer.calculate_qparams()
+            self.frozen_scale, self.frozen_zero_point = scale.clone(), zero_point.clone()
+        return self.frozen_scale.to(torch.float32), self.frozen_zero_point.to(torch.int64)
+
+    qparams = calculate_qparams  # qlib's older name
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("frozen_scale", "frozen_zero_point"):  # the shape comes with the data
+            current = getattr(self, name)
+            saved = state_dict.setdefault(prefix + name, current.new_empty(0))  # older checkpoints
+            if saved.shape != current.shape:
+                setattr(self, name, current.new_empty(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def batch_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Min-max qparams of ``x`` alone (dynamic quantization), with the observer's settings."""
@@ -146,7 +181,8 @@ class FakeQuantize(nn.Module):
     def freeze(self) -> "FakeQuantize":
         """Stop observing, start quantizing with the qparams computed now."""
         if not self.dynamic:
-            self.observe, self.quantize, self._cached = False, True, None
+            self.observe, self.quantize = False, True
+            self.clear_frozen()
             self.qparams()
         return self
 
@@ -161,6 +197,8 @@ class FakeQuantize(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "dynamic" if self.dynamic else f"observe={self.observe}, quantize={self.quantize}"
+        if self.observe and not self.calibrating:
+            mode += " (eval mode: not recording)"
         return f"bits={self.bits}, {mode}"
 
 
@@ -233,6 +271,22 @@ def _copy_params(src: nn.Module, dst: nn.Module) -> None:
     dst.train(src.training)
 
 
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """``root.<name> = module`` for a dotted name such as ``"layer1.0.bn1"`` (module surgery).
+
+    ``name`` must name an existing submodule (``root.get_submodule(name)``); the empty name
+    (``root`` itself) cannot be replaced in place: use the returned module instead.
+    """
+    if not isinstance(root, nn.Module) or not isinstance(module, nn.Module):
+        raise TypeError(f"root and module must be nn.Modules, got {type(root).__name__} and {type(module).__name__}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty dotted submodule name, got {name!r}")
+    root.get_submodule(name)  # AttributeError naming the missing part if it does not exist
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
 QUANT_MODULES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
 """Float class -> fake-quant class. Matched by exact type, as torch.ao's mappings are."""
 
@@ -287,5 +341,5 @@ def swap_modules(model: nn.Module, config: QuantConfig | None = None,
         quantized = QUANT_MODULES[type(layer)].from_float(layer, cfg)
         if name == "":
             return quantized  # the model is a single layer
-        _set_submodule(model, name, quantized)
+        set_submodule(model, name, quantized)
     return model

@@ -5,6 +5,7 @@ with torch.fake_quantize_per_tensor_affine / fake_quantize_per_channel_affine, i
 torch.ao.nn.qat.Linear / Conv2d compute with the default x86 qconfig (bit for bit).
 """
 
+import copy
 import dataclasses
 
 import pytest
@@ -253,3 +254,85 @@ def test_set_quant_mode():
     assert all(not fq.observe and not fq.quantize for fq in fake_quantizers(model).values())
     set_quant_mode(model, quantize=True)
     assert all(fq.quantize for fq in fake_quantizers(model).values())
+
+
+# ----------------------------------------------------------------- observing and frozen state
+def test_eval_mode_records_only_while_calibrating():
+    """Switching ``observe`` on opens a calibration; closing it stops eval-mode recording."""
+    fq = FakeQuantize(make_observer("minmax")).eval()
+    fq(torch.ones(3))
+    assert int(fq.observed_batches) == 1  # the lab contract: observe=True + eval forward records
+    fq.calibrating = False
+    fq(100 * torch.ones(3))
+    assert int(fq.observed_batches) == 1 and fq.observer.max_val.item() == 1.0
+    fq.train()(torch.full((3,), 2.0))  # training always records while observe is on
+    assert int(fq.observed_batches) == 2 and fq.observer.max_val.item() == 2.0
+    fq.eval().observe = True  # switching observe on again reopens it
+    fq(torch.full((3,), 3.0))
+    assert fq.observer.max_val.item() == 3.0
+
+
+def test_calculate_qparams_is_qparams():
+    fq = FakeQuantize(make_observer("minmax"))
+    fq(torch.randn(10, generator=torch.Generator().manual_seed(0)))
+    s1, z1 = fq.calculate_qparams()
+    s2, z2 = fq.qparams()
+    assert torch.equal(s1, s2) and torch.equal(z1, z2)
+
+
+def _frozen_cnn(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    model = swap_modules(small_cnn()).eval()
+    model(torch.randn(8, 1, 8, 8, generator=gen) * (1 + seed))
+    for fq in fake_quantizers(model).values():
+        fq.freeze()
+    return model
+
+
+def test_frozen_qparams_follow_load_state_dict():
+    """Regression: the frozen qparams were a plain attribute, stale after load_state_dict."""
+    torch.manual_seed(0)
+    a, b = _frozen_cnn(0), _frozen_cnn(1)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # weights too: small_cnn draws them from the global RNG
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(b(x), a(x))
+    for name, fq in fake_quantizers(b).items():
+        assert torch.equal(fq.qparams()[0], fake_quantizers(a)[name].qparams()[0]), name
+
+
+def test_frozen_qparams_load_into_a_fresh_unfrozen_model_and_back():
+    torch.manual_seed(0)
+    a = _frozen_cnn(0)
+    fresh = swap_modules(small_cnn()).eval()
+    fresh.load_state_dict(a.state_dict())
+    for fq in fake_quantizers(fresh).values():
+        fq.freeze()
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(fresh(x), a(x))
+    unfrozen = swap_modules(small_cnn()).eval()
+    unfrozen(x)
+    a.load_state_dict(unfrozen.state_dict())  # no frozen qparams saved: recomputed from the loaded observers
+    for name, fq in fake_quantizers(a).items():
+        want = fake_quantizers(unfrozen)[name].observer.calculate_qparams()[0]
+        assert torch.equal(fq.qparams()[0], want), name
+
+
+def test_frozen_qparams_move_with_to():
+    """Regression: ``.to()`` left the cached qparams behind (dtype here; device on a GPU)."""
+    torch.manual_seed(0)
+    model = _frozen_cnn(0)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    want = model(x)
+    scales = {n: fq.qparams()[0].clone() for n, fq in fake_quantizers(model).items()}
+    model.double()
+    for name, fq in fake_quantizers(model).items():
+        assert fq.frozen_scale.dtype == torch.float64  # a buffer: it moved with the model
+        assert fq.qparams()[0].dtype == torch.float32 and torch.equal(fq.qparams()[0], scales[name])
+    y64 = model(x.double())
+    assert y64.dtype == torch.float64
+    torch.testing.assert_close(y64, want.double(), rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.float()(x), want)
+    if torch.cuda.is_available():
+        cuda = copy.deepcopy(model).cuda()
+        assert all(fq.qparams()[0].is_cuda for fq in fake_quantizers(cuda).values())
+        torch.testing.assert_close(cuda(x.cuda()).cpu(), want, rtol=1e-4, atol=1e-5)

@@ -154,3 +154,33 @@ def test_models_are_not_modified():
     quantize_dynamic(model)
     assert model.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_evaluation_between_calibrate_and_convert_does_not_move_the_ranges():
+    """Regression: evaluating the prepared model leaked test data into the observers."""
+    from qlib.train import evaluate
+
+    gen = torch.Generator().manual_seed(0)
+    model = randomize_bn(create("cnn8", seed=0)).eval()
+    calib = [torch.randn(32, 1, 8, 8, generator=gen) for _ in range(2)]
+    test = TensorDataset(5 * torch.randn(64, 1, 8, 8, generator=gen), torch.randint(0, 10, (64,), generator=gen))
+    prepared = calibrate(prepare(model), calib)
+    before = {n: (fq.observer.min_val.clone(), fq.observer.max_val.clone(), int(fq.observed_batches))
+              for n, fq in fake_quantizers(prepared).items()}
+    evaluate(prepared, test)
+    prepared(test.tensors[0])  # a plain eval-mode forward is evaluation too
+    for name, fq in fake_quantizers(prepared).items():
+        lo, hi, n = before[name]
+        assert torch.equal(fq.observer.min_val, lo) and torch.equal(fq.observer.max_val, hi), name
+        assert int(fq.observed_batches) == n, name
+    x = test.tensors[0]
+    assert torch.equal(convert(prepared)(x), quantize_static(model, calib)(x))
+
+
+def test_calibrate_again_adds_to_the_ranges():
+    gen = torch.Generator().manual_seed(1)
+    model = create("mlp", seed=0).eval()
+    prepared = calibrate(prepare(model), torch.randn(16, 1, 8, 8, generator=gen))
+    calibrate(prepared, 10 * torch.randn(16, 1, 8, 8, generator=gen))
+    assert all(int(fq.observed_batches) == 2 for fq in fake_quantizers(prepared).values()
+               if fq.observe)
