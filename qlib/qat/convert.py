@@ -11,8 +11,13 @@ BatchNorms kept during training are folded first (``fold_kept_bn``)::
 
     w' = w * f,  f = gamma / sqrt(var + eps)   (per output channel)
 
-which is exact for per-channel weight scales: scaling a channel by ``f`` scales its grid by
-``|f|`` (``round(w f / (s |f|)) s |f| = f round(w / s) s``: rounding to even is odd-symmetric).
+With per-channel weight scales, scaling a channel by ``f`` scales its grid by ``|f|``:
+``round(w f / (s |f|)) s |f| = f round(w / s) s`` (rounding half to even is odd-symmetric), so
+every weight keeps its code up to the sign, except in the outermost bins of the range: a
+negative ``f`` flips the codes and ``quant_min`` has no twin (``-(-8) = 8 > 7``: it clamps to
+``quant_max``), and symmetric min-max scales put the largest weight on a tie
+(``max|w| / s = 7.5``) that float rounding may break either way. Those weights move by one
+step; with per-tensor weight scales the fold is only approximate.
 """
 
 from __future__ import annotations
