@@ -49,13 +49,39 @@ def test_prepare_folds_swaps_and_observes(model_and_data):
     assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def test_static_w8a8_close_to_fp32_and_w2_further(model_and_data):
-    model, calib, x = model_and_data
-    ref = model(x)
-    err8 = rel_error(quantize_static(model, calib)(x), ref)
-    err2 = rel_error(quantize_static(model, calib, QuantConfig(weight_bits=2))(x), ref)
-    assert err8 < 0.05
-    assert err2 > 3 * err8
+def seeded(name: str, seed: int) -> nn.Module:
+    """A random zoo model with random BatchNorm statistics, all from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    model = create(name, seed=seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) * 1.5 + 0.5)
+    return model.eval()
+
+
+# Bounds at about twice the largest error measured over seeds 0-59 (static) and 0-39 (dynamic)
+# with exactly these models and data (torch 2.x CPU): static W8A8 max 0.0183 (mlp), 0.0095
+# (cnn8), while W8A6 reaches 0.0675 (mlp), 0.0212 (cnn8). Dynamic W8 max 0.0149 (mlp), 0.0091
+# (cnn8), 0.0118 (res16). Ratios: static W2A8 / W8A8 >= 23.7, dynamic W3 / W8 >= 22.8 (bound 10).
+STATIC_W8A8_MAX = {"mlp": 0.037, "cnn8": 0.019}
+DYNAMIC_W8_MAX = {"mlp": 0.03, "cnn8": 0.018, "res16": 0.024}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name", ["mlp", "cnn8"])
+def test_static_w8a8_close_to_fp32_and_w2_further(name, seed):
+    model = seeded(name, seed)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    calib = [torch.randn(32, 1, 8, 8, generator=gen) for _ in range(3)]
+    x = torch.randn(64, 1, 8, 8, generator=gen)
+    with torch.no_grad():
+        ref = model(x)
+        err8 = rel_error(quantize_static(model, calib)(x), ref)
+        err2 = rel_error(quantize_static(model, calib, QuantConfig(weight_bits=2))(x), ref)
+    assert err8 < STATIC_W8A8_MAX[name], err8
+    assert err2 > 10 * err8, (err2, err8)
 
 
 def test_calibrate_accepts_tensors_pairs_loaders_and_counts_batches(capsys):
@@ -125,12 +151,13 @@ def test_dynamic_equals_static_calibrated_on_the_same_batch():
 @pytest.mark.parametrize("name", ["mlp", "cnn8", "res16"])
 def test_dynamic_close_to_fp32(name):
     size = 16 if name == "res16" else 8
-    model = randomize_bn(create(name, seed=None)).eval()
-    x = torch.randn(16, 1, size, size)
-    ref = model(x)
-    err8 = rel_error(quantize_dynamic(model)(x), ref)
-    err3 = rel_error(quantize_dynamic(model, bits=3)(x), ref)
-    assert err8 < 0.05 and err3 > 3 * err8
+    model = seeded(name, 3)
+    x = torch.randn(16, 1, size, size, generator=torch.Generator().manual_seed(2000))
+    with torch.no_grad():
+        ref = model(x)
+        err8 = rel_error(quantize_dynamic(model)(x), ref)
+        err3 = rel_error(quantize_dynamic(model, bits=3)(x), ref)
+    assert err8 < DYNAMIC_W8_MAX[name] and err3 > 10 * err8, (err8, err3)
     dynamic = quantize_dynamic(model)
     assert all(fq.dynamic for name, fq in fake_quantizers(dynamic).items() if name.endswith("input_fq"))
     assert all(not fq.dynamic and fq.quantize for name, fq in fake_quantizers(dynamic).items()
