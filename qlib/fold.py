@@ -68,6 +68,12 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None,
                          f"{bn.num_features} features")
     if bias is not None and bias.shape != (c_out,):
         raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", bn.running_mean),
+                    ("running_var", bn.running_var), ("BatchNorm weight", bn.weight), ("BatchNorm bias", bn.bias)):
+        if t is not None and not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN or infinite values: cannot fold")
+    if (bn.running_var < 0).any():
+        raise ValueError("running_var has negative entries: a variance must be >= 0")
     with torch.no_grad():
         mean, var = bn.running_mean, bn.running_var
         gamma = bn.weight if bn.weight is not None else torch.ones_like(mean)

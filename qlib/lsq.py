@@ -48,6 +48,9 @@ EPS = torch.finfo(torch.float32).eps
 
 def lsq_grad_factor(numel: int, quant_max: int) -> float:
     """LSQ's gradient scale ``g = 1 / sqrt(numel * quant_max)`` (Esser et al., sec. 2.2)."""
+    for name, v in (("numel", numel), ("quant_max", quant_max)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if numel < 1 or quant_max < 1:
         raise ValueError(f"numel and quant_max must be >= 1, got {numel} and {quant_max}")
     return 1.0 / math.sqrt(numel * quant_max)

@@ -17,8 +17,11 @@ __all__ = ["QATConfig"]
 def _int(name: str, value, low: int = 0, none: bool = False) -> None:
     if value is None and none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}{' or None' if none else ''}, got {value!r}")
+    expected = f"{name} must be an int >= {low}{' or None' if none else ''}, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(expected)
+    if value < low:
+        raise ValueError(expected)
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,10 @@ class QATConfig:
         _int("epochs", self.epochs)
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
@@ -73,8 +78,9 @@ class QATConfig:
         _int("calibration_batches", self.calibration_batches, 1)
         _int("seed", self.seed)
         margin = self.early_stop_margin
-        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
-                                   or not margin >= 0):
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+            raise TypeError(f"early_stop_margin must be a number (accuracy points) or None, got {margin!r}")
+        if margin is not None and not margin >= 0:
             raise ValueError(f"early_stop_margin must be >= 0 (accuracy points) or None, got {margin!r}")
         for name in ("bits_schedule", "per_layer"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):

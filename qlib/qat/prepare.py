@@ -33,6 +33,8 @@ METHODS = ("ste", "lsq")
 
 def qat_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{name: layer}`` of the fake-quant layers (those with ``input_fq`` and ``weight_fq``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     return {n: m for n, m in model.named_modules() if hasattr(m, "weight_fq") and hasattr(m, "input_fq")}
 
 
