@@ -1,4 +1,6 @@
-"""Tests for qlib.modules (QuantConfig, FakeQuantize, QuantLinear/QuantConv2d, swap_modules).
+"""Tests for qlib.modules (QuantConfig, QuantLinear/QuantConv2d, swap_modules, frozen state).
+
+FakeQuantize itself is tested in test_fakequant.py.
 
 Reference: torch.ao.quantization's observers (MinMaxObserver, PerChannelMinMaxObserver)
 with torch.fake_quantize_per_tensor_affine / fake_quantize_per_channel_affine, i.e. what
@@ -14,10 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
-from qlib.modules import (FakeQuantize, QuantConfig, QuantConv2d, QuantLinear, fake_quantizers,
-                          quant_layers, set_quant_mode, swap_modules)
-from qlib.observers import make_observer
-from qlib.qparams import PerChannel, PerGroup, PerTensor, qparams_for
+from qlib.modules import (QuantConfig, QuantConv2d, QuantLinear, fake_quantizers, quant_layers, set_quant_mode,
+                          swap_modules)
+from qlib.qparams import PerChannel, PerGroup, PerTensor
 from qlib.quantize import fake_quantize
 
 
@@ -76,71 +77,6 @@ def test_config_rejects_bad_values(kwargs, err):
         QuantConfig(**kwargs)
 
 
-# ----------------------------------------------------------------- FakeQuantize
-def test_fake_quantize_observe_only_is_identity():
-    fq = FakeQuantize(make_observer("minmax"))
-    x = torch.randn(4, 5)
-    assert fq(x) is x
-    assert int(fq.observed_batches) == 1
-
-
-def test_fake_quantize_needs_data():
-    fq = FakeQuantize(make_observer("minmax"))
-    with pytest.raises(ValueError, match="seen no data"):
-        fq.qparams()
-    with pytest.raises(TypeError, match="observer"):
-        FakeQuantize(nn.ReLU())
-
-
-def test_fake_quantize_frozen_matches_torch_and_is_cached():
-    x_calib = torch.randn(64, 10) * 3 + 1
-    fq = FakeQuantize(make_observer("minmax"))
-    fq(x_calib)
-    fq.freeze()
-    x = torch.randn(64, 10) * 4
-    assert torch.equal(fq(x), torch_act_fq(x_calib, x))
-    scale, zp = fq.qparams()
-    fq(x * 100)  # frozen: a wild batch does not move the qparams
-    assert fq.qparams()[0] is scale and fq.qparams()[1] is zp
-
-
-def test_fake_quantize_per_channel_weights_match_torch():
-    w = torch.randn(8, 3, 3, 3)
-    fq = FakeQuantize(QuantConfig().weight_observer_factory())
-    fq(w)
-    fq.freeze()
-    assert torch.equal(fq(w), torch_weight_fq(w))
-
-
-def test_fake_quantize_straight_through_gradient():
-    fq = FakeQuantize(make_observer("minmax"))
-    fq(torch.linspace(-1, 1, 11))
-    fq.freeze()
-    x = torch.tensor([-2.0, -0.5, 0.0, 0.3, 0.99, 3.0], requires_grad=True)
-    fq(x).sum().backward()
-    assert torch.equal(x.grad, torch.tensor([0.0, 1, 1, 1, 1, 0]))
-
-
-def test_fake_quantize_observe_and_quantize_together_follows_the_data():
-    fq = FakeQuantize(make_observer("minmax"))
-    fq.quantize = True  # QAT-style: observe and quantize at once
-    fq(torch.randn(10))
-    s1 = fq.qparams()[0].clone()
-    fq(torch.randn(10) * 50)
-    assert fq.qparams()[0] > s1
-
-
-def test_dynamic_fake_quantize_uses_each_batch():
-    fq = FakeQuantize(make_observer("minmax"), dynamic=True)
-    for _ in range(2):
-        x = torch.randn(16, 7) * torch.rand(()) * 10
-        scale, zp = qparams_for(x, bits=8)
-        assert torch.equal(fq(x), fake_quantize(x, scale, zp, 0, 255))
-    with pytest.raises(ValueError, match="dynamic"):
-        fq.qparams()
-
-
-# ----------------------------------------------------------------- QuantLinear / QuantConv2d
 def test_quant_linear_from_float_copies_and_matches_torch():
     lin = nn.Linear(12, 6)
     state = torch.get_rng_state()
@@ -257,29 +193,6 @@ def test_set_quant_mode():
 
 
 # ----------------------------------------------------------------- observing and frozen state
-def test_eval_mode_records_only_while_calibrating():
-    """Switching ``observe`` on opens a calibration; closing it stops eval-mode recording."""
-    fq = FakeQuantize(make_observer("minmax")).eval()
-    fq(torch.ones(3))
-    assert int(fq.observed_batches) == 1  # the lab contract: observe=True + eval forward records
-    fq.calibrating = False
-    fq(100 * torch.ones(3))
-    assert int(fq.observed_batches) == 1 and fq.observer.max_val.item() == 1.0
-    fq.train()(torch.full((3,), 2.0))  # training always records while observe is on
-    assert int(fq.observed_batches) == 2 and fq.observer.max_val.item() == 2.0
-    fq.eval().observe = True  # switching observe on again reopens it
-    fq(torch.full((3,), 3.0))
-    assert fq.observer.max_val.item() == 3.0
-
-
-def test_calculate_qparams_is_qparams():
-    fq = FakeQuantize(make_observer("minmax"))
-    fq(torch.randn(10, generator=torch.Generator().manual_seed(0)))
-    s1, z1 = fq.calculate_qparams()
-    s2, z2 = fq.qparams()
-    assert torch.equal(s1, s2) and torch.equal(z1, z2)
-
-
 def _frozen_cnn(seed: int):
     gen = torch.Generator().manual_seed(seed)
     model = swap_modules(small_cnn()).eval()

@@ -55,7 +55,7 @@ def test_ste_staircase_matches_torch():
 
 
 def test_w2_qat_beats_ptq(digits8):
-    model = models.pretrained("cnn8", int(torch.randint(0, 3, ())))
+    model = models.pretrained("cnn8", 1)   # a fixed seed: a failure must be reproducible
     ptq = quantize_static(model, calibration_batches(digits8.train), W2A4)
     qat, hist = quantization_aware_training(model, digits8, W2A4, epochs=2, lr=2e-3, progress=False)
     acc_ptq, acc_qat = evaluate(ptq, digits8.test), evaluate(qat, digits8.test)
@@ -203,9 +203,15 @@ def test_benchmark_fast(tmp_path, root):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert {"machine", "versions", "seeds", "rows"} <= set(result)
-    row = result["rows"][0]
-    assert {"model", "config", "fp32", "ptq", "qat", "qat_time_s"} <= set(row)
-    assert row["qat"]["mean"] > row["ptq"]["mean"] - 5
+    rows = {(r["config"], r["method"]): r for r in result["rows"]}
+    assert set(rows) == {("W4A4", "ste"), ("W4A4", "lsq"), ("W2A4", "ste"), ("W2A4", "lsq")}
+    assert all({"model", "config", "fp32", "ptq", "qat", "qat_time_s"} <= set(r) for r in rows.values())
+    # The --fast run (cnn8, 1 epoch on 320 digits) measured over pretrained seeds 0-2 x training
+    # seeds 0-3: W4A4 QAT - PTQ in [-1.7, +1.7] points (one epoch is not expected to gain at 4 bits),
+    # W2A4 in [+11.7, +53.1]. Bounds: twice the worst W4A4 drop, half the smallest W2A4 gain.
+    for method in ("ste", "lsq"):
+        assert rows[("W4A4", method)]["qat"]["mean"] > rows[("W4A4", method)]["ptq"]["mean"] - 3.5
+        assert rows[("W2A4", method)]["qat"]["mean"] > rows[("W2A4", method)]["ptq"]["mean"] + 6
     assert "W4A4" in proc.stdout
 
 
