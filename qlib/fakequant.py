@@ -103,10 +103,20 @@ class FakeQuantize(nn.Module):
             return self.observer.calculate_qparams()
         if self.frozen_scale.numel() == 0:
             scale, zero_point = self.observer.calculate_qparams()
-            self.frozen_scale, self.frozen_zero_point = scale.clone(), zero_point.clone()
-        return self.frozen_scale.to(torch.float32), self.frozen_zero_point.to(torch.int64)
+            self.frozen_scale = scale.to(torch.float32, copy=True)
+            self.frozen_zero_point = zero_point.to(torch.int64, copy=True)
+        return self.frozen_scale, self.frozen_zero_point
 
     qparams = calculate_qparams  # qlib's older name
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.cuda()``, ``.double()``...: the frozen qparams follow the device but keep
+        their dtypes (a scale cast to bfloat16 and back would move the grid)."""
+        scale, zero_point = self.frozen_scale, self.frozen_zero_point
+        super()._apply(fn, *args, **kwargs)
+        self.frozen_scale = scale.to(self.frozen_scale.device)
+        self.frozen_zero_point = zero_point.to(self.frozen_zero_point.device)
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("frozen_scale", "frozen_zero_point"):  # the shape comes with the data

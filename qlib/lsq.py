@@ -239,7 +239,9 @@ class LSQFakeQuantize(nn.Module):
         if not bool(self.initialized):
             raise ValueError("LSQFakeQuantize is not initialized: forward some data first")
         z = self.zero_point.detach().round().clamp(self.quant_min, self.quant_max)
-        return self.scale.detach().clamp_min(EPS).clone(), z.to(torch.int64)
+        return self.scale.detach().clamp_min(EPS).to(torch.float32).clone(), z.to(torch.int64)
+
+    calculate_qparams = qparams  # the torchao / torch.ao name (FakeQuantize has both too)
 
     @torch.no_grad()
     def set_bits(self, bits: int) -> "LSQFakeQuantize":

@@ -287,3 +287,4 @@ def test_lsq_module_under_autocast_and_double():
     fq64.double()
     y64 = fq64(x.double())
     assert y64.dtype == torch.float64 and torch.equal(y64, fq64(x).double())
+    assert fq64.calculate_qparams()[0].dtype == torch.float32

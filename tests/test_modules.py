@@ -239,12 +239,14 @@ def test_frozen_qparams_move_with_to():
     scales = {n: fq.qparams()[0].clone() for n, fq in fake_quantizers(model).items()}
     model.double()
     for name, fq in fake_quantizers(model).items():
-        assert fq.frozen_scale.dtype == torch.float64  # a buffer: it moved with the model
-        assert fq.qparams()[0].dtype == torch.float32 and torch.equal(fq.qparams()[0], scales[name])
+        assert fq.frozen_scale.dtype == torch.float32  # a buffer that keeps its dtype
+        assert torch.equal(fq.qparams()[0], scales[name])
     y64 = model(x.double())
     assert y64.dtype == torch.float64
     torch.testing.assert_close(y64, want.double(), rtol=1e-4, atol=1e-5)
     assert torch.equal(model.float()(x), want)
+    model.bfloat16().float()  # a lossy round trip for floats: the frozen scales keep their bits
+    assert all(torch.equal(fq.qparams()[0], scales[n]) for n, fq in fake_quantizers(model).items())
     if torch.cuda.is_available():
         cuda = copy.deepcopy(model).cuda()
         assert all(fq.qparams()[0].is_cuda for fq in fake_quantizers(cuda).values())
