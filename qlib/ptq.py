@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batching import eval_mode, input_batches, model_device
+from .batching import eval_mode, input_batches, model_device, model_dtype
 from .fold import fold_batchnorm
 from .modules import FakeQuantize, QuantConfig, fake_quantizers, set_quant_mode, swap_modules
 
@@ -55,7 +55,7 @@ def calibrate(model: nn.Module, data, max_batches: int | None = None) -> nn.Modu
 
     ``data``: a tensor (one batch), a ``TensorDataset``, a DataLoader, or an iterable of
     tensors or of ``(x, y)`` batches; only ``x`` is used, moved to the model's device
-    (``qlib.batching.input_batches``). ``max_batches`` stops early. Every quantizer whose
+    and floating dtype (``qlib.batching.input_batches``). ``max_batches`` stops early. Every quantizer whose
     ``observe`` switch is on records; the run is in eval mode under ``torch.no_grad`` with a
     progress bar (hidden when the output is not a terminal), and the model's modes are
     restored afterwards, also when an exception is raised. When it returns, the calibration is
@@ -77,7 +77,8 @@ def calibrate(model: nn.Module, data, max_batches: int | None = None) -> nn.Modu
     total = min(len(data), max_batches or len(data)) if hasattr(data, "__len__") else max_batches
     if isinstance(data, torch.Tensor):
         total = 1
-    batches = itertools.islice(input_batches(data, device=model_device(model)), max_batches)
+    batches = itertools.islice(input_batches(data, device=model_device(model), dtype=model_dtype(model)),
+                               max_batches)
     seen = 0
     for fq in observing:
         fq.calibrating = True

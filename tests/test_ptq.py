@@ -211,3 +211,18 @@ def test_calibrate_again_adds_to_the_ranges():
     calibrate(prepared, 10 * torch.randn(16, 1, 8, 8, generator=gen))
     assert all(int(fq.observed_batches) == 2 for fq in fake_quantizers(prepared).values()
                if fq.observe)
+
+
+def test_calibrate_feeds_batches_in_the_model_dtype():
+    """Batches go through qlib.batching: float32 data calibrates a float64 model (it used to fail
+    inside torch's conv), from a tensor or a DataLoader of (x, y) pairs alike."""
+    gen = torch.Generator().manual_seed(5)
+    model = seeded("cnn8", 0).double()
+    data = torch.randn(16, 1, 8, 8, generator=gen, dtype=torch.float64)
+    a = calibrate(prepare(model), data.float())
+    b = calibrate(prepare(model), DataLoader(TensorDataset(data.float(), torch.zeros(16)), batch_size=16))
+    for (name, fa), fb in zip(fake_quantizers(a).items(), fake_quantizers(b).values()):
+        assert int(fa.observed_batches) == 1, name
+        assert torch.equal(fa.observer.min_val, fb.observer.min_val), name
+    x = data.float()
+    assert convert(a)(x.double()).dtype == torch.float64

@@ -20,7 +20,7 @@ import itertools
 import torch
 from torch import nn
 
-from ..batching import eval_mode, input_batches, model_device
+from ..batching import eval_mode, input_batches, model_device, model_dtype
 from ..fold import find_layer_bn_pairs, fold_batchnorm
 from ..lsq import LSQFakeQuantize
 from ..modules import FakeQuantize, QuantConfig, swap_modules
@@ -90,7 +90,7 @@ def calibrate_qat(model: nn.Module, data, batches: int = 4) -> nn.Module:
     """Start every activation quantizer from the float activations of ``batches`` batches.
 
     ``data``: anything ``qlib.batching.input_batches`` accepts (a DataLoader of ``(x, y)``...),
-    moved to the model's device. Runs in eval mode under ``torch.no_grad`` (the model's modes
+    moved to the model's device and floating dtype. Runs in eval mode under ``torch.no_grad`` (the model's modes
     are restored afterwards, also on an exception). STE activations then observe *and*
     quantize (QAT); LSQ activations take their initial step size. Returns ``model``.
     """
@@ -107,7 +107,8 @@ def calibrate_qat(model: nn.Module, data, batches: int = 4) -> nn.Module:
     seen = 0
     try:
         with eval_mode(model), torch.no_grad():
-            for x in itertools.islice(input_batches(data, device=model_device(model)), batches):
+            for x in itertools.islice(input_batches(data, device=model_device(model), dtype=model_dtype(model)),
+                                            batches):
                 if x.is_floating_point() and not torch.isfinite(x).all():
                     raise ValueError(f"calibration batch {seen} contains NaN or infinite values")
                 model(x)

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import runtime
-from ..batching import model_device, to_device
+from ..batching import model_device, model_dtype, to_device
 from ..lsq import LSQFakeQuantize
 from ..modules import QuantConfig
 from ..train import as_loader, evaluate, train_epoch
@@ -52,10 +52,11 @@ def split_data(data):
 
 
 class _OnDevice:
-    """A loader whose batches arrive on ``device`` (keeps ``len`` for the learning-rate schedule)."""
+    """A loader whose batches arrive on ``device``, floating inputs in ``dtype`` (labels keep theirs);
+    it keeps ``len`` for the learning-rate schedule."""
 
-    def __init__(self, loader, device):
-        self.loader, self.device = loader, device
+    def __init__(self, loader, device, dtype):
+        self.loader, self.device, self.dtype = loader, device, dtype
 
     def __len__(self):
         return len(self.loader)
@@ -64,7 +65,7 @@ class _OnDevice:
         # not iter_batches: its type check calls iter(loader) once more, which draws from a
         # shuffling DataLoader's generator and would change the training order
         for x, y in self.loader:
-            yield to_device(x, self.device), to_device(y, self.device)
+            yield to_device(x, self.device, self.dtype), to_device(y, self.device)
 
 
 def _optimizer(qmodel: nn.Module, recipe: QATConfig, steps: int):
@@ -102,7 +103,8 @@ def quantization_aware_training(model: nn.Module, data, config: QuantConfig | No
     fp32_val = evaluate(model, val_data) if val_data is not None else None
     if 0 in schedule:
         set_bits(qmodel, *schedule[0])
-    loader = _OnDevice(as_loader(train_data, recipe.batch_size, shuffle=True, seed=recipe.seed), model_device(qmodel))
+    loader = _OnDevice(as_loader(train_data, recipe.batch_size, shuffle=True, seed=recipe.seed),
+                       model_device(qmodel), model_dtype(qmodel))
     calibrate_qat(qmodel, loader, recipe.calibration_batches)
     history = {"loss": [], "val_acc": [], "weight_bits": [], "act_bits": [], "lr": [],
                "step_sizes": {k: [v] for k, v in step_sizes(qmodel).items()}, "fp32_val_acc": fp32_val,
