@@ -14,7 +14,8 @@ We fold *before* quantizing: the integer kernel then has one weight tensor and o
 quantize, and the quantization error is measured on the weights that really run.
 
 ``fold_bn`` is the formula on tensors; ``fold_batchnorm`` applies it to a whole model. It
-finds "layer -> BatchNorm" pairs with ``torch.fx`` symbolic tracing, which sees the real
+finds "layer -> BatchNorm" pairs (``find_layer_pairs``, which also finds "layer -> next
+layer" pairs for cross-layer equalization) with ``torch.fx`` symbolic tracing, which sees the real
 data flow: the same code handles ``nn.Sequential`` chains and residual blocks written with a
 custom ``forward``. A pair is folded only when the layer's output feeds the BatchNorm and
 nothing else (otherwise the other consumer would see the changed output).
@@ -28,15 +29,20 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.fx import symbolic_trace
 
+from .modules import set_submodule
+
 FOLDABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """Layers whose weight has its output channels on axis 0 (so a BN folds into them)."""
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+_set_submodule = set_submodule  # the old private name (qlib.intmodel imports it); use set_submodule
 
 
 def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None,
@@ -62,6 +68,12 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None,
                          f"{bn.num_features} features")
     if bias is not None and bias.shape != (c_out,):
         raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", bn.running_mean),
+                    ("running_var", bn.running_var), ("BatchNorm weight", bn.weight), ("BatchNorm bias", bn.bias)):
+        if t is not None and not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN or infinite values: cannot fold")
+    if (bn.running_var < 0).any():
+        raise ValueError("running_var has negative entries: a variance must be >= 0")
     with torch.no_grad():
         mean, var = bn.running_mean, bn.running_var
         gamma = bn.weight if bn.weight is not None else torch.ones_like(mean)
@@ -73,52 +85,98 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None,
     return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    """``root.<name> = module`` for a dotted name such as ``"layer1.0.bn1"``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
+class LayerPair(NamedTuple):
+    """A layer and the module its output flows into: names as in ``model.named_modules()``.
+
+    ``between``: the modules passed on the way (empty for direct neighbours), in order.
+    """
+
+    first: str
+    second: str
+    between: tuple[str, ...] = ()
+
+
+def find_layer_pairs(model: nn.Module, second=BATCHNORMS, first=FOLDABLE_LAYERS,
+                     through: tuple[type, ...] = ()) -> list[LayerPair]:
+    """Every ``first`` layer whose output flows only into a ``second`` module, ``through`` nothing
+    but modules of the ``through`` types.
+
+    ``first``/``second``/``through``: module classes (or tuples of them). Examples:
+    BN folding is ``find_layer_pairs(model)`` (a conv/linear feeding a BatchNorm); cross-layer
+    equalization is ``find_layer_pairs(model, second=(nn.Conv2d, nn.Linear),
+    through=(nn.ReLU, nn.MaxPool2d, ...))`` (the next layer across positive-homogeneous modules).
+
+    Traces ``model`` with ``torch.fx``, which sees the real data flow (custom ``forward``,
+    residual blocks). A pair is kept only if every output on the way has a single consumer
+    (otherwise that other consumer would see the changed values) and ``first`` and ``second`` are
+    each called once (a shared module cannot be changed for one of its uses). If the model
+    cannot be traced, falls back to neighbouring children of ``nn.Sequential`` containers,
+    with a warning. Returns ``LayerPair(first, second, between)`` in graph order.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    for name, kinds in (("first", first), ("second", second), ("through", through)):
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if not all(isinstance(k, type) and issubclass(k, nn.Module) for k in kinds):
+            raise TypeError(f"{name} must be an nn.Module class or a tuple of them, got {kinds!r}")
+    try:
+        graph = symbolic_trace(model).graph
+    except Exception as err:  # noqa: BLE001 - any tracing failure means "use the fallback"
+        warnings.warn(f"torch.fx could not trace the model ({type(err).__name__}: {err}); "
+                      "pairing only neighbours inside nn.Sequential", stacklevel=2)
+        return _sequential_pairs(model, second, first, through)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    module = lambda node: model.get_submodule(node.target) if node.op == "call_module" else None  # noqa: E731
+    pairs = []
+    for node in graph.nodes:
+        if not isinstance(module(node), first) or calls[node.target] != 1:
+            continue
+        cur, between = node, []
+        while len(cur.users) == 1:
+            nxt = next(iter(cur.users))
+            if not (nxt.args and nxt.args[0] is cur):
+                break  # the value is not the main input of the next op
+            m = module(nxt)
+            if isinstance(m, second):
+                if calls[nxt.target] == 1:
+                    pairs.append(LayerPair(node.target, nxt.target, tuple(between)))
+                break
+            if not isinstance(m, through):
+                break
+            between.append(nxt.target)
+            cur = nxt
+    return pairs
 
 
 def find_layer_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """Names ``(layer, bn)`` of every foldable layer whose output feeds only a BatchNorm.
 
-    Traces ``model`` with ``torch.fx``. If it cannot be traced (data-dependent control
-    flow), falls back to adjacent children of ``nn.Sequential`` containers, with a warning.
-    A module called more than once (shared weights) is never folded.
+    ``find_layer_pairs(model)`` without the ``between`` part: see there.
     """
-    try:
-        graph = symbolic_trace(model).graph
-    except Exception as err:  # noqa: BLE001 - any tracing failure means "use the fallback"
-        warnings.warn(f"torch.fx could not trace the model ({type(err).__name__}: {err}); "
-                      "folding only Layer->BatchNorm neighbours inside nn.Sequential",
-                      stacklevel=2)
-        return _sequential_pairs(model)
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), BATCHNORMS):
-            continue
-        src = node.args[0] if node.args else None
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and isinstance(model.get_submodule(src.target), FOLDABLE_LAYERS)
-                and len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1):
-            pairs.append((src.target, node.target))
-    return pairs
+    return [(p.first, p.second) for p in find_layer_pairs(model)]
 
 
-def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+def _sequential_pairs(model: nn.Module, second, first, through) -> list[LayerPair]:
     pairs = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Sequential):
-            children = list(module.named_children())
-            for (n1, m1), (n2, m2) in zip(children, children[1:]):
-                if isinstance(m1, FOLDABLE_LAYERS) and isinstance(m2, BATCHNORMS):
-                    prefix = f"{name}." if name else ""
-                    pairs.append((prefix + n1, prefix + n2))
+        if not isinstance(module, nn.Sequential):
+            continue
+        prefix = f"{name}." if name else ""
+        children = list(module.named_children())
+        for i, (n1, m1) in enumerate(children):
+            if not isinstance(m1, first):
+                continue
+            between = []
+            for n2, m2 in children[i + 1:]:
+                if isinstance(m2, second):
+                    pairs.append(LayerPair(prefix + n1, prefix + n2, tuple(between)))
+                    break
+                if not isinstance(m2, through):
+                    break
+                between.append(prefix + n2)
     return pairs
 
 
@@ -140,5 +198,5 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         weight, bias = fold_bn(layer.weight, layer.bias, bn)
         layer.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
         layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
-        _set_submodule(folded, bn_name, nn.Identity())
+        set_submodule(folded, bn_name, nn.Identity())
     return folded

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .fold import _set_submodule
+from .modules import set_submodule as _set_submodule
 from .intops import IntConv2d, IntLinear, _check_int32, multiply_by_quantized_multiplier, \
     quantize_multiplier, requantize
 from .modules import FakeQuantize, QuantConv2d, QuantLinear

@@ -48,6 +48,9 @@ EPS = torch.finfo(torch.float32).eps
 
 def lsq_grad_factor(numel: int, quant_max: int) -> float:
     """LSQ's gradient scale ``g = 1 / sqrt(numel * quant_max)`` (Esser et al., sec. 2.2)."""
+    for name, v in (("numel", numel), ("quant_max", quant_max)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if numel < 1 or quant_max < 1:
         raise ValueError(f"numel and quant_max must be >= 1, got {numel} and {quant_max}")
     return 1.0 / math.sqrt(numel * quant_max)
@@ -106,7 +109,7 @@ class LearnableFakeQuantizeFn(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, scale, z = ctx.saved_tensors
         d_x, d_scale, d_zp = lsq_gradients(x, grad_output, scale, z, *ctx.quant_range)
-        g = torch.tensor(ctx.grad_factor, dtype=torch.float32)
+        g = torch.tensor(ctx.grad_factor, dtype=torch.float32, device=x.device)
         dims = [d for d in range(x.dim()) if scale.shape[d] == 1]      # all but the channel axis
         d_scale = (d_scale * g).sum(dims, keepdim=True) if dims else d_scale * g
         d_zp = (d_zp * g).sum(dims, keepdim=True) if dims else d_zp * g
@@ -117,22 +120,25 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point, quant_mi
                       axis: int | None = None, grad_factor: float = 1.0) -> torch.Tensor:
     """Fake-quantize ``x`` with a learnable ``scale`` (and zero point): LSQ.
 
-    ``x`` float32; ``scale`` float32 of 1 element (``axis=None``) or ``(x.shape[axis],)``;
-    ``zero_point`` the same shape, float (learnable) or integer. Same values as
-    :func:`qlib.quantize.fake_quantize`; gradients flow to whichever inputs require them.
+    ``x``: any floating dtype (float32, float64, bfloat16, float16: autocast works). As in
+    :func:`qlib.quantize.fake_quantize`, the arithmetic is float32, the bits of PyTorch's
+    kernels: ``x`` is cast to float32 on the way in and the result back to ``x.dtype`` (so the
+    gradient for ``x`` arrives in ``x.dtype``). ``scale``: a floating tensor (a parameter, to
+    learn it) of 1 element (``axis=None``) or ``(x.shape[axis],)``; ``zero_point`` the same
+    shape, float (learnable) or integer; their gradients arrive in their own dtypes. Same
+    values as :func:`qlib.quantize.fake_quantize`.
     """
     check_tensor(x)
     check_quant_range(quant_min, quant_max)
-    if x.dtype != torch.float32:
-        raise TypeError(f"x must be float32, got {x.dtype}")
-    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
-        raise TypeError("scale must be a float32 tensor (a parameter, to learn it)")
-    zero_point = torch.as_tensor(zero_point, device=x.device).to(torch.float32)
+    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+        raise TypeError("scale must be a floating-point tensor (a parameter, to learn it)")
+    zero_point = torch.as_tensor(zero_point, device=x.device)
+    zero_point = zero_point.to(torch.float32) if not zero_point.is_floating_point() else zero_point
     if not (torch.isfinite(scale).all() and (scale > 0).all()):
         raise ValueError("scale must be finite and > 0 everywhere")
     if not torch.isfinite(zero_point).all():
         raise ValueError("zero_point must be finite")
-    if not 0 <= grad_factor < math.inf:
+    if isinstance(grad_factor, bool) or not isinstance(grad_factor, (int, float)) or not 0 <= grad_factor < math.inf:
         raise ValueError(f"grad_factor must be finite and >= 0, got {grad_factor}")
     view = [1] * x.dim()
     if axis is not None:
@@ -145,8 +151,10 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point, quant_mi
         if t.numel() != n:
             raise ValueError(f"{name} must hold {n} value(s) ({'per-tensor' if axis is None else 'one per channel'}), "
                              f"got shape {tuple(t.shape)}")
-    return LearnableFakeQuantizeFn.apply(x, scale.reshape(view), zero_point.reshape(view),
-                                         quant_min, quant_max, axis, float(grad_factor))
+    f32 = torch.float32  # .to() is differentiable: each gradient goes back in its tensor's dtype
+    y = LearnableFakeQuantizeFn.apply(x.to(f32), scale.to(f32).reshape(view), zero_point.to(f32).reshape(view),
+                                      quant_min, quant_max, axis, float(grad_factor))
+    return y.to(x.dtype)
 
 
 class LSQFakeQuantize(nn.Module):
@@ -231,7 +239,9 @@ class LSQFakeQuantize(nn.Module):
         if not bool(self.initialized):
             raise ValueError("LSQFakeQuantize is not initialized: forward some data first")
         z = self.zero_point.detach().round().clamp(self.quant_min, self.quant_max)
-        return self.scale.detach().clamp_min(EPS).clone(), z.to(torch.int64)
+        return self.scale.detach().clamp_min(EPS).to(torch.float32).clone(), z.to(torch.int64)
+
+    calculate_qparams = qparams  # the torchao / torch.ao name (FakeQuantize has both too)
 
     @torch.no_grad()
     def set_bits(self, bits: int) -> "LSQFakeQuantize":

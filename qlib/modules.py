@@ -7,19 +7,12 @@ and in experiments we *simulate* that in float ("fake quantization")::
     w_dq = fake_quantize(W)          weight: symmetric, per-channel (output channels), signed
     y    = linear(x_dq, w_dq, b)     the bias stays float (the integer kernel keeps it in int32)
 
-Each ``fake_quantize`` is a ``FakeQuantize`` module holding an observer. Two switches
-drive it, as in ``torch.ao.quantization.FakeQuantize``:
-
-- ``observe``: the observer records the tensors that flow by (calibration);
-- ``quantize``: the tensor is replaced by its fake-quantized version.
-
-PTQ calibrates with ``observe=True, quantize=False``, then freezes (``observe=False,
-quantize=True``: the qparams are computed once and cached). QAT uses both at once.
-``dynamic=True`` instead computes min-max qparams from every incoming batch.
+Each ``fake_quantize`` is a ``FakeQuantize`` module (``qlib.fakequant``: an observer and two
+switches, ``observe`` and ``quantize``; re-exported here).
 
 ``QuantConfig`` says how to quantize (bits, symmetric, granularity, observer);
 ``swap_modules`` replaces every ``nn.Linear``/``nn.Conv2d`` of a model by
-``QuantLinear``/``QuantConv2d`` built with ``from_float``.
+``QuantLinear``/``QuantConv2d`` built with ``from_float`` (``set_submodule`` does the surgery).
 """
 
 from __future__ import annotations
@@ -31,12 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fold import _set_submodule
+from .fakequant import FakeQuantize
 from .observers import make_observer
-from .qparams import PerChannel, PerGroup, PerTensor, choose_qparams, minmax
-from .quantize import fake_quantize
+from .qparams import PerChannel, PerGroup, PerTensor
 
-__all__ = ["QuantConfig", "FakeQuantize", "QuantLinear", "QuantConv2d", "QUANT_MODULES",
+__all__ = ["QuantConfig", "FakeQuantize", "QuantLinear", "QuantConv2d", "QUANT_MODULES", "set_submodule",
            "swap_modules", "quant_layers", "fake_quantizers", "set_quant_mode"]
 
 _GRANULARITIES = (PerTensor, PerChannel, PerGroup)
@@ -88,80 +80,6 @@ class QuantConfig:
         return make_observer(self.act_observer, bits=self.act_bits, symmetric=self.act_symmetric,
                              granularity=self.act_granularity, signed=self.act_signed,
                              **self.act_observer_kwargs)
-
-
-class FakeQuantize(nn.Module):
-    """Observer + ``fake_quantize``, switched by ``observe``/``quantize`` (module docstring).
-
-    ``forward(x)`` returns a tensor of ``x``'s shape. ``qparams()`` gives the
-    ``(scale, zero_point)`` in use; once ``observe`` is off they are computed once and cached.
-    ``observed_batches`` counts the tensors the observer has seen (a buffer, so it survives
-    ``state_dict``).
-    """
-
-    def __init__(self, observer: nn.Module, dynamic: bool = False):
-        super().__init__()
-        if not isinstance(observer, nn.Module) or not hasattr(observer, "calculate_qparams"):
-            raise TypeError(f"observer must be a qlib observer module, got {type(observer).__name__}")
-        self.observer = observer
-        self.dynamic = dynamic
-        self.observe = not dynamic
-        self.quantize = dynamic
-        self.register_buffer("observed_batches", torch.tensor(0))
-        self._cached = None
-
-    quant_min = property(lambda self: self.observer.quant_min)
-    quant_max = property(lambda self: self.observer.quant_max)
-    bits = property(lambda self: self.observer.bits)
-    granularity = property(lambda self: self.observer.granularity)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic:
-            return self._fake_quantize(x, *self.batch_qparams(x))
-        if self.observe:
-            self.observer(x.detach())
-            self.observed_batches += 1
-            self._cached = None
-        if not self.quantize:
-            return x
-        return self._fake_quantize(x, *self.qparams())
-
-    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale float32, zero_point int64)`` from the observer; cached once frozen."""
-        if self.dynamic:
-            raise ValueError("a dynamic FakeQuantize has no fixed qparams: they come from each batch")
-        if int(self.observed_batches) == 0:
-            raise ValueError("this observer has seen no data: run calibration (qlib.ptq.calibrate) first")
-        if self.observe:
-            return self.observer.calculate_qparams()
-        if self._cached is None:
-            self._cached = self.observer.calculate_qparams()
-        return self._cached
-
-    def batch_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Min-max qparams of ``x`` alone (dynamic quantization), with the observer's settings."""
-        min_val, max_val = minmax(x.detach(), self.granularity)
-        return choose_qparams(min_val, max_val, self.quant_min, self.quant_max, self.observer.symmetric)
-
-    def freeze(self) -> "FakeQuantize":
-        """Stop observing, start quantizing with the qparams computed now."""
-        if not self.dynamic:
-            self.observe, self.quantize, self._cached = False, True, None
-            self.qparams()
-        return self
-
-    def _fake_quantize(self, x, scale, zero_point):
-        g = self.granularity
-        if isinstance(g, PerChannel):
-            return fake_quantize(x, scale, zero_point, self.quant_min, self.quant_max, axis=g.axis)
-        if isinstance(g, PerGroup):
-            return fake_quantize(x, scale, zero_point, self.quant_min, self.quant_max,
-                                 axis=g.axis, group_size=g.group_size)
-        return fake_quantize(x, scale, zero_point, self.quant_min, self.quant_max)
-
-    def extra_repr(self) -> str:
-        mode = "dynamic" if self.dynamic else f"observe={self.observe}, quantize={self.quantize}"
-        return f"bits={self.bits}, {mode}"
 
 
 def _quantizers(config: QuantConfig) -> tuple[FakeQuantize, FakeQuantize]:
@@ -233,22 +151,50 @@ def _copy_params(src: nn.Module, dst: nn.Module) -> None:
     dst.train(src.training)
 
 
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """``root.<name> = module`` for a dotted name such as ``"layer1.0.bn1"`` (module surgery).
+
+    ``name`` must name an existing submodule (``root.get_submodule(name)``); the empty name
+    (``root`` itself) cannot be replaced in place: use the returned module instead.
+    """
+    if not isinstance(root, nn.Module) or not isinstance(module, nn.Module):
+        raise TypeError(f"root and module must be nn.Modules, got {type(root).__name__} and {type(module).__name__}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty dotted submodule name, got {name!r}")
+    root.get_submodule(name)  # AttributeError naming the missing part if it does not exist
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
 QUANT_MODULES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
 """Float class -> fake-quant class. Matched by exact type, as torch.ao's mappings are."""
 
 
+def _module(model) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    return model
+
+
 def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{name: module}`` of the float layers ``swap_modules`` would replace."""
-    return {name: m for name, m in model.named_modules() if type(m) in QUANT_MODULES}
+    return {name: m for name, m in _module(model).named_modules() if type(m) in QUANT_MODULES}
 
 
 def fake_quantizers(model: nn.Module) -> dict[str, FakeQuantize]:
     """``{name: FakeQuantize}`` of every fake quantizer in ``model``."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantize)}
+    return {name: m for name, m in _module(model).named_modules() if isinstance(m, FakeQuantize)}
 
 
 def set_quant_mode(model: nn.Module, observe: bool | None = None, quantize: bool | None = None) -> nn.Module:
-    """Set the ``observe``/``quantize`` switches of every (non-dynamic) FakeQuantize; None keeps them."""
+    """Set the ``observe``/``quantize`` switches of every (non-dynamic) FakeQuantize; None keeps them.
+
+    Switching ``observe`` on opens a calibration (eval-mode forwards record: module docstring).
+    """
+    for name, value in (("observe", observe), ("quantize", quantize)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be True, False or None, got {value!r}")
     for fq in fake_quantizers(model).values():
         if not fq.dynamic:
             fq.observe = fq.observe if observe is None else bool(observe)
@@ -263,8 +209,7 @@ def swap_modules(model: nn.Module, config: QuantConfig | None = None,
     ``per_layer`` maps layer names (as in ``model.named_modules()``) to their own
     ``QuantConfig``, or to ``None`` to keep that layer in float. ``model`` is unchanged.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    _module(model)
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
@@ -287,5 +232,5 @@ def swap_modules(model: nn.Module, config: QuantConfig | None = None,
         quantized = QUANT_MODULES[type(layer)].from_float(layer, cfg)
         if name == "":
             return quantized  # the model is a single layer
-        _set_submodule(model, name, quantized)
+        set_submodule(model, name, quantized)
     return model

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .batching import eval_mode, input_batches, model_device, model_dtype
 from .fold import fold_batchnorm
 from .modules import FakeQuantize, QuantConfig, fake_quantizers, set_quant_mode, swap_modules
 
@@ -40,53 +41,58 @@ def prepare(model: nn.Module, config: QuantConfig | None = None,
     BatchNorms are folded first (``qlib.fold.fold_batchnorm``: layer names do not change,
     so ``per_layer`` uses the names of the original model), then every ``nn.Linear`` and
     ``nn.Conv2d`` is swapped for its fake-quant twin (``qlib.modules.swap_modules``) with
-    observers on and quantization off.
+    observers on and quantization off. Its observers record only inside ``calibrate`` (or
+    in training mode): evaluating the prepared model does not move its ranges.
     """
-    prepared = swap_modules(fold_batchnorm(model), config, per_layer)
-    return set_quant_mode(prepared, observe=True, quantize=False).eval()
-
-
-def _batches(data):
-    if isinstance(data, torch.Tensor):
-        return [data]  # one tensor is one batch (iterating it would give single samples)
-    try:
-        iter(data)
-        return data
-    except TypeError:
-        raise TypeError(f"calibration data must be a tensor, an iterable of batches or a DataLoader, "
-                        f"got {type(data).__name__}") from None
-
-
-def _inputs(batch) -> torch.Tensor:
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"each batch must be a tensor or an (x, y) pair, got {type(x).__name__}")
-    return x
+    prepared = set_quant_mode(swap_modules(fold_batchnorm(model), config, per_layer), observe=True, quantize=False)
+    for fq in fake_quantizers(prepared).values():
+        fq.calibrating = False  # eval-mode forwards record only inside calibrate
+    return prepared.eval()
 
 
 def calibrate(model: nn.Module, data, max_batches: int | None = None) -> nn.Module:
     """Run ``data`` through a prepared ``model`` so that its observers record ranges.
 
-    ``data``: a tensor (one batch), an iterable of tensors or of ``(x, y)`` batches, or a
-    DataLoader; only ``x`` is used. ``max_batches`` stops early. Runs in eval mode under
-    ``torch.no_grad`` with a progress bar (hidden when the output is not a terminal).
-    Updates ``model`` in place and returns it.
+    ``data``: a tensor (one batch), a ``TensorDataset``, a DataLoader, or an iterable of
+    tensors or of ``(x, y)`` batches; only ``x`` is used, moved to the model's device
+    and floating dtype (``qlib.batching.input_batches``). ``max_batches`` stops early. Every quantizer whose
+    ``observe`` switch is on records; the run is in eval mode under ``torch.no_grad`` with a
+    progress bar (hidden when the output is not a terminal), and the model's modes are
+    restored afterwards, also when an exception is raised. When it returns, the calibration is
+    closed (``calibrating = False``): evaluating the model later does not move its ranges, and
+    calling ``calibrate`` again adds more data. Updates ``model`` in place and returns it.
     """
-    if not fake_quantizers(model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    fqs = fake_quantizers(model)
+    if not fqs:
         raise ValueError("the model has no quantizers to calibrate: call qlib.ptq.prepare first")
+    observing = [fq for fq in fqs.values() if fq.observe]
+    if not observing:
+        raise ValueError("no quantizer of the model has observe=True (is it converted already?): "
+                         "calibrate a prepared model, or set_quant_mode(model, observe=True, quantize=False)")
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
-    device = next(model.parameters()).device
-    data = _batches(data)
     total = min(len(data), max_batches or len(data)) if hasattr(data, "__len__") else max_batches
-    batches = itertools.islice(data, max_batches)
+    if isinstance(data, torch.Tensor):
+        total = 1
+    batches = itertools.islice(input_batches(data, device=model_device(model), dtype=model_dtype(model)),
+                               max_batches)
     seen = 0
-    model.eval()
-    with torch.no_grad():
-        for batch in tqdm(batches, total=total, desc="calibrate", disable=None, leave=False):
-            model(_inputs(batch).to(device))
-            seen += 1
+    for fq in observing:
+        fq.calibrating = True
+    try:
+        with eval_mode(model), torch.no_grad():
+            for x in tqdm(batches, total=total, desc="calibrate", disable=None, leave=False):
+                if x.is_floating_point() and not torch.isfinite(x).all():
+                    raise ValueError(f"calibration batch {seen} contains NaN or infinite values: "
+                                     "the observers would record them")
+                model(x)
+                seen += 1
+    finally:
+        for fq in observing:
+            fq.calibrating = False
     if seen == 0:
         raise ValueError("calibration data is empty: give at least one batch")
     return model
@@ -141,3 +147,13 @@ def quantize_dynamic(model: nn.Module, bits: int = 8, config: QuantConfig | None
 def _fake_quant_layers(model: nn.Module) -> list[nn.Module]:
     """The fake-quant layers (``QuantLinear``/``QuantConv2d``) of ``model``."""
     return [m for m in model.modules() if isinstance(getattr(m, "weight_fq", None), FakeQuantize)]
+
+
+def _batches(data):
+    """Deprecated (``qlib.engines`` still imports it): use ``qlib.batching.input_batches``."""
+    return input_batches(data)
+
+
+def _inputs(batch) -> torch.Tensor:
+    """Deprecated companion of ``_batches``: its items are already inputs."""
+    return batch

@@ -205,8 +205,10 @@ def test_errors():
         LSQFakeQuantize(bits=4).set_bits(17)
     with pytest.raises(TypeError, match="PerTensor"):
         LSQFakeQuantize(granularity=PerGroup(2))
-    with pytest.raises(TypeError, match="float32"):
-        lsq_fake_quantize(x.double(), s, 0.0, 0, 15)
+    with pytest.raises(TypeError, match="floating"):
+        lsq_fake_quantize(x.to(torch.int32), s, 0.0, 0, 15)
+    with pytest.raises(TypeError, match="scale"):
+        lsq_fake_quantize(x, torch.tensor([1]), 0.0, 0, 15)
     with pytest.raises(TypeError, match="scale"):
         lsq_fake_quantize(x, 0.1, 0.0, 0, 15)
     with pytest.raises(ValueError, match="scale"):
@@ -224,3 +226,65 @@ def test_errors():
     with pytest.raises(ValueError, match="unknown observer"):
         LSQFakeQuantize(init="nonsense")
     assert isinstance(PerTensor(), PerTensor)
+
+
+# ----------------------------------------------------------------- gradient scale and dtypes
+@pytest.mark.parametrize("batch_axis, shape", [(0, (8, 5)), (1, (5, 8)), (0, (4, 3, 2, 2))])
+def test_gradient_scale_counts_the_features_of_one_sample(batch_axis, shape):
+    """``g = 1/sqrt(N qmax)`` with ``N`` the elements of one sample along ``batch_axis`` (kills the
+    mutant that ignores ``batch_axis`` and counts the whole batch)."""
+    gen = torch.Generator().manual_seed(sum(shape) + batch_axis)
+    x, dy = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    fq = LSQFakeQuantize(bits=4, init="minmax", batch_axis=batch_axis)
+    fq.calibrating = True
+    fq(x)
+    fq.calibrating = False
+    fq.initialize()
+    fq(x).backward(dy)
+    n = x.numel() // x.shape[batch_axis]
+    s = fq.scale.detach().clone().requires_grad_(True)
+    z = fq.zero_point.detach().clone().requires_grad_(True)
+    lsq_fake_quantize(x, s, z, 0, 15, grad_factor=lsq_grad_factor(n, 15)).backward(dy)
+    assert torch.equal(fq.scale.grad, s.grad) and torch.equal(fq.zero_point.grad, z.grad)
+    assert lsq_grad_factor(n, 15) != lsq_grad_factor(x.numel(), 15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_lsq_fake_quantize_works_in_the_dtype_of_its_input(dtype):
+    """Regression: float32 only (autocast failed). Computed in float32 as qlib.fake_quantize is:
+    the values and gradients are the float32 ones, cast to the input's dtype."""
+    gen = torch.Generator().manual_seed(7)
+    x = (3 * torch.randn(6, 10, generator=gen)).to(dtype)
+    dy = torch.randn(6, 10, generator=gen).to(dtype)
+    results = []
+    for xs in (x.clone(), x.float()):
+        xs.requires_grad_(True)
+        s, z = torch.tensor([0.2], requires_grad=True), torch.tensor([7.3], requires_grad=True)
+        y = lsq_fake_quantize(xs, s, z, 0, 15, grad_factor=0.5)
+        y.backward(dy.to(xs.dtype))
+        results.append((y.detach(), xs.grad, s.grad, z.grad))
+    (y, dx, ds, dz), (y32, dx32, ds32, dz32) = results
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert torch.equal(y, y32.to(dtype)) and torch.equal(dx, dx32.to(dtype))
+    assert torch.equal(ds, ds32) and torch.equal(dz, dz32)
+    s64 = torch.tensor([0.2], dtype=torch.float64, requires_grad=True)  # a module moved by .double()
+    lsq_fake_quantize(x.float(), s64, 7.0, 0, 15).sum().backward()
+    assert s64.grad.dtype == torch.float64
+
+
+def test_lsq_module_under_autocast_and_double():
+    gen = torch.Generator().manual_seed(3)
+    layer = torch.nn.Linear(6, 4)
+    fq = LSQFakeQuantize(bits=4, init="minmax", batch_axis=0)
+    x = torch.randn(16, 6, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fq(layer(x))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert fq.scale.grad is not None and torch.isfinite(fq.scale.grad).all()
+    fq64 = LSQFakeQuantize(bits=4, init="minmax", batch_axis=0)
+    fq64(x)
+    fq64.double()
+    y64 = fq64(x.double())
+    assert y64.dtype == torch.float64 and torch.equal(y64, fq64(x).double())
+    assert fq64.calculate_qparams()[0].dtype == torch.float32

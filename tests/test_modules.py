@@ -1,10 +1,13 @@
-"""Tests for qlib.modules (QuantConfig, FakeQuantize, QuantLinear/QuantConv2d, swap_modules).
+"""Tests for qlib.modules (QuantConfig, QuantLinear/QuantConv2d, swap_modules, frozen state).
+
+FakeQuantize itself is tested in test_fakequant.py.
 
 Reference: torch.ao.quantization's observers (MinMaxObserver, PerChannelMinMaxObserver)
 with torch.fake_quantize_per_tensor_affine / fake_quantize_per_channel_affine, i.e. what
 torch.ao.nn.qat.Linear / Conv2d compute with the default x86 qconfig (bit for bit).
 """
 
+import copy
 import dataclasses
 
 import pytest
@@ -13,10 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
-from qlib.modules import (FakeQuantize, QuantConfig, QuantConv2d, QuantLinear, fake_quantizers,
-                          quant_layers, set_quant_mode, swap_modules)
-from qlib.observers import make_observer
-from qlib.qparams import PerChannel, PerGroup, PerTensor, qparams_for
+from qlib.modules import (QuantConfig, QuantConv2d, QuantLinear, fake_quantizers, quant_layers, set_quant_mode,
+                          swap_modules)
+from qlib.qparams import PerChannel, PerGroup, PerTensor
 from qlib.quantize import fake_quantize
 
 
@@ -75,71 +77,6 @@ def test_config_rejects_bad_values(kwargs, err):
         QuantConfig(**kwargs)
 
 
-# ----------------------------------------------------------------- FakeQuantize
-def test_fake_quantize_observe_only_is_identity():
-    fq = FakeQuantize(make_observer("minmax"))
-    x = torch.randn(4, 5)
-    assert fq(x) is x
-    assert int(fq.observed_batches) == 1
-
-
-def test_fake_quantize_needs_data():
-    fq = FakeQuantize(make_observer("minmax"))
-    with pytest.raises(ValueError, match="seen no data"):
-        fq.qparams()
-    with pytest.raises(TypeError, match="observer"):
-        FakeQuantize(nn.ReLU())
-
-
-def test_fake_quantize_frozen_matches_torch_and_is_cached():
-    x_calib = torch.randn(64, 10) * 3 + 1
-    fq = FakeQuantize(make_observer("minmax"))
-    fq(x_calib)
-    fq.freeze()
-    x = torch.randn(64, 10) * 4
-    assert torch.equal(fq(x), torch_act_fq(x_calib, x))
-    scale, zp = fq.qparams()
-    fq(x * 100)  # frozen: a wild batch does not move the qparams
-    assert fq.qparams()[0] is scale and fq.qparams()[1] is zp
-
-
-def test_fake_quantize_per_channel_weights_match_torch():
-    w = torch.randn(8, 3, 3, 3)
-    fq = FakeQuantize(QuantConfig().weight_observer_factory())
-    fq(w)
-    fq.freeze()
-    assert torch.equal(fq(w), torch_weight_fq(w))
-
-
-def test_fake_quantize_straight_through_gradient():
-    fq = FakeQuantize(make_observer("minmax"))
-    fq(torch.linspace(-1, 1, 11))
-    fq.freeze()
-    x = torch.tensor([-2.0, -0.5, 0.0, 0.3, 0.99, 3.0], requires_grad=True)
-    fq(x).sum().backward()
-    assert torch.equal(x.grad, torch.tensor([0.0, 1, 1, 1, 1, 0]))
-
-
-def test_fake_quantize_observe_and_quantize_together_follows_the_data():
-    fq = FakeQuantize(make_observer("minmax"))
-    fq.quantize = True  # QAT-style: observe and quantize at once
-    fq(torch.randn(10))
-    s1 = fq.qparams()[0].clone()
-    fq(torch.randn(10) * 50)
-    assert fq.qparams()[0] > s1
-
-
-def test_dynamic_fake_quantize_uses_each_batch():
-    fq = FakeQuantize(make_observer("minmax"), dynamic=True)
-    for _ in range(2):
-        x = torch.randn(16, 7) * torch.rand(()) * 10
-        scale, zp = qparams_for(x, bits=8)
-        assert torch.equal(fq(x), fake_quantize(x, scale, zp, 0, 255))
-    with pytest.raises(ValueError, match="dynamic"):
-        fq.qparams()
-
-
-# ----------------------------------------------------------------- QuantLinear / QuantConv2d
 def test_quant_linear_from_float_copies_and_matches_torch():
     lin = nn.Linear(12, 6)
     state = torch.get_rng_state()
@@ -253,3 +190,64 @@ def test_set_quant_mode():
     assert all(not fq.observe and not fq.quantize for fq in fake_quantizers(model).values())
     set_quant_mode(model, quantize=True)
     assert all(fq.quantize for fq in fake_quantizers(model).values())
+
+
+# ----------------------------------------------------------------- observing and frozen state
+def _frozen_cnn(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    model = swap_modules(small_cnn()).eval()
+    model(torch.randn(8, 1, 8, 8, generator=gen) * (1 + seed))
+    for fq in fake_quantizers(model).values():
+        fq.freeze()
+    return model
+
+
+def test_frozen_qparams_follow_load_state_dict():
+    """Regression: the frozen qparams were a plain attribute, stale after load_state_dict."""
+    torch.manual_seed(0)
+    a, b = _frozen_cnn(0), _frozen_cnn(1)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # weights too: small_cnn draws them from the global RNG
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(b(x), a(x))
+    for name, fq in fake_quantizers(b).items():
+        assert torch.equal(fq.qparams()[0], fake_quantizers(a)[name].qparams()[0]), name
+
+
+def test_frozen_qparams_load_into_a_fresh_unfrozen_model_and_back():
+    torch.manual_seed(0)
+    a = _frozen_cnn(0)
+    fresh = swap_modules(small_cnn()).eval()
+    fresh.load_state_dict(a.state_dict())
+    for fq in fake_quantizers(fresh).values():
+        fq.freeze()
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(fresh(x), a(x))
+    unfrozen = swap_modules(small_cnn()).eval()
+    unfrozen(x)
+    a.load_state_dict(unfrozen.state_dict())  # no frozen qparams saved: recomputed from the loaded observers
+    for name, fq in fake_quantizers(a).items():
+        want = fake_quantizers(unfrozen)[name].observer.calculate_qparams()[0]
+        assert torch.equal(fq.qparams()[0], want), name
+
+
+def test_frozen_qparams_move_with_to():
+    """Regression: ``.to()`` left the cached qparams behind (dtype here; device on a GPU)."""
+    torch.manual_seed(0)
+    model = _frozen_cnn(0)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    want = model(x)
+    scales = {n: fq.qparams()[0].clone() for n, fq in fake_quantizers(model).items()}
+    model.double()
+    for name, fq in fake_quantizers(model).items():
+        assert fq.frozen_scale.dtype == torch.float32  # a buffer that keeps its dtype
+        assert torch.equal(fq.qparams()[0], scales[name])
+    y64 = model(x.double())
+    assert y64.dtype == torch.float64
+    torch.testing.assert_close(y64, want.double(), rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.float()(x), want)
+    model.bfloat16().float()  # a lossy round trip for floats: the frozen scales keep their bits
+    assert all(torch.equal(fq.qparams()[0], scales[n]) for n, fq in fake_quantizers(model).items())
+    if torch.cuda.is_available():
+        cuda = copy.deepcopy(model).cuda()
+        assert all(fq.qparams()[0].is_cuda for fq in fake_quantizers(cuda).values())
+        torch.testing.assert_close(cuda(x.cuda()).cpu(), want, rtol=1e-4, atol=1e-5)

@@ -49,13 +49,39 @@ def test_prepare_folds_swaps_and_observes(model_and_data):
     assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def test_static_w8a8_close_to_fp32_and_w2_further(model_and_data):
-    model, calib, x = model_and_data
-    ref = model(x)
-    err8 = rel_error(quantize_static(model, calib)(x), ref)
-    err2 = rel_error(quantize_static(model, calib, QuantConfig(weight_bits=2))(x), ref)
-    assert err8 < 0.05
-    assert err2 > 3 * err8
+def seeded(name: str, seed: int) -> nn.Module:
+    """A random zoo model with random BatchNorm statistics, all from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    model = create(name, seed=seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) * 1.5 + 0.5)
+    return model.eval()
+
+
+# Bounds at about twice the largest error measured over seeds 0-59 (static) and 0-39 (dynamic)
+# with exactly these models and data (torch 2.x CPU): static W8A8 max 0.0183 (mlp), 0.0095
+# (cnn8), while W8A6 reaches 0.0675 (mlp), 0.0212 (cnn8). Dynamic W8 max 0.0149 (mlp), 0.0091
+# (cnn8), 0.0118 (res16). Ratios: static W2A8 / W8A8 >= 23.7, dynamic W3 / W8 >= 22.8 (bound 10).
+STATIC_W8A8_MAX = {"mlp": 0.037, "cnn8": 0.019}
+DYNAMIC_W8_MAX = {"mlp": 0.03, "cnn8": 0.018, "res16": 0.024}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name", ["mlp", "cnn8"])
+def test_static_w8a8_close_to_fp32_and_w2_further(name, seed):
+    model = seeded(name, seed)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    calib = [torch.randn(32, 1, 8, 8, generator=gen) for _ in range(3)]
+    x = torch.randn(64, 1, 8, 8, generator=gen)
+    with torch.no_grad():
+        ref = model(x)
+        err8 = rel_error(quantize_static(model, calib)(x), ref)
+        err2 = rel_error(quantize_static(model, calib, QuantConfig(weight_bits=2))(x), ref)
+    assert err8 < STATIC_W8A8_MAX[name], err8
+    assert err2 > 10 * err8, (err2, err8)
 
 
 def test_calibrate_accepts_tensors_pairs_loaders_and_counts_batches(capsys):
@@ -125,12 +151,13 @@ def test_dynamic_equals_static_calibrated_on_the_same_batch():
 @pytest.mark.parametrize("name", ["mlp", "cnn8", "res16"])
 def test_dynamic_close_to_fp32(name):
     size = 16 if name == "res16" else 8
-    model = randomize_bn(create(name, seed=None)).eval()
-    x = torch.randn(16, 1, size, size)
-    ref = model(x)
-    err8 = rel_error(quantize_dynamic(model)(x), ref)
-    err3 = rel_error(quantize_dynamic(model, bits=3)(x), ref)
-    assert err8 < 0.05 and err3 > 3 * err8
+    model = seeded(name, 3)
+    x = torch.randn(16, 1, size, size, generator=torch.Generator().manual_seed(2000))
+    with torch.no_grad():
+        ref = model(x)
+        err8 = rel_error(quantize_dynamic(model)(x), ref)
+        err3 = rel_error(quantize_dynamic(model, bits=3)(x), ref)
+    assert err8 < DYNAMIC_W8_MAX[name] and err3 > 10 * err8, (err8, err3)
     dynamic = quantize_dynamic(model)
     assert all(fq.dynamic for name, fq in fake_quantizers(dynamic).items() if name.endswith("input_fq"))
     assert all(not fq.dynamic and fq.quantize for name, fq in fake_quantizers(dynamic).items()
@@ -154,3 +181,48 @@ def test_models_are_not_modified():
     quantize_dynamic(model)
     assert model.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_evaluation_between_calibrate_and_convert_does_not_move_the_ranges():
+    """Regression: evaluating the prepared model leaked test data into the observers."""
+    from qlib.train import evaluate
+
+    gen = torch.Generator().manual_seed(0)
+    model = randomize_bn(create("cnn8", seed=0)).eval()
+    calib = [torch.randn(32, 1, 8, 8, generator=gen) for _ in range(2)]
+    test = TensorDataset(5 * torch.randn(64, 1, 8, 8, generator=gen), torch.randint(0, 10, (64,), generator=gen))
+    prepared = calibrate(prepare(model), calib)
+    before = {n: (fq.observer.min_val.clone(), fq.observer.max_val.clone(), int(fq.observed_batches))
+              for n, fq in fake_quantizers(prepared).items()}
+    evaluate(prepared, test)
+    prepared(test.tensors[0])  # a plain eval-mode forward is evaluation too
+    for name, fq in fake_quantizers(prepared).items():
+        lo, hi, n = before[name]
+        assert torch.equal(fq.observer.min_val, lo) and torch.equal(fq.observer.max_val, hi), name
+        assert int(fq.observed_batches) == n, name
+    x = test.tensors[0]
+    assert torch.equal(convert(prepared)(x), quantize_static(model, calib)(x))
+
+
+def test_calibrate_again_adds_to_the_ranges():
+    gen = torch.Generator().manual_seed(1)
+    model = create("mlp", seed=0).eval()
+    prepared = calibrate(prepare(model), torch.randn(16, 1, 8, 8, generator=gen))
+    calibrate(prepared, 10 * torch.randn(16, 1, 8, 8, generator=gen))
+    assert all(int(fq.observed_batches) == 2 for fq in fake_quantizers(prepared).values()
+               if fq.observe)
+
+
+def test_calibrate_feeds_batches_in_the_model_dtype():
+    """Batches go through qlib.batching: float32 data calibrates a float64 model (it used to fail
+    inside torch's conv), from a tensor or a DataLoader of (x, y) pairs alike."""
+    gen = torch.Generator().manual_seed(5)
+    model = seeded("cnn8", 0).double()
+    data = torch.randn(16, 1, 8, 8, generator=gen, dtype=torch.float64)
+    a = calibrate(prepare(model), data.float())
+    b = calibrate(prepare(model), DataLoader(TensorDataset(data.float(), torch.zeros(16)), batch_size=16))
+    for (name, fa), fb in zip(fake_quantizers(a).items(), fake_quantizers(b).values()):
+        assert int(fa.observed_batches) == 1, name
+        assert torch.equal(fa.observer.min_val, fb.observer.min_val), name
+    x = data.float()
+    assert convert(a)(x.double()).dtype == torch.float64

@@ -22,8 +22,10 @@ from qlib.data import calibration_batches
 from qlib.lsq import LSQFakeQuantize
 from qlib.modules import QuantConfig
 from qlib.ptq import quantize_static
-from qlib.qat import (TrackingWeightFakeQuantize, convert_qat, prepare_qat, quantization_aware_training,
-                      set_bits, ste_staircase, step_sizes, to_integer)
+from qlib.qat import (QATConfig, TrackingWeightFakeQuantize, act_quantizers, calibrate_qat, convert_qat,
+                      prepare_qat, qat_layers, quantization_aware_training, set_bits, ste_staircase, step_sizes,
+                      to_integer)
+from qlib.quantize import fake_quantize
 from qlib.train import evaluate
 
 W4A4 = QuantConfig(weight_bits=4, act_bits=4)
@@ -53,7 +55,7 @@ def test_ste_staircase_matches_torch():
 
 
 def test_w2_qat_beats_ptq(digits8):
-    model = models.pretrained("cnn8", int(torch.randint(0, 3, ())))
+    model = models.pretrained("cnn8", 1)   # a fixed seed: a failure must be reproducible
     ptq = quantize_static(model, calibration_batches(digits8.train), W2A4)
     qat, hist = quantization_aware_training(model, digits8, W2A4, epochs=2, lr=2e-3, progress=False)
     acc_ptq, acc_qat = evaluate(ptq, digits8.test), evaluate(qat, digits8.test)
@@ -201,7 +203,92 @@ def test_benchmark_fast(tmp_path, root):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert {"machine", "versions", "seeds", "rows"} <= set(result)
-    row = result["rows"][0]
-    assert {"model", "config", "fp32", "ptq", "qat", "qat_time_s"} <= set(row)
-    assert row["qat"]["mean"] > row["ptq"]["mean"] - 5
+    rows = {(r["config"], r["method"]): r for r in result["rows"]}
+    assert set(rows) == {("W4A4", "ste"), ("W4A4", "lsq"), ("W2A4", "ste"), ("W2A4", "lsq")}
+    assert all({"model", "config", "fp32", "ptq", "qat", "qat_time_s"} <= set(r) for r in rows.values())
+    # The --fast run (cnn8, 1 epoch on 320 digits) measured over pretrained seeds 0-2 x training
+    # seeds 0-3: W4A4 QAT - PTQ in [-1.7, +1.7] points (one epoch is not expected to gain at 4 bits),
+    # W2A4 in [+11.7, +53.1]. Bounds: twice the worst W4A4 drop, half the smallest W2A4 gain.
+    for method in ("ste", "lsq"):
+        assert rows[("W4A4", method)]["qat"]["mean"] > rows[("W4A4", method)]["ptq"]["mean"] - 3.5
+        assert rows[("W2A4", method)]["qat"]["mean"] > rows[("W2A4", method)]["ptq"]["mean"] + 6
     assert "W4A4" in proc.stdout
+
+
+# ----------------------------------------------------------------- regressions and surviving mutants
+def test_set_bits_rejects_bad_bits_instead_of_clamping():
+    """Regression: ``set_bits(act_bits=-1)`` was silently floored to the config's bits."""
+    qat = prepare_qat(models.pretrained("cnn8", 0), W4A4)
+    for bad, err in ((-1, ValueError), (0, ValueError), (1, ValueError), (17, ValueError), (4.0, TypeError),
+                     (True, TypeError), ("4", TypeError)):
+        with pytest.raises(err, match="act_bits"):
+            set_bits(qat, act_bits=bad)
+        with pytest.raises(err, match="weight_bits"):
+            set_bits(qat, weight_bits=bad)
+    layer = qat.get_submodule("0")
+    assert layer.weight_fq.quant_max == 7 and layer.input_fq.quant_max == 15   # unchanged
+
+
+def test_freeze_observer_epoch_stops_the_activation_observers(small):
+    """Kills the mutant that ignores ``freeze_observer_epoch``: each activation observer records the
+    calibration batches and the training steps before the freeze, and never the validation data."""
+    model = models.pretrained("cnn8", 0)
+    steps = len(small[0]) // 64
+    config = dataclasses.replace(W4A4, act_observer="moving_average")
+    frozen, hist = quantization_aware_training(model, small, config, epochs=3, freeze_observer_epoch=1,
+                                               calibration_batches=2, progress=False)
+    counts = {int(layer.input_fq.observed_batches) for layer in qat_layers(frozen).values()}
+    assert counts == {2 + steps}
+    moving = [v for k, v in hist["step_sizes"].items() if k.endswith("input_fq") and k != "0.input_fq"]
+    assert all(v[1] == v[2] == v[3] for v in moving)           # no change after the freeze
+    free, hist = quantization_aware_training(model, small, config, epochs=3, calibration_batches=2,
+                                             progress=False)
+    assert {int(layer.input_fq.observed_batches) for layer in qat_layers(free).values()} == {2 + 3 * steps}
+    assert any(v[1] != v[3] for k, v in hist["step_sizes"].items() if k.endswith("input_fq"))
+
+
+def test_ste_weights_use_the_mse_clip_ratio_while_training():
+    """Kills the mutant that searches the MSE scale but trains on the min-max grid."""
+    model = models.pretrained("cnn8", 0)
+    config = dataclasses.replace(W2A4, weight_observer="mse")
+    qat = prepare_qat(model, config)
+    for name, layer in qat_layers(qat).items():
+        w = layer.weight.detach()
+        obs = config.weight_observer_factory()
+        obs(w)
+        want = obs.calculate_qparams()[0]
+        got = layer.weight_fq.batch_qparams(w)[0]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        assert not torch.allclose(got, layer.weight_fq.minmax_qparams(w)[0]), name
+        with torch.no_grad():  # and the forward pass uses it
+            out = layer.weight_fq(w)
+        assert torch.equal(out, fake_quantize(w, got, torch.zeros_like(got, dtype=torch.int64), -2, 1, axis=0))
+
+
+def test_qat_config_and_keywords_give_the_same_run(small):
+    model = models.pretrained("cnn8", 0)
+    recipe = QATConfig(epochs=1, lr=1e-3, method="lsq", seed=3, progress=False)
+    a, ha = quantization_aware_training(model, small, W4A4, qat_config=recipe)
+    b, hb = quantization_aware_training(model, small, W4A4, 1, 1e-3, method="lsq", seed=3, progress=False)
+    assert ha["loss"] == hb["loss"] and ha["step_sizes"] == hb["step_sizes"]
+    with pytest.raises(TypeError, match="unknown QAT option"):
+        quantization_aware_training(model, small, W4A4, epoch=1)
+    with pytest.raises(TypeError, match="QATConfig"):
+        quantization_aware_training(model, small, W4A4, qat_config={"epochs": 1})
+
+
+def test_modes_are_restored_when_calibration_fails(small):
+    model = prepare_qat(models.pretrained("cnn8", 0), W4A4)
+    model.get_submodule("1").eval()   # a submodule left in eval mode on purpose
+
+    def batches():
+        yield small[0].tensors[0][:8]
+        raise RuntimeError("the data source broke")
+
+    with pytest.raises(RuntimeError, match="broke"):
+        calibrate_qat(model, batches(), 4)
+    assert model.training and not model.get_submodule("1").training
+    assert all(not fq.calibrating for fq in act_quantizers(model))
+    with pytest.raises(ValueError, match="NaN"):
+        calibrate_qat(model, [torch.full((2, 1, 8, 8), float("nan"))], 1)
+    assert model.training
