@@ -77,11 +77,11 @@ def _source(data, batch_size: int, shuffle: bool, seed: int):
     if isinstance(data, (str, bytes, dict)):
         raise TypeError(f"expected a tensor, a TensorDataset, a DataLoader or an iterable of batches, "
                         f"got {type(data).__name__}")
-    try:
-        iter(data)
-    except TypeError:
+    # Test iterability without calling iter(): a shuffling DataLoader draws from its generator
+    # each time an iterator is made, so a trial iter() would change the order of the batches.
+    if not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):
         raise TypeError(f"expected a tensor, a TensorDataset, a DataLoader or an iterable of batches, "
-                        f"got {type(data).__name__}") from None
+                        f"got {type(data).__name__}")
     return data
 
 

@@ -105,3 +105,14 @@ def test_placed_on_cuda():
     m = nn.Linear(3, 2).cuda()
     (bx, by), = list(placed(m, TensorDataset(x, y), batch_size=16))
     assert bx.is_cuda and by.is_cuda
+
+
+def test_a_shuffling_loader_keeps_its_order():
+    """A trial ``iter()`` would draw from the loader's generator and reorder its batches."""
+    x, y = _data(32)
+    def loader():
+        return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True,
+                          generator=torch.Generator().manual_seed(5))
+    direct = [b for b, _ in loader()]
+    through = [b for b, _ in iter_batches(loader())]
+    assert all(torch.equal(p, q) for p, q in zip(direct, through))
