@@ -66,7 +66,7 @@ def int8_codes(q: torch.Tensor) -> tuple[torch.Tensor, int]:
     if q.dtype == torch.int8:
         return q, 0
     if q.dtype == torch.uint8:
-        return q.view(torch.int8) ^ torch.tensor(-128, dtype=torch.int8, device=q.device), 128
+        return torch.bitwise_xor(q.view(torch.int8), -128), 128
     raise TypeError(f"int8 kernels take int8 or uint8 codes, got {q.dtype}")
 
 

@@ -181,10 +181,27 @@ def requantize(acc, multiplier, shift, out_zero_point, quant_min: int, quant_max
     ``multiply_by_quantized_multiplier``'s (single: ties up; ``double_rounding``: gemmlowp's).
     Returns codes of ``acc.shape`` in the smallest integer dtype holding the range (uint8
     for ``(0, 255)``), on ``acc``'s device.
+
+    With single rounding the zero point rides along in the rounding constant, as a fused
+    kernel would do it: ``(x*m + half + (z << t)) >> t == ((x*m + half) >> t) + z`` exactly,
+    because ``z << t`` is a multiple of ``2**t`` (``t = 31 - shift``). That saves two passes
+    over ``acc``, and applies where the sum provably fits in int64 (else the plain formula runs).
     """
+    z = _int_tensor(out_zero_point, "out_zero_point", torch.as_tensor(acc).device)
+    if not double_rounding:
+        x = _check_int32(_require_int(torch.as_tensor(acc), "acc"), "acc")
+        m, shift = _check_multiplier(multiplier, shift, x.device)
+        total_shift = 31 - shift
+        half = torch.bitwise_left_shift(torch.ones_like(total_shift), total_shift) >> 1
+        z_high = int(z.abs().max()) << int(total_shift.max())  # Python ints: no overflow here
+        if z_high < 2**61 and quant_min - int(z.max()) >= INT32_MIN and quant_max - int(z.min()) <= INT32_MAX:
+            # |x*m| < 2**62, half <= 2**61, |z << t| < 2**61: no int64 overflow; and the int32
+            # saturation of the product cannot change the clamp to [quant_min, quant_max]
+            y = x * m if x.dtype == torch.int64 or m.dim() else x.to(torch.int64) * m
+            y = y.add_(half + torch.bitwise_left_shift(z, total_shift)).bitwise_right_shift_(total_shift)
+            return y.clamp_(quant_min, quant_max).to(code_dtype(quant_min, quant_max))
     out = multiply_by_quantized_multiplier(acc, multiplier, shift, double_rounding)
-    out = out.add_(_int_tensor(out_zero_point, "out_zero_point", out.device))
-    return out.clamp_(quant_min, quant_max).to(code_dtype(quant_min, quant_max))
+    return out.add_(z).clamp_(quant_min, quant_max).to(code_dtype(quant_min, quant_max))
 
 
 def requantize_scaled(acc, acc_scale, out_scale, out_zero_point, quant_min: int, quant_max: int,

@@ -5,7 +5,7 @@ implements, Jacob et al. 2018. The two differ only by the int32 bias rounding (h
 accumulator unit) and the Q31 multiplier (2**-31 relative), which now and then move an
 intermediate code by one (0.05% of the codes after the first layer, a few % after ten).
 Those flips propagate, so the whole-model bounds below are measured, not derived: each is
-about twice the largest value seen over 200 seeds (``MAX_STEPS``, ``MEAN_RATIO``). Between
+about twice the largest value seen over 100 seeds (``MAX_STEPS``, ``MEAN_RATIO``). Between
 the two backends of qlib.intops (int8 kernels and the int64 reference) there is no tolerance:
 the integer outputs are equal (torch.equal). Torch draws use generators seeded from
 ``QLIB_TEST_SEED`` (default 0).
@@ -26,8 +26,10 @@ from qlib.ptq import prepare, quantize_dynamic, quantize_static
 from qlib.quantize import quantize
 
 SEED = int(os.environ.get("QLIB_TEST_SEED", "0"))
-MAX_STEPS = {8: 2.0, 4: 2.0}   # largest |int - fake-quant| in output steps, about 2x the measured maximum
-MEAN_RATIO = 0.75               # mean difference / mean quantization error, about 2x the measured maximum
+# About twice the largest values measured over seeds 0-99 of every test below (8 bits: 1.30 steps,
+# mean ratio 0.41; 4 bits: 1.68 steps, ratio 0.65). A broken requantization is off by many steps.
+MAX_STEPS = {8: 2.6, 4: 3.4}   # largest |int - fake-quant| in output steps
+MEAN_RATIO = {8: 0.8, 4: 1.3}  # mean |int - fake-quant| / mean |fake-quant - fp32|
 
 
 def gen(offset: int) -> torch.Generator:
@@ -66,13 +68,14 @@ def steps(fq_model, int_model, x, bits=8, fp_model=None):
 
 
 def assert_integer_matches(fq_model, x, fp_model=None, bits=8, **kwargs):
-    """Every output within ``MAX_STEPS[bits]``; on average the integer model must be closer to
-    the fake-quant model than the fake-quant model is to fp32 (by ``MEAN_RATIO``)."""
+    """Every output within ``MAX_STEPS[bits]`` steps; the mean difference at most ``MEAN_RATIO[bits]``
+    times the fake-quant model's own mean error against fp32."""
     int_model = convert_to_integer(fq_model, **kwargs)
     diff, quant_error = steps(fq_model, int_model, x, bits, fp_model)
     assert diff.max() <= MAX_STEPS[bits], f"max difference {diff.max():.2f} steps"
     if fp_model is not None:
-        assert diff.mean() <= MEAN_RATIO * quant_error, f"mean {diff.mean():.3f} vs quantization error {quant_error:.3f}"
+        assert diff.mean() <= MEAN_RATIO[bits] * quant_error, \
+            f"mean {diff.mean():.3f} vs quantization error {quant_error:.3f}"
     return int_model
 
 

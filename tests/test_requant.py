@@ -221,3 +221,22 @@ def test_requantize_scaled_forms_the_multiplier_from_the_scales():
     for dr in (False, True):
         got = requantize_scaled(acc, acc_scale, out_scale, 7, 0, 255, double_rounding=dr)
         assert torch.equal(got, requantize(acc, m, shift, 7, 0, 255, double_rounding=dr))
+
+
+@pytest.mark.parametrize("real,zp,qmin,qmax", [
+    (2.0**-31, 100, 0, 255),                   # total shift 62: z << 62 would overflow int64
+    (0.75, 2**30, INT32_MIN, INT32_MAX),         # int32 codes: the product saturates before z is added
+    (3.0, -(2**30), INT32_MIN, INT32_MAX),
+    (2.0**-10, -7, -128, 127),
+])
+def test_requantize_extreme_multipliers_and_zero_points(real, zp, qmin, qmax):
+    g = gen(40)
+    acc = torch.randint(INT32_MIN, INT32_MAX, (64,), generator=g, dtype=torch.int64)
+    acc[:4] = torch.tensor([INT32_MIN, INT32_MAX, 0, -1])
+    m, shift = quantize_multiplier(real)
+    for dr in (False, True):
+        f = tflite_double_rounding if dr else tflite_single_rounding
+        if dr:  # TFLite's x << left_shift wraps where qlib saturates: compare where it fits
+            acc = acc >> max(shift, 0)
+        want = [max(qmin, min(qmax, max(INT32_MIN, min(INT32_MAX, f(int(a), m, shift))) + zp)) for a in acc]
+        assert requantize(acc, m, shift, zp, qmin, qmax, double_rounding=dr).tolist() == want
