@@ -19,6 +19,10 @@ matches each float operation:
 - Identity, Dropout: nothing;
 - output: dequantize, ``values * scale`` in float.
 
+The layers multiply through ``qlib.intops`` (``backend``: int8 kernels, or the int64
+``"reference"``; the same integers, so the same outputs bit for bit). On the CPU the
+accumulators stay in channels-last memory, as the GEMM writes them.
+
 So requantization happens exactly where the fake-quant model quantizes: at the input of
 the next quantized layer ("the output is requantized to the next layer's input qparams";
 ReLU commutes with it, which is why Jacob et al. fuse it into the clamp). Keeping the

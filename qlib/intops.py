@@ -101,7 +101,10 @@ def _reference_matmul(a_q, b_q, a_zp, b_zp, bias) -> torch.Tensor:
     bound = b.shape[0] * a.abs().max().clamp(min=1) * b.abs().max().clamp(min=1)
     if a.numel() and b.numel() and bound > INT32_MAX:
         raise OverflowError(f"int32 accumulation may overflow: K * max|a| * max|b| = {int(bound)} >= 2**31")
-    acc = torch.matmul(a, b)  # int64 holding int32 values (the bound above)
+    if a.device.type == "cpu":
+        acc = torch.matmul(a, b)  # int64 holding int32 values (the bound above)
+    else:  # no integer matmul on CUDA: float64 is exact, every partial sum is below the bound < 2**53
+        acc = torch.matmul(a.double(), b.double()).to(torch.int64)
     if bias is not None:
         acc = _check_int32(acc + _int_tensor(bias, "bias", a.device), "accumulator + bias")
     return acc.to(torch.int32)
