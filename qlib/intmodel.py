@@ -167,8 +167,7 @@ def _add(a, b) -> Accumulator:
 def _monotone(a: Accumulator, fn) -> Accumulator:
     """Max-pooling: on the integers where PyTorch has the kernel (CPU), else in float64 (exact)."""
     a = _per_channel(a)
-    if a.values.device.type == "cpu" and fn is not F.adaptive_max_pool2d \
-            and not isinstance(fn, nn.AdaptiveMaxPool2d):
+    if a.values.device.type == "cpu" and not isinstance(fn, nn.AdaptiveMaxPool2d):
         return Accumulator(fn(a.values), a.scale)
     return Accumulator(fn(a.values.double()).to(torch.int64), a.scale)
 

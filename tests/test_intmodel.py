@@ -241,3 +241,16 @@ def test_errors():
                                          nn.Linear(8, 2)), randn(g, 8, 1, 5, 5))
     with pytest.raises(NotImplementedError, match="windows"):
         convert_to_integer(ceil)(randn(g, 2, 1, 5, 5))
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                                dict(kernel_size=3, padding=1, dilation=2, ceil_mode=True)])
+def test_integer_max_pool_equals_the_float64_one(kw):
+    """Max-pooling int32 accumulators directly (CPU) gives what pooling their float64 copy gives."""
+    from qlib.intmodel import _MODULE_RULES
+    g = gen(10)
+    values = torch.randint(-(2**31), 2**31 - 1, (2, 3, 7, 7), generator=g, dtype=torch.int64).to(torch.int32)
+    a = Accumulator(values, torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64).reshape(3, 1, 1))
+    out = _MODULE_RULES[nn.MaxPool2d](nn.MaxPool2d(**kw), a)
+    assert torch.equal(out.values.long(), F.max_pool2d(values.double(), **kw).long())
+    assert torch.equal(out.scale, a.scale)

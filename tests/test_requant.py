@@ -77,6 +77,7 @@ def round_half_away(fr: Fraction) -> int:
 
 
 # ----------------------------------------------------------------- quantize_multiplier
+@settings(deadline=None)
 @given(st.floats(2.0**-31, 2.0**30, allow_nan=False, allow_infinity=False))
 def test_quantize_multiplier_reproduces_the_real_multiplier(real):
     m, shift = quantize_multiplier(real)
@@ -100,6 +101,7 @@ def test_quantize_multiplier_vectorized_and_edge_cases():
 
 
 # ----------------------------------------------------------------- gemmlowp pieces
+@settings(deadline=None)
 @given(int32s, int32s)
 def test_srdhm_matches_gemmlowp(a, b):
     got = int(saturating_rounding_doubling_high_mul(a, b))
@@ -108,6 +110,7 @@ def test_srdhm_matches_gemmlowp(a, b):
         assert got == round_half_away(Fraction(a * b, 2**31))
 
 
+@settings(deadline=None)
 @given(st.integers(-(2**40), 2**40), st.integers(0, 40))
 def test_rounding_divide_by_pot_matches_gemmlowp(x, exponent):
     got = int(rounding_divide_by_pot(x, exponent))
