@@ -12,11 +12,13 @@ calibration digits (seed 0) and the 360 test digits:
 - PyTorch's x86 int8 engine (``qlib.engines.torch_x86_quantize``, W8A8) for reference;
 - size: bytes of the stored tensors (fp32 model, BN-folded fp32, integer model with 8-bit
   and with packed 4-bit weight codes) and of ``torch.save`` files;
-- CPU latency of fp32, qlib fake-quant, qlib integer and the x86 engine, measured side by side
-  (interleaved, median of repeats) in one run, reported as ratios to fp32.
+- CPU latency of fp32, qlib fake-quant, qlib integer (int8 kernels: ``torch._int_mm`` through
+  ``qlib.kernels``; and the int64 teaching reference, ``backend="reference"``) and the x86
+  engine, measured side by side (interleaved, median of repeats) in one run, as ratios to fp32;
+  the two integer backends must give equal outputs on the whole test set.
 
 Targets: W8A8 (min-max) within 0.5 points of fp32; the integer path at least 3x smaller than
-the (folded) fp32 model.
+the (folded) fp32 model; the integer model (int8 kernels) within 1.5x of fp32's time at batch 64.
 
     python benchmarks/ptq.py                 # full study -> benchmarks/results/ptq.json (a few minutes)
     python benchmarks/ptq.py --fast --out /tmp/ptq.json    # seed 0, min-max weights: a smoke test
@@ -49,6 +51,7 @@ ACT_OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "entropy")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 W8A8_MAX_DROP = 0.5
 MIN_SIZE_RATIO = 3.0
+MAX_INT_TIME_RATIO = 1.5
 
 
 def settings(fast: bool) -> dict:
@@ -140,11 +143,17 @@ def run(fast: bool = False, log=print) -> dict:
     # latency (seed 0), side by side
     lat = cfg["latency"]
     x = test_x[:lat["batch"]]
-    contenders = {"fp32": model, "qlib fake-quant W8A8": q8, "qlib integer W8A8": im8, "torch x86 int8": keep["x86"]}
+    im8_ref = convert_to_integer(q8, backend="reference")
+    with torch.no_grad():
+        backends_equal = bool(torch.equal(im8(test_x), im8_ref(test_x)))
+    contenders = {"fp32": model, "qlib fake-quant W8A8": q8, "qlib integer W8A8": im8,
+                  "qlib integer W8A8 (reference)": im8_ref, "torch x86 int8": keep["x86"]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         median = compare_latency(contenders, x, repeats=lat["repeats"], warmup=lat["warmup"])
-    latency = {"median_s": median, "time_ratio_vs_fp32": {k: v / median["fp32"] for k, v in median.items()}}
+    latency = {"median_s": median, "time_ratio_vs_fp32": {k: v / median["fp32"] for k, v in median.items()},
+               "integer_backends_equal": backends_equal}
+    int_ratio = latency["time_ratio_vs_fp32"]["qlib integer W8A8"]
 
     fp = _summary(fp32)
     drops = [f - q for f, q in zip(fp32, acc["W8A8"]["minmax"]["minmax"])]
@@ -154,6 +163,8 @@ def run(fast: bool = False, log=print) -> dict:
         {"name": f"integer path at least {MIN_SIZE_RATIO}x smaller than the folded fp32 model",
          "value": size_ratio["fp32_folded / integer_W8"], "threshold": MIN_SIZE_RATIO,
          "met": size_ratio["fp32_folded / integer_W8"] >= MIN_SIZE_RATIO},
+        {"name": f"integer model (int8 kernels) within {MAX_INT_TIME_RATIO}x of fp32's time, batch {lat['batch']}",
+         "value": int_ratio, "threshold": MAX_INT_TIME_RATIO, "met": int_ratio <= MAX_INT_TIME_RATIO},
     ]
     result = header("ptq", seeds, fast)
     result.update({
@@ -198,7 +209,9 @@ def table(result: dict) -> str:
               f"latency, batch {result['settings']['latency']['batch']}, {result['machine']['torch_threads']} "
               f"thread(s), time / fp32 time (median of {result['settings']['latency']['repeats']}):"]
     for k, v in result["latency"]["time_ratio_vs_fp32"].items():
-        lines.append(f"  {k:22s} {v:7.2f}   ({1e3 * result['latency']['median_s'][k]:.2f} ms)")
+        lines.append(f"  {k:30s} {v:7.2f}   ({1e3 * result['latency']['median_s'][k]:.2f} ms)")
+    lines.append(f"  integer backends (int8 kernels, int64 reference) give equal outputs: "
+                 f"{result['latency']['integer_backends_equal']}")
     lines.append("")
     for t in result["targets"]:
         lines.append(f"target {'MET ' if t['met'] else 'MISSED'}: {t['name']}: {t['value']:.3g} (threshold {t['threshold']})")

@@ -2,8 +2,9 @@
 
 Read the modules in the order of the course: ``data``/``models``/``train`` (the playground),
 ``qparams`` -> ``quantize`` -> ``observers`` -> ``modules`` -> ``fold`` -> ``ptq`` ->
-``intops``/``intmodel`` (post-training quantization down to integer arithmetic), then
-``qat``, ``datafree`` and ``distill``. Nothing is seeded at import; every random function
+``requant`` -> ``intops``/``intlayers``/``intmodel`` (post-training quantization down to
+integer arithmetic, with ``kernels`` for fast int8 products), then ``qat``, ``datafree`` and
+``distill``. ``batching`` feeds every loop its batches on the model's device. Nothing is seeded at import; every random function
 takes a ``seed=`` or a ``torch.Generator``.
 
 ``qlib.quantize`` is both the module ``qlib/quantize.py`` (``qlib.quantize.dequantize``) and
@@ -13,8 +14,9 @@ its function: ``qlib.quantize(x, scale, zero_point, quant_min, quant_max)`` call
 
 __version__ = "0.1.0"
 
-from . import check, data, measure, models, runtime, train  # noqa: F401
-from . import datafree, distill, fold, intmodel, intops, lsq, modules, observers, ptq, qat, qparams  # noqa: F401
+from . import batching, check, data, kernels, measure, models, runtime, train  # noqa: F401
+from . import datafree, distill, fakequant, fold, intlayers, intmodel, intops, lsq, modules  # noqa: F401
+from . import observers, ptq, qat, qparams, requant  # noqa: F401
 from .data import load_dataset, load_digits  # noqa: F401
 from .fold import fold_batchnorm, fold_bn  # noqa: F401
 from .intmodel import convert_to_integer  # noqa: F401

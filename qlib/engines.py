@@ -1,7 +1,8 @@
 """PyTorch's own int8 engine: the production reference next to qlib's teaching code.
 
-qlib simulates quantization in float (fake-quant) and emulates integer kernels with
-readable tensor code (``intops``), so it is *not* fast. PyTorch ships real int8 CPU kernels
+qlib simulates quantization in float (fake-quant) and runs integer inference either with
+readable int64 tensor code (``intops``, ``backend="reference"``) or through exact int8
+matrix products (``qlib.kernels``, about fp32 speed on a CPU). PyTorch ships real int8 CPU kernels
 (FBGEMM/oneDNN, the "x86" engine): ``torch_x86_quantize`` runs the same recipe as
 ``qlib.ptq.quantize_static`` through ``torch.ao.quantization`` FX graph mode::
 

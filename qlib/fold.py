@@ -42,7 +42,6 @@ FOLDABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-_set_submodule = set_submodule  # the old private name (qlib.intmodel imports it); use set_submodule
 
 
 def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None,

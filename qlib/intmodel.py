@@ -7,7 +7,7 @@ model walks the model's graph (``torch.fx``) and applies to accumulators the rul
 matches each float operation:
 
 - quantized layer: requantize the accumulator to the layer's input codes
-  (``intops.requantize``; a float input is quantized), then ``int_matmul`` or
+  (``requant.requantize_scaled``; a float input is quantized), then ``int_matmul`` or
   ``int_conv2d`` plus the int32 bias: a new accumulator with ``scale = s_x * s_w``;
 - ReLU: ``max(values, 0)`` (scales are positive). Exact;
 - max-pool: max-pool of ``values`` (one positive scale per channel). Exact;
@@ -18,6 +18,10 @@ matches each float operation:
   a fixed-point multiplier <= 1, then an integer add. Within half a unit;
 - Identity, Dropout: nothing;
 - output: dequantize, ``values * scale`` in float.
+
+The layers multiply through ``qlib.intops`` (``backend``: int8 kernels, or the int64
+``"reference"``; the same integers, so the same outputs bit for bit). On the CPU the
+accumulators stay in channels-last memory, as the GEMM writes them.
 
 So requantization happens exactly where the fake-quant model quantizes: at the input of
 the next quantized layer ("the output is requantized to the next layer's input qparams";
@@ -45,9 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .modules import set_submodule as _set_submodule
-from .intops import IntConv2d, IntLinear, _check_int32, multiply_by_quantized_multiplier, \
-    quantize_multiplier, requantize
+from .intlayers import IntConv2d, IntLinear
+from .intops import _check_backend
+from .modules import set_submodule
+from .requant import _check_int32, multiply_by_quantized_multiplier, quantize_multiplier, requantize_scaled
 from .modules import FakeQuantize, QuantConv2d, QuantLinear
 
 __all__ = ["Accumulator", "IntegerModel", "convert_to_integer"]
@@ -57,7 +62,7 @@ __all__ = ["Accumulator", "IntegerModel", "convert_to_integer"]
 class Accumulator:
     """Integers with a scale: ``real = values * scale``.
 
-    ``values``: int64 tensor ``(N, ...)`` holding int32 numbers (checked);
+    ``values``: int32 tensor ``(N, ...)``, or int64 holding int32 numbers (checked);
     ``scale``: float64 tensor broadcastable to ``values.shape[1:]`` (one per channel).
     """
 
@@ -65,7 +70,8 @@ class Accumulator:
     scale: torch.Tensor
 
     def __post_init__(self):
-        self.values = _check_int32(self.values.to(torch.int64), "accumulator")
+        values = self.values if self.values.dtype == torch.int32 else self.values.to(torch.int64)
+        self.values = _check_int32(values, "accumulator")
 
     def dequantize(self) -> torch.Tensor:
         return (self.values.double() * self.scale).to(torch.float32)
@@ -75,11 +81,11 @@ class Accumulator:
 
 
 def to_codes(x, layer: IntLinear | IntConv2d) -> torch.Tensor:
-    """The codes ``layer`` expects: quantize a float input, requantize an accumulator."""
+    """The codes ``layer`` expects: quantize a float input, requantize an accumulator
+    (``qlib.requant.requantize_scaled``, with the layer's ``double_rounding``)."""
     if isinstance(x, Accumulator):
-        m, shift = quantize_multiplier(x.scale / layer.input_scale.double())
-        return requantize(x.values, m, shift, layer.input_zero_point,
-                          layer.input_quant_min, layer.input_quant_max)
+        return requantize_scaled(x.values, x.scale, layer.input_scale, layer.input_zero_point,
+                                 layer.input_quant_min, layer.input_quant_max, layer.double_rounding)
     return layer.quantize_input(x)
 
 
@@ -159,7 +165,10 @@ def _add(a, b) -> Accumulator:
 
 
 def _monotone(a: Accumulator, fn) -> Accumulator:
+    """Max-pooling: on the integers where PyTorch has the kernel (CPU), else in float64 (exact)."""
     a = _per_channel(a)
+    if a.values.device.type == "cpu" and not isinstance(fn, nn.AdaptiveMaxPool2d):
+        return Accumulator(fn(a.values), a.scale)
     return Accumulator(fn(a.values.double()).to(torch.int64), a.scale)
 
 
@@ -188,7 +197,7 @@ _FUNCTION_RULES = {
 _METHOD_RULES = {
     "relu": _FUNCTION_RULES[F.relu], "add": _add, "mean": _mean,
     "flatten": lambda a, *r, **k: _reshape(a, a.values.flatten(*r, **k)),
-    "view": lambda a, *r, **k: _reshape(a, a.values.view(*r, **k)),
+    "view": lambda a, *r, **k: _reshape(a, a.values.reshape(*r, **k)),  # values may be channels-last
     "reshape": lambda a, *r, **k: _reshape(a, a.values.reshape(*r, **k)),
     "size": lambda a, *r, **k: a.values.size(*r, **k),
     "dim": lambda a: a.values.dim(),
@@ -267,16 +276,21 @@ class _Tracer(fx.Tracer):
         return isinstance(m, (QuantLinear, QuantConv2d, FakeQuantize)) or super().is_leaf_module(m, qualname)
 
 
-def convert_to_integer(model: nn.Module) -> IntegerModel:
+def convert_to_integer(model: nn.Module, backend: str | None = None,
+                       double_rounding: bool = False) -> IntegerModel:
     """An ``IntegerModel`` computing ``model`` (a converted fake-quant model) with integers.
 
     Every ``QuantLinear``/``QuantConv2d`` becomes an ``IntLinear``/``IntConv2d`` (int8
     weights, int32 bias, per-channel fixed-point requantization); the output is
     dequantized to float. ``model`` is unchanged. See the module docstring for the
     supported operations; anything else raises NotImplementedError when it is reached.
+    ``backend``: how the layers multiply (``qlib.intops``: ``None`` for the int8 kernels,
+    ``"reference"`` for the int64 emulation; the same integers either way);
+    ``double_rounding``: gemmlowp's requantization instead of TFLite's single rounding.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    _check_backend(backend)
     model = copy.deepcopy(model).eval()
     graph_module = fx.GraphModule(model, _Tracer().trace(model))
     layers = 0
@@ -288,7 +302,7 @@ def convert_to_integer(model: nn.Module) -> IntegerModel:
             raise NotImplementedError(f"a standalone FakeQuantize ({node.target!r}) is not supported")
         if isinstance(module, (QuantLinear, QuantConv2d)):
             int_cls = IntLinear if isinstance(module, QuantLinear) else IntConv2d
-            _set_submodule(graph_module, node.target, int_cls.from_quant(module))
+            set_submodule(graph_module, node.target, int_cls.from_float(module, backend, double_rounding))
             layers += 1
     if layers == 0:
         raise ValueError("no layers to quantize: the model has no QuantLinear/QuantConv2d "

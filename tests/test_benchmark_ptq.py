@@ -4,7 +4,9 @@ Reference: the benchmark's own docstring (JSON layout: header from benchmarks/co
 settings, fp32, accuracy[config][weight_observer][act_observer], integer_path, torch_x86,
 size_bytes, size_ratio, latency, targets). The targets checked here hold in fast mode too:
 W8A8 (min-max) within 0.5 points of fp32 on seed 0, the integer model at least 3x smaller
-than the folded fp32 model, and the integer path agreeing with the fake-quant model.
+than the folded fp32 model, and the integer path agreeing with the fake-quant model (its two
+backends bit-identical). The latency target (integer within 1.5x of fp32) is checked for
+consistency only: fast-mode timings are too short to decide it.
 """
 
 from __future__ import annotations
@@ -73,6 +75,19 @@ def test_integer_path_agrees_with_fake_quant(result):
 
 def test_latency_is_side_by_side_ratios(result):
     lat = result["latency"]
-    assert set(lat["median_s"]) == {"fp32", "qlib fake-quant W8A8", "qlib integer W8A8", "torch x86 int8"}
+    assert set(lat["median_s"]) == {"fp32", "qlib fake-quant W8A8", "qlib integer W8A8",
+                                    "qlib integer W8A8 (reference)", "torch x86 int8"}
     assert lat["time_ratio_vs_fp32"]["fp32"] == 1.0
-    assert all(v > 0 for v in lat["median_s"].values())
+    for k, v in lat["time_ratio_vs_fp32"].items():
+        assert v == pytest.approx(lat["median_s"][k] / lat["median_s"]["fp32"])
+    assert lat["integer_backends_equal"] is True  # int8 kernels and int64 reference: the same outputs
+
+
+def test_integer_speed_target_is_reported_not_faked(result):
+    """The latency target is recorded with its measured value (timings in --fast mode are too
+    short to assert it; the committed full run reports it, met or not)."""
+    target = result["targets"][2]
+    ratio = result["latency"]["time_ratio_vs_fp32"]["qlib integer W8A8"]
+    assert target["value"] == ratio and target["threshold"] == 1.5 and target["met"] == (ratio <= 1.5)
+    # the int8 kernels beat the int64 reference (measured about 10x at batch 64)
+    assert ratio < result["latency"]["time_ratio_vs_fp32"]["qlib integer W8A8 (reference)"]

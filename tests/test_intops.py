@@ -1,214 +1,139 @@
-"""Tests for qlib.intops (integer-only arithmetic and integer layers).
+"""Tests for qlib.intops (integer matmul and convolution with zero points, every backend).
 
-Reference: Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
-Integer-Arithmetic-Only Inference", and gemmlowp's fixedpoint.h / TFLite's
-MultiplyByQuantizedMultiplier, re-derived here with Python's exact integers and fractions;
-float64 convolution and matmul of the centered codes (exact for these integer ranges); the
-fake-quant layers of qlib.modules for IntLinear / IntConv2d.
+Reference: the same products in float64 of the centered codes, ``(a - a_zp) @ (b - b_zp)``
+and ``F.conv2d(x - x_zp, w - w_zp)`` (exact: every partial sum is an integer below 2**53);
+``torch.nn.functional.unfold`` for im2col; Jacob et al. 2018, sec. 2.3 for the zero-point
+expansion the kernel backends use. Every backend must give exactly the reference's integers
+(``torch.equal``), including uint8 activations (shifted by 128) and asymmetric weights.
+Torch draws use generators seeded from ``QLIB_TEST_SEED`` (default 0).
 """
 
-from fractions import Fraction
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch import nn
 
-from qlib.intops import (INT32_MAX, INT32_MIN, IntConv2d, IntLinear, im2col, int_conv2d, int_matmul,
-                         multiply_by_quantized_multiplier, quantize_multiplier, requantize,
-                         rounding_divide_by_pot, saturating_rounding_doubling_high_mul)
-from qlib.modules import QuantConv2d, QuantLinear, fake_quantizers
-from qlib.ptq import quantize_dynamic
-from qlib.quantize import quantize
+from qlib.intops import BACKENDS, _patches_nhwc, im2col, int8_codes, int_conv2d, int_matmul
 
-int32s = st.integers(INT32_MIN, INT32_MAX)
+SEED = int(os.environ.get("QLIB_TEST_SEED", "0"))
 
 
-def round_half_away(fr: Fraction) -> int:
-    """Exact rounding to nearest, ties away from zero."""
-    n = (abs(fr.numerator) * 2 + fr.denominator) // (2 * fr.denominator)
-    return n if fr >= 0 else -n
+def gen(offset: int) -> torch.Generator:
+    return torch.Generator().manual_seed(SEED * 1000 + offset)
 
 
-# ----------------------------------------------------------------- fixed-point pieces
-@given(st.floats(2.0**-31, 2.0**30, allow_nan=False, allow_infinity=False))
-def test_quantize_multiplier_reproduces_the_real_multiplier(real):
-    m, shift = quantize_multiplier(real)
-    assert 2**30 <= m < 2**31
-    assert abs(Fraction(m) * Fraction(2) ** (shift - 31) - Fraction(real)) <= Fraction(real) * Fraction(1, 2**31)
+def codes(shape, dtype, g):
+    info = torch.iinfo(dtype)
+    return torch.randint(info.min, info.max + 1, shape, generator=g, dtype=torch.int64).to(dtype)
 
 
-def test_quantize_multiplier_vectorized_and_edge_cases():
-    reals = torch.rand(50, dtype=torch.float64) * torch.logspace(-9, 3, 50, dtype=torch.float64)
-    m, shift = quantize_multiplier(reals)
-    assert m.dtype == shift.dtype == torch.int64 and m.shape == (50,)
-    assert [(int(a), int(b)) for a, b in zip(m, shift)] == [quantize_multiplier(float(r)) for r in reals]
-    assert quantize_multiplier(0.0) == (0, 0)
-    assert quantize_multiplier(2.0**-40) == (0, 0)  # times any int32 it rounds to 0
-    assert quantize_multiplier(1.0) == (2**30, 1)
-    for bad in (-0.5, float("nan"), float("inf")):
-        with pytest.raises(ValueError):
-            quantize_multiplier(bad)
-    with pytest.raises(ValueError, match="2\\*\\*31"):
-        quantize_multiplier(2.0**33)
+def test_int8_codes_shift_uint8_by_128():
+    u = torch.arange(256, dtype=torch.int64).to(torch.uint8)
+    s, off = int8_codes(u)
+    assert off == 128 and s.dtype == torch.int8 and torch.equal(s.long(), u.long() - 128)
+    i = torch.arange(-128, 128).to(torch.int8)
+    assert int8_codes(i) == (i, 0)
+    with pytest.raises(TypeError, match="int8 or uint8"):
+        int8_codes(torch.zeros(3, dtype=torch.int32))
 
 
-@given(int32s, int32s)
-def test_srdhm_matches_gemmlowp_formula(a, b):
-    got = int(saturating_rounding_doubling_high_mul(a, b))
-    if a == b == INT32_MIN:
-        assert got == INT32_MAX
-    else:
-        assert got == round_half_away(Fraction(a * b, 2**31))
+CASES = [  # a dtype, a_zp, b dtype, b_zp kind: symmetric int8 weights, uint8 activations, asymmetric weights
+    (torch.uint8, 117, torch.int8, "zero"),
+    (torch.uint8, 0, torch.int8, "per_column"),
+    (torch.uint8, 255, torch.uint8, "per_column_uint8"),
+    (torch.int8, -128, torch.int8, "scalar"),
+    (torch.int8, 5, torch.uint8, "zero"),
+]
 
 
-@given(st.integers(-(2**40), 2**40), st.integers(0, 40))
-def test_rounding_divide_by_pot_is_round_half_away(x, exponent):
-    assert int(rounding_divide_by_pot(x, exponent)) == round_half_away(Fraction(x, 2**exponent))
+def zero_points(kind, n, g):
+    if kind == "zero":
+        return 0
+    if kind == "scalar":
+        return -3
+    if kind == "per_column":
+        return torch.randint(-128, 128, (n,), generator=g)
+    return torch.randint(0, 256, (n,), generator=g)
 
 
-def test_rounding_divide_by_pot_rejects_bad_input():
-    with pytest.raises(ValueError, match="exponent"):
-        rounding_divide_by_pot(5, -1)
-    with pytest.raises(TypeError, match="integers"):
-        rounding_divide_by_pot(torch.tensor([1.5]), 1)
+@pytest.mark.parametrize("backend", BACKENDS + (None,))
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_int_matmul_every_backend_is_exact(backend, case):
+    a_dtype, a_zp, b_dtype, b_kind = CASES[case]
+    g = gen(case)
+    a, b = codes((5, 7, 40), a_dtype, g), codes((40, 9), b_dtype, g)
+    a[0, 0] = torch.iinfo(a_dtype).min  # extreme codes
+    b[:, 0] = torch.iinfo(b_dtype).max
+    b_zp, bias = zero_points(b_kind, 9, g), torch.randint(-(2**20), 2**20, (9,), generator=g, dtype=torch.int32)
+    ref = (a.double() - a_zp) @ (b.double() - torch.as_tensor(b_zp).double())
+    for with_bias in (False, True):
+        acc = int_matmul(a, b, a_zp, b_zp, bias if with_bias else None, backend=backend)
+        assert acc.dtype == torch.int32 and acc.shape == (5, 7, 9)
+        assert torch.equal(acc.double(), ref + (bias.double() if with_bias else 0))
 
 
-@settings(max_examples=200)
-@given(st.integers(-(2**24), 2**24), st.floats(1e-6, 4.0))
-def test_multiply_by_quantized_multiplier(x, real):
-    m, shift = quantize_multiplier(real)
-    exact = Fraction(x) * Fraction(m) * Fraction(2) ** (shift - 31)
-    single = int(multiply_by_quantized_multiplier(x, m, shift))
-    double = int(multiply_by_quantized_multiplier(x, m, shift, double_rounding=True))
-    assert single == round_half_away(exact)  # one rounding of the exact product
-    assert abs(double - exact) <= 1  # two roundings: off by at most one
-
-
-def test_double_rounding_example_from_the_docstring():
-    m, shift = quantize_multiplier(0.1148)
-    assert shift == -3
-    x = 13  # x * 0.1148 = 1.4924
-    assert int(multiply_by_quantized_multiplier(x, m, shift)) == 1
-    assert int(multiply_by_quantized_multiplier(x, m, shift, double_rounding=True)) == 2
-
-
-@pytest.mark.parametrize("double_rounding", [False, True])
-def test_requantize_matches_float_reference_within_one_code(double_rounding):
-    acc = torch.randint(-(2**20), 2**20, (64, 16))
-    real = torch.rand(16, dtype=torch.float64) * 2.0**-12 + 2.0**-14  # one per channel
-    m, shift = quantize_multiplier(real)
-    q = requantize(acc, m, shift, 128, 0, 255, double_rounding=double_rounding)
-    assert q.dtype == torch.uint8
-    ref = torch.clamp(torch.round(acc.double() * real) + 128, 0, 255)
-    diff = (q.double() - ref).abs()
-    assert diff.max() <= 1
-    if not double_rounding:
-        assert (diff == 0).float().mean() > 0.999
-
-
-def test_requantize_per_channel_conv_shape():
-    acc = torch.randint(-5000, 5000, (2, 3, 4, 4))
-    m, shift = quantize_multiplier(torch.tensor([0.01, 0.02, 0.03], dtype=torch.float64))
-    q = requantize(acc, m.reshape(3, 1, 1), shift.reshape(3, 1, 1), 0, -128, 127)
-    assert q.dtype == torch.int8 and q.shape == acc.shape
-    ref = torch.clamp(torch.round(acc.double() * torch.tensor([0.01, 0.02, 0.03]).reshape(3, 1, 1).double()),
-                      -128, 127)
-    assert (q.double() - ref).abs().max() <= 1
-
-
-# ----------------------------------------------------------------- integer matmul and conv
-def test_int_matmul_is_exact_int32():
-    a = torch.randint(0, 256, (5, 7, 40), dtype=torch.int64).to(torch.uint8)
-    b = torch.randint(-128, 128, (40, 9)).to(torch.int8)
-    b_zp = torch.randint(-3, 4, (9,))
-    acc = int_matmul(a, b, 117, b_zp)
-    assert acc.dtype == torch.int32 and acc.shape == (5, 7, 9)
-    ref = (a.double() - 117) @ (b.double() - b_zp.double())
-    assert torch.equal(acc.double(), ref)
-
-
-def test_int_matmul_errors():
+def test_int_matmul_errors_and_overflow():
     with pytest.raises(ValueError, match="K"):
         int_matmul(torch.zeros(3, 4, dtype=torch.int8), torch.zeros(5, 2, dtype=torch.int8))
     with pytest.raises(TypeError, match="integers"):
         int_matmul(torch.zeros(3, 4), torch.zeros(4, 2, dtype=torch.int8))
+    with pytest.raises(ValueError, match="backend"):
+        int_matmul(torch.zeros(3, 4, dtype=torch.int8), torch.zeros(4, 2, dtype=torch.int8), backend="magic")
+    with pytest.raises(TypeError, match="reference"):  # the kernels take 8-bit codes only
+        int_matmul(torch.zeros(3, 4, dtype=torch.int64), torch.zeros(4, 2, dtype=torch.int8), backend="int_mm")
     big = torch.full((2, 2**16), 2**10)
     with pytest.raises(OverflowError, match="int32"):
         int_matmul(big, torch.full((2**16, 1), 2**10))
+    # 8-bit codes whose int32 accumulation can overflow: auto falls back to the reference, which raises
+    a, b = torch.full((2, 2**17), 255, dtype=torch.uint8), torch.full((2**17, 1), -128, dtype=torch.int8)
+    with pytest.raises(OverflowError, match="int32"):
+        int_matmul(a, b, 0, 0)
+    with pytest.raises(OverflowError, match="reference"):
+        int_matmul(a, b, 0, 0, backend="int32")
+    with pytest.raises(OverflowError, match="accumulator"):  # the bias pushes the sum out of int32
+        int_matmul(torch.full((1, 4), 127, dtype=torch.int8), torch.full((4, 1), 127, dtype=torch.int8),
+                   0, 0, torch.tensor([2**31 - 100], dtype=torch.int64))
 
 
 def test_im2col_matches_torch_unfold():
-    x = torch.randn(2, 3, 9, 8)
+    x = torch.randn(2, 3, 9, 8, generator=gen(40))
     cols = im2col(x, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2))
     ref = F.unfold(x, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2))  # (N, C*kh*kw, L)
     assert torch.equal(cols.reshape(2, -1, cols.shape[-1]).transpose(1, 2), ref)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(stride=2, padding=1), dict(padding=2, dilation=2)])
-def test_int_conv2d_matches_float64_conv(kw):
-    x = torch.randint(0, 256, (2, 3, 9, 9)).to(torch.uint8)
-    w = torch.randint(-128, 128, (5, 3, 3, 3)).to(torch.int8)
-    acc = int_conv2d(x, w, 100, 0, **kw)
-    ref = F.conv2d(x.double() - 100, w.double(), **kw)  # zero padding = real 0.0 = code 100
-    assert acc.dtype == torch.int32 and torch.equal(acc.double(), ref)
+def test_channels_last_patches_are_im2col_reordered():
+    x = torch.randn(2, 3, 9, 8, generator=gen(41))
+    kw = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    a = im2col(x, (3, 2), **kw)                                    # columns (C, kh, kw)
+    b = _patches_nhwc(x.permute(0, 2, 3, 1), (3, 2), pad_value=0, **kw)  # columns (kh, kw, C)
+    assert torch.equal(a.reshape(*a.shape[:3], 3, 3, 2).permute(0, 1, 2, 4, 5, 3).reshape(b.shape), b)
 
 
-# ----------------------------------------------------------------- integer layers
-def frozen(layer, x):
-    layer(x)
-    for fq in fake_quantizers(layer).values():
-        fq.freeze()
-    return layer
+CONV = [dict(), dict(stride=2, padding=1), dict(padding=2, dilation=2), dict(stride=(1, 2), padding=(0, 1))]
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_int_layer_matches_fake_quant_layer(kind):
-    if kind == "linear":
-        q = frozen(QuantLinear.from_float(nn.Linear(30, 12)), torch.randn(64, 30))
-        x, int_cls, shape = torch.randn(64, 30) * 1.2, IntLinear, (-1,)
-    else:
-        q = frozen(QuantConv2d.from_float(nn.Conv2d(3, 8, 3, padding=1)), torch.randn(8, 3, 10, 10))
-        x, int_cls, shape = torch.randn(8, 3, 10, 10) * 1.2, IntConv2d, (-1, 1, 1)
-    layer = int_cls.from_quant(q)
-    assert layer.weight_q.dtype == torch.int8 and layer.bias_q.dtype == torch.int32
-    acc = layer(layer.quantize_input(x))
-    assert acc.dtype == torch.int32
-    y = q(x)
-    # dequantized accumulator = fake-quant output, up to the int32 bias rounding (half a unit)
-    unit = layer.acc_scale.reshape(shape).float()
-    assert ((layer.dequantize(acc) - y).abs() <= 0.5 * unit + 1e-5 * y.abs()).all()
-    # requantized to some next layer's qparams = fake-quant output quantized, within one code
-    s_out, z_out = torch.tensor(y.abs().max().item() / 100), torch.tensor(7)
-    codes = layer.requantize(acc, s_out, z_out, 0, 255)
-    ref = quantize(y, s_out, z_out, 0, 255)
-    diff = (codes.long() - ref.long()).abs()
-    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99
+@pytest.mark.parametrize("backend", BACKENDS + (None,))
+@pytest.mark.parametrize("kw", range(len(CONV)))
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_int_conv2d_every_backend_matches_float64_conv(backend, kw, case):
+    x_dtype, x_zp, w_dtype, w_kind = CASES[case]
+    g = gen(100 + 10 * case + kw)
+    x, w = codes((2, 3, 9, 9), x_dtype, g), codes((5, 3, 3, 2), w_dtype, g)
+    w_zp = zero_points(w_kind, 5, g)
+    bias = torch.randint(-1000, 1000, (5,), generator=g, dtype=torch.int32)
+    acc = int_conv2d(x, w, x_zp, w_zp, bias=bias, backend=backend, **CONV[kw])
+    # zero padding = real 0.0 = code x_zp
+    ref = F.conv2d(x.double() - x_zp, w.double() - torch.as_tensor(w_zp).double().reshape(-1, 1, 1, 1),
+                   bias.double(), **CONV[kw])
+    assert acc.dtype == torch.int32 and acc.shape == ref.shape and torch.equal(acc.double(), ref)
 
 
-def test_int_layer_without_bias_and_per_tensor_weights():
-    from qlib.modules import QuantConfig
-    from qlib.qparams import PerTensor
-    cfg = QuantConfig(weight_granularity=PerTensor())
-    q = frozen(QuantLinear.from_float(nn.Linear(10, 4, bias=False), cfg), torch.randn(16, 10))
-    layer = IntLinear.from_quant(q)
-    assert layer.bias_q is None and layer.weight_scale.shape == (4,)
-    x = torch.randn(16, 10)
-    torch.testing.assert_close(layer.dequantize(layer(layer.quantize_input(x))), q(x), rtol=1e-5, atol=1e-6)
-
-
-def test_int_layer_errors():
-    with pytest.raises(ValueError, match="not frozen"):
-        IntLinear.from_quant(QuantLinear.from_float(nn.Linear(3, 2)))
-    dynamic = quantize_dynamic(nn.Sequential(nn.Linear(3, 2)))
-    with pytest.raises(ValueError, match="dynamic"):
-        IntLinear.from_quant(dynamic[0])
-    with pytest.raises(TypeError, match="QuantLinear"):
-        IntLinear.from_quant(nn.Linear(3, 2))
-    with pytest.raises(TypeError, match="QuantConv2d"):
-        IntConv2d.from_quant(nn.Conv2d(3, 2, 1))
-    grouped = frozen(QuantConv2d.from_float(nn.Conv2d(4, 4, 3, groups=2)), torch.randn(2, 4, 5, 5))
-    with pytest.raises(NotImplementedError, match="groups"):
-        IntConv2d.from_quant(grouped)
+def test_int_conv2d_checks_its_input():
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        int_conv2d(torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(2, 3, 1, 1, dtype=torch.int8))
+    with pytest.raises(TypeError, match="integers"):
+        int_conv2d(torch.zeros(1, 3, 4, 4), torch.zeros(2, 3, 1, 1, dtype=torch.int8))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        int_conv2d([[1]], torch.zeros(2, 3, 1, 1, dtype=torch.int8))
