@@ -277,10 +277,10 @@ def test_find_layer_pairs_falls_back_with_through():
     assert pairs == [LayerPair("body.0", "body.2", ("body.1",))]
 
 
-def test_set_submodule_is_public_and_the_old_name_remains():
+def test_set_submodule_is_public_and_private_copies_are_gone():
     from qlib import fold, modules
 
-    assert fold._set_submodule is modules.set_submodule
+    assert not hasattr(fold, "_set_submodule")
     model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU()))
     modules.set_submodule(model, "1.0", nn.Tanh())
     assert isinstance(model[1][0], nn.Tanh)
