@@ -1,0 +1,116 @@
+"""Random cases for the hidden checks: fresh for every student, the same at every re-grade.
+
+A hidden check draws new random cases (tensors, bit widths, models) so that an answer
+tuned to the visible cases does not pass. If those draws changed at every grading run, a
+re-grade could change a score. So the draws come from one seed per (student, check)::
+
+    seed = sha256("<base>|<student>/<lab>|<check name>")[:8]   (as an integer)
+
+- **student/lab**: ``nbgrader autograde`` runs each submission in
+  ``autograded/<student_id>/<lab>/`` with ``NBGRADER_EXECUTION=autograde`` set; the last two
+  parts of the working directory name the submission. Two students draw different cases;
+  the same submission graded twice draws the same ones.
+- **base**: ``QLIB_CHECK_SEED`` when set (an instructor may pick one per term; CI runs the
+  suite with several), else ``""`` under nbgrader, else a fresh random number (plain
+  JupyterLab, Colab, pytest without the variable): every run then tries new cases. A
+  failure message prints the base, so ``QLIB_CHECK_SEED=<base>`` replays the exact cases.
+- **check name**: each check draws its own cases.
+
+A check body receives a :class:`Draw`: ``draw.rng`` (a :class:`random.Random`) for
+Python-side choices, ``draw.gen`` (a CPU :class:`torch.Generator`) for tensors, and
+``draw.integer()`` for sub-seeds (a model's seed, a batch order). :func:`seeded` fixes the
+base inside a ``with`` block (tests use it to replay or to vary the draws).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+__all__ = ["SEED_ENV", "Draw", "base_seed", "hidden", "hidden_seed", "seeded", "stable_seed",
+           "submission"]
+
+SEED_ENV = "QLIB_CHECK_SEED"
+"""Environment variable that fixes the base of every hidden draw."""
+
+_override: list[str] = []  # set by seeded(); innermost last
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from text: the same parts give the same seed on every machine and run."""
+    text = "|".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def submission() -> str:
+    """``"<student_id>/<lab>"`` while nbgrader autogrades a submission, else ``""``."""
+    if os.environ.get("NBGRADER_EXECUTION") != "autograde":
+        return ""
+    return "/".join(Path.cwd().parts[-2:])
+
+
+def base_seed() -> str:
+    """The base of the hidden draws: :func:`seeded`, else ``$QLIB_CHECK_SEED``, else ``""``
+    under nbgrader, else a fresh random number."""
+    if _override:
+        return _override[-1]
+    env = os.environ.get(SEED_ENV, "").strip()
+    if env:
+        return env
+    return "" if submission() else str(secrets.randbelow(10**9))
+
+
+def hidden_seed(name: str, base: str | None = None) -> int:
+    """The seed of the hidden check ``name`` for this submission (see the module docstring)."""
+    return stable_seed(base_seed() if base is None else base, submission(), name)
+
+
+@contextmanager
+def seeded(base: int | str):
+    """Within the block, hidden checks draw from ``base`` (as if ``QLIB_CHECK_SEED=base``)."""
+    _override.append(str(base))
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+class Draw:
+    """The random sources of one hidden check, all derived from ``seed``.
+
+    ``rng``: Python's :class:`random.Random`; ``gen``: a CPU :class:`torch.Generator`.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed % 2**63)
+
+    def integer(self, high: int = 2**31 - 1) -> int:
+        """A sub-seed in ``[0, high)`` (a model's seed, a batch order)."""
+        return self.rng.randrange(high)
+
+
+def hidden(name: str, body: Callable[[Draw], None]) -> None:
+    """Run a hidden check: ``body(draw)`` with this submission's draws (see :func:`run`).
+
+    Torch's global generator is seeded from the same seed, so a draw that does not go through
+    ``draw`` (a layer's default initialisation) is reproducible too.
+    """
+    from .core import run
+
+    base = base_seed()
+    seed = hidden_seed(name, base)
+    who = submission()
+    if who and not base:
+        note = f"\n  (hidden cases of submission {who}: a re-grade draws the same ones)"
+    else:
+        note = f"\n  (hidden cases drawn with {SEED_ENV}={base}{' for ' + who if who else ''}: set it to replay them)"
+    run(name, lambda: body(Draw(seed)), seed=seed, note=note)
