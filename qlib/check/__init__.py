@@ -25,14 +25,14 @@ import re
 
 from .core import (CheckFailed, as_number, call, changed_entries, describe, expect, expect_close,
                    expect_equal, expect_pair, expect_tensor, first_difference, first_hint, hooks_left,
-                   isolated_rng, not_implemented, passed, quiet_deprecations, run, snapshot)
+                   isolated_rng, not_implemented, one_thread, passed, quiet_deprecations, run, snapshot)
 from .draws import SEED_ENV, Draw, hidden, hidden_seed, seeded
 
 __all__ = ["CheckFailed", "expect", "expect_close", "expect_equal", "call", "passed",
            "not_implemented", "run", "hidden", "seeded", "hidden_seed", "Draw", "SEED_ENV",
            "as_number", "expect_pair", "expect_tensor", "first_difference", "first_hint",
            "describe", "snapshot", "changed_entries", "hooks_left", "quiet_deprecations",
-           "isolated_rng"]
+           "isolated_rng", "one_thread"]
 
 
 def __getattr__(name: str):

@@ -17,13 +17,13 @@ from numbers import Integral
 import torch
 
 from .core import (CheckFailed, call, scalar_tensor, expect, expect_equal, expect_pair, expect_tensor, first_difference,
-                   first_hint, quiet_deprecations, run)
+                   first_hint, run)
+from . import references
 from .draws import Draw, hidden
 from .mistakes import HINTS, division_traps, scale_hint, wrong_codes, zero_point_hint
 from .. import qparams as ref_qparams
 
 ref_quantize = importlib.import_module("qlib.quantize")  # the module: qlib.quantize is also a function
-
 
 
 # ------------------------------------------------------------------ Q1 quant_range
@@ -125,15 +125,6 @@ def _random_tensor(draw: Draw) -> torch.Tensor:
     return x
 
 
-def _observer(bits: int, signed: bool, symmetric: bool):
-    tq = torch.ao.quantization
-    qscheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
-    kwargs = {}
-    if bits != 8:
-        kwargs["quant_min"], kwargs["quant_max"] = ref_qparams.quant_range(bits, signed)
-    return tq.MinMaxObserver(dtype=torch.qint8 if signed else torch.quint8, qscheme=qscheme, **kwargs)
-
-
 def _tie_tensor(draw: Draw, qmin: int, qmax: int) -> torch.Tensor:
     """[min, max] on a power-of-two grid with min / scale = -(j + 1/2): the zero point is an
     exact tie, where rounding half to even and half away from zero give different answers."""
@@ -149,10 +140,7 @@ def _hidden_qparams(fn, symmetric: bool, draw: Draw, cases: int = 60) -> None:
         signed = True if symmetric else rng.random() < 0.5
         qmin, qmax = ref_qparams.quant_range(bits, signed)
         x = _tie_tensor(draw, qmin, qmax) if i % 6 == 5 else _random_tensor(draw)
-        with quiet_deprecations():
-            observer = _observer(bits, signed, symmetric)
-            observer(x)
-            want_scale, want_zp = observer.calculate_qparams()
+        want_scale, want_zp = references.minmax_qparams(x, bits, signed, symmetric)
         _check_qparams(fn, x.min().item(), x.max().item(), qmin, qmax, symmetric, want_scale, want_zp)
 
 
@@ -225,15 +213,12 @@ def quantize_hidden(fn) -> None:
             k = torch.randint(qmin - zp.item(), qmax - zp.item() + 1, (64,), generator=gen)
             x = torch.cat([x, (k + 0.5) * scale, division_traps(scale)])  # clipped values, ties, traps
             what = f"quantize on random values ({bits}-bit {'signed' if signed else 'unsigned'})"
-            with quiet_deprecations():
-                ref = torch.fake_quantize_per_tensor_affine(x, scale.item(), int(zp), qmin, qmax)
-                _check_codes(fn, x, scale, zp, qmin, qmax, what, torch_ref=ref)
-                if bits == 8:
-                    codes = torch.quantize_per_tensor(x, scale.item(), int(zp),
-                                                      torch.qint8 if signed else torch.quint8).int_repr()
-                    got = call(fn, x, scale, zp, qmin, qmax, what="quantize")
-                    expect_equal(got.to(torch.int64), codes.to(torch.int64),
-                                 f"{what}, compared with torch.quantize_per_tensor")
+            ref = references.fake_quantize(x, scale, zp, qmin, qmax)
+            _check_codes(fn, x, scale, zp, qmin, qmax, what, torch_ref=ref)
+            if bits == 8:
+                got = call(fn, x, scale, zp, qmin, qmax, what="quantize")
+                expect_equal(got.to(torch.int64), references.int8_codes(x, scale, zp, signed),
+                             f"{what}, compared with torch.quantize_per_tensor")
     hidden("quantize: random tensors vs torch.fake_quantize_per_tensor_affine", body)
 
 
@@ -287,7 +272,6 @@ def dequantize_hidden(fn) -> None:
             qmin, qmax = ref_qparams.quant_range(bits, signed)
             scale, zp = ref_qparams.choose_qparams(x.min(), x.max(), qmin, qmax, symmetric=False)
             x_q = ref_quantize.quantize(x, scale, zp, qmin, qmax, dtype=dtype)
-            with quiet_deprecations():
-                want = torch.fake_quantize_per_tensor_affine(x, scale.item(), int(zp), qmin, qmax)
+            want = references.fake_quantize(x, scale, zp, qmin, qmax)
             _check_dequantize(fn, x_q, scale, zp, f"dequantize of {bits}-bit {dtype} codes", want)
     hidden("dequantize: random codes vs torch.fake_quantize_per_tensor_affine", body)

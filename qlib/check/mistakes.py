@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["HINTS", "TIES", "wrong_codes", "dequantized", "division_traps", "scale_hint", "zero_point_hint"]
+__all__ = ["HINTS", "TIES", "wrong_codes", "dequantized", "division_traps", "scale_hint", "zero_point_hint",
+           "unclamped_codes", "fake_quantize_mistakes", "ste_gradient_mistakes", "lsq_terms",
+           "lsq_gradient_mistakes", "lsq_gradient_hint"]
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -112,3 +114,111 @@ def zero_point_hint(got: int, want: int, lo: float, qmin: int, qmax: int, symmet
     if not symmetric:
         hint += " (zero_point = quant_min - round(min_neg / scale), then clamped.)"
     return hint
+
+
+# ------------------------------------------------------------------ gradients (lab 04)
+def unclamped_codes(x, scale, zero_point):
+    """``round(x * (1/scale)) + zero_point`` before clamping (float32): which inputs are clipped."""
+    return torch.round(x * (1.0 / scale)) + zero_point.to(torch.float32)
+
+
+def fake_quantize_mistakes(x, scale, zero_point, quant_min, quant_max) -> list[tuple[str, torch.Tensor]]:
+    """Typical wrong fake quantizations (float32 values, as ``FakeQuantSTE.forward``), with hints."""
+    wrong = wrong_codes(x, scale, zero_point, quant_min, quant_max)
+    right = wrong["no_clamp"].clamp(quant_min, quant_max)
+    ties = TIES.replace("torch.round:", "torch.round (2.5 -> 2);")
+    return [
+        ("clamp the codes to [quant_min, quant_max] before dequantizing: values outside are clipped",
+         dequantized(wrong["no_clamp"], scale, zero_point)),
+        ("return the dequantized value (q - zero_point) * scale, not the integer codes q", right),
+        ("subtract the zero_point again when dequantizing: (q - zero_point) * scale", right * scale),
+        ("add the zero_point after rounding, and clamp the sum", dequantized(wrong["no_zero_point"], scale, zero_point)),
+        ("multiply by the float32 reciprocal, x * (1.0 / scale), as PyTorch does: x / scale can round differently",
+         dequantized(wrong["divides"], scale, zero_point)),
+        (ties, dequantized(wrong["ties_away"], scale, zero_point)),
+        (ties, dequantized(wrong["floor_half"], scale, zero_point)),
+    ]
+
+
+def ste_gradient_mistakes(x, scale, zero_point, quant_min, quant_max, grad_output):
+    """Typical wrong straight-through gradients ``d loss / d x``, each with its hint.
+
+    The right one: ``grad_output`` where ``quant_min <= unclamped_codes(x) <= quant_max``, else 0.
+    """
+    q = unclamped_codes(x, scale, zero_point)
+    inside = (q >= quant_min) & (q <= quant_max)
+    z = zero_point.to(torch.float32)
+    lo, hi = (quant_min - z) * scale, (quant_max - z) * scale
+    return [
+        ("no clamp mask: the gradient must be 0 where the code round(x/scale) + zero_point falls outside "
+         "[quant_min, quant_max] (those inputs are clipped; the output does not move with them)", grad_output),
+        ("the straight-through estimator passes grad_output where the code is in range: "
+         "return grad_output * mask, not the mask alone", inside.to(grad_output.dtype)),
+        ("d round(v)/dv is 0 almost everywhere, which is why nothing would train: the STE passes "
+         "grad_output instead (times the clamp mask)", torch.zeros_like(grad_output)),
+        ("test the rounded code, not x: inputs up to half a step beyond the outermost levels are rounded "
+         "onto them and keep their gradient (mask = quant_min <= round(x/scale) + zero_point <= quant_max)",
+         grad_output * ((x >= lo) & (x <= hi))),
+        ("the outermost codes quant_min and quant_max are in range: use <= and >=, not < and >",
+         grad_output * ((q > quant_min) & (q < quant_max))),
+    ]
+
+
+def lsq_terms(x, scale, zero_point, quant_min, quant_max, round_zero_point=True):
+    """Elementwise d x_fq / d s (the formula of lesson 05) and the pieces wrong answers use."""
+    z = zero_point.to(torch.float32)
+    z = torch.clamp(torch.round(z), quant_min, quant_max) if round_zero_point else z
+    v = x * (1.0 / scale)
+    q = torch.round(v) + z
+    inside = (q >= quant_min) & (q <= quant_max)
+    below = q < quant_min
+    rounding = torch.round(v) - v
+    term = torch.where(inside, rounding, torch.where(below, quant_min - z, quant_max - z))
+    return term, inside, below, rounding, z
+
+
+def lsq_gradient_mistakes(x, scale, zero_point, quant_min, quant_max, grad_output, grad_factor):
+    """Typical wrong LSQ scale gradients (summed over elements), each with its hint.
+
+    The right one: ``grad_factor * sum(grad_output * term)``, ``term`` from :func:`lsq_terms`.
+    """
+    term, inside, below, rounding, z = lsq_terms(x, scale, zero_point, quant_min, quant_max)
+    g = grad_factor
+    ends = torch.where(below, torch.full_like(x, float(quant_min)), torch.full_like(x, float(quant_max)))
+    return [
+        ("multiply the summed gradient by grad_factor (LSQ's gradient scale 1/sqrt(N * quant_max))",
+         (grad_output * term).sum()),
+        ("multiply by grad_output (chain rule) before summing", g * term.sum()),
+        ("inside the range, d x_fq / d scale = round(x/scale) - x/scale (= (x_fq - x) / scale); the sign is flipped",
+         g * (grad_output * torch.where(inside, -rounding, term)).sum()),
+        ("clipped values: d x_fq / d scale = quant_min - zero_point below the range and quant_max - zero_point "
+         "above (x_fq = (q_clamped - zero_point) * scale); you forgot the zero_point",
+         g * (grad_output * torch.where(inside, rounding, ends)).sum()),
+        ("clipped values do move with the scale: below the range x_fq = (quant_min - zero_point) * scale, "
+         "so their gradient is quant_min - zero_point, not 0",
+         g * (grad_output * torch.where(inside, rounding, torch.zeros_like(x))).sum()),
+        ("the rounding term counts too: inside the range the gradient is round(x/scale) - x/scale, not 0",
+         g * (grad_output * torch.where(inside, torch.zeros_like(x), term)).sum()),
+        ("round and clamp the learned zero point first: z = clamp(round(zero_point), quant_min, quant_max)",
+         g * (grad_output * lsq_terms(x, scale, zero_point, quant_min, quant_max, round_zero_point=False)[0]).sum()),
+    ]
+
+
+def lsq_gradient_hint(got: float, want: float, tol: float, x, scale, zero_point, quant_min, quant_max,
+                      grad_output, grad_factor) -> str:
+    """The hint for a wrong LSQ scale gradient: a typical mistake it equals (within ``tol``),
+    or a factor (grad_factor, 1/N, sqrt(N)...) it is off by; "" when neither."""
+    for hint, v in lsq_gradient_mistakes(x, scale, zero_point, quant_min, quant_max, grad_output, grad_factor):
+        v = float(v)
+        if v == v and abs(got - v) <= max(tol, 1e-4 * abs(v)):
+            return hint
+    if abs(want) > tol and abs(got) > tol:
+        n = x.numel()
+        factors = {"grad_factor": grad_factor, "1 / grad_factor": 1 / grad_factor, "1/N": 1 / n,
+                   "1/sqrt(N)": n ** -0.5, "sqrt(N)": n ** 0.5}
+        ratio = got / want
+        label = next((k for k, f in factors.items() if abs(f - 1) > 1e-3 and abs(ratio / f - 1) < 1e-3), None)
+        if label:
+            return (f"your value is {ratio:.4g} = {label} (N = {n} elements) times the expected one: multiply the "
+                    "sum (not the mean) by the grad_factor you are given, once")
+    return ""
