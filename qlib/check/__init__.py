@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 import re
 
-from .core import (CheckFailed, as_number, call, changed_entries, describe, expect, expect_close,
+from .core import (CheckFailed, as_number, call, changed_entries, describe, expect, expect_close, layer_activations,
                    expect_equal, expect_pair, expect_tensor, first_difference, first_hint, hooks_left,
                    isolated_rng, not_implemented, one_thread, passed, quiet_deprecations, run, snapshot)
 from .draws import SEED_ENV, Draw, hidden, hidden_seed, seeded
@@ -32,7 +32,7 @@ __all__ = ["CheckFailed", "expect", "expect_close", "expect_equal", "call", "pas
            "not_implemented", "run", "hidden", "seeded", "hidden_seed", "Draw", "SEED_ENV",
            "as_number", "expect_pair", "expect_tensor", "first_difference", "first_hint",
            "describe", "snapshot", "changed_entries", "hooks_left", "quiet_deprecations",
-           "isolated_rng", "one_thread"]
+           "isolated_rng", "one_thread", "layer_activations"]
 
 
 def __getattr__(name: str):

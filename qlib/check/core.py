@@ -40,7 +40,7 @@ from .draws import stable_seed
 
 __all__ = ["CheckFailed", "passed", "expect", "describe", "expect_equal", "expect_close", "call",
            "not_implemented", "run", "as_number", "scalar_tensor", "expect_pair", "expect_tensor", "first_difference",
-           "first_hint", "snapshot", "changed_entries", "hooks_left", "quiet_deprecations",
+           "first_hint", "snapshot", "changed_entries", "layer_activations", "hooks_left", "quiet_deprecations",
            "one_thread", "isolated_rng"]
 
 
@@ -207,6 +207,24 @@ def changed_entries(model: nn.Module, before: dict[str, torch.Tensor]) -> list[s
     """Names of the ``state_dict`` entries that differ from the :func:`snapshot` ``before``."""
     after = model.state_dict()
     return [k for k, v in before.items() if k not in after or not torch.equal(after[k], v)]
+
+
+def layer_activations(model: nn.Module, layer_name: str, batches, output: bool = False) -> torch.Tensor:
+    """What ``model.<layer_name>`` receives (or, with ``output``, returns) over ``batches``,
+    concatenated along dim 0; the model runs under ``torch.no_grad()`` in its current mode."""
+    seen = []
+    layer = model.get_submodule(layer_name)
+    if output:
+        handle = layer.register_forward_hook(lambda _m, _args, out: seen.append(out.detach().clone()))
+    else:
+        handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        handle.remove()
+    return torch.cat(seen)
 
 
 def hooks_left(model: nn.Module) -> bool:

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 __all__ = ["SEED_ENV", "Draw", "base_seed", "hidden", "hidden_seed", "seeded", "stable_seed",
-           "submission"]
+           "submission", "heavy_tailed", "relu_like"]
 
 SEED_ENV = "QLIB_CHECK_SEED"
 """Environment variable that fixes the base of every hidden draw."""
@@ -96,6 +96,16 @@ class Draw:
     def integer(self, high: int = 2**31 - 1) -> int:
         """A sub-seed in ``[0, high)`` (a model's seed, a batch order)."""
         return self.rng.randrange(high)
+
+
+def heavy_tailed(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Student-t-like: a Gaussian divided by a random magnitude, so a few values are huge."""
+    return torch.randn(n, generator=gen) / (torch.rand(n, generator=gen) + 0.05)
+
+
+def relu_like(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Half exact zeros, half a skewed positive tail: what a ReLU layer emits."""
+    return torch.relu(torch.randn(n, generator=gen)) * torch.rand(n, generator=gen).pow(2) * 3
 
 
 def hidden(name: str, body: Callable[[Draw], None]) -> None:

@@ -21,7 +21,7 @@ import torch
 
 __all__ = ["HINTS", "TIES", "wrong_codes", "dequantized", "division_traps", "scale_hint", "zero_point_hint",
            "unclamped_codes", "fake_quantize_mistakes", "ste_gradient_mistakes", "lsq_terms",
-           "lsq_gradient_mistakes", "lsq_gradient_hint"]
+           "lsq_gradient_mistakes", "lsq_gradient_hint", "percentile_hint", "quant_mse_hint"]
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -221,4 +221,41 @@ def lsq_gradient_hint(got: float, want: float, tol: float, x, scale, zero_point,
         if label:
             return (f"your value is {ratio:.4g} = {label} (N = {n} elements) times the expected one: multiply the "
                     "sum (not the mean) by the grad_factor you are given, once")
+    return ""
+
+
+# ------------------------------------------------------------------ calibration (lab 02)
+def percentile_hint(got, want, x: torch.Tensor, p: float, close) -> str:
+    """Why ``got = (lo, hi)`` is not ``want = (P_{100-p}(x), P_p(x))``, when a typical mistake
+    explains it ("" if none); ``close(a, b)`` is the check's tolerance."""
+    if close(got[0], want[1]) and close(got[1], want[0]):
+        return " (lo and hi are swapped: lo is the (100 - p)-th percentile)"
+    if close(got[1], want[1]):
+        return " (hi is right; lo should be the (100 - p)-th percentile, not the p-th of -x or of |x|)"
+    s = x.float().flatten().sort().values
+    rank = [s[round(q * (s.numel() - 1))].item() for q in (1 - p / 100, p / 100)]
+    if close(got[0], rank[0]) and close(got[1], rank[1]):
+        return " (that is the nearest sorted value: interpolate between the two neighbours)"
+    return ""
+
+
+def quant_mse_hint(got: float, want: float, x: torch.Tensor, lo: float, hi: float, bits: int, close) -> str:
+    """Why a quantization MSE on ``[lo, hi]`` (affine, unsigned ``bits``-bit codes) is wrong,
+    when a typical mistake explains it: no clamp, symmetric qparams, the root of the MSE."""
+    from ..qparams import choose_qparams, quant_range
+    from ..quantize import fake_quantize
+
+    qmin, qmax = quant_range(bits, signed=False)
+    scale, zp = choose_qparams(torch.tensor(float(lo)), torch.tensor(float(hi)), qmin, qmax)
+    noclamp = ((torch.round(x * (1.0 / scale)) + zp - zp) * scale - x).pow(2).mean().item()
+    s_min, s_max = quant_range(bits, signed=True)
+    s_scale, s_zp = choose_qparams(torch.tensor(float(lo)), torch.tensor(float(hi)), s_min, s_max, symmetric=True)
+    symmetric = (fake_quantize(x, s_scale, s_zp, s_min, s_max) - x).pow(2).mean().item()
+    if close(got, noclamp):
+        return " (looks like the codes are not clamped to [quant_min, quant_max]: values outside the range must clip)"
+    if close(got, symmetric):
+        return (" (looks like symmetric quantization: use affine qparams for [lo, hi], "
+                "choose_qparams(lo, hi, *quant_range(bits, signed=False)))")
+    if close(got, want ** 0.5):
+        return " (that is the root of the MSE: return the mean of the squared errors)"
     return ""
