@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 __all__ = ["SEED_ENV", "Draw", "base_seed", "hidden", "hidden_seed", "seeded", "stable_seed",
-           "submission", "heavy_tailed", "relu_like"]
+           "submission", "heavy_tailed", "relu_like", "random_bn"]
 
 SEED_ENV = "QLIB_CHECK_SEED"
 """Environment variable that fixes the base of every hidden draw."""
@@ -106,6 +107,19 @@ def heavy_tailed(n: int, gen: torch.Generator) -> torch.Tensor:
 def relu_like(n: int, gen: torch.Generator) -> torch.Tensor:
     """Half exact zeros, half a skewed positive tail: what a ReLU layer emits."""
     return torch.relu(torch.randn(n, generator=gen)) * torch.rand(n, generator=gen).pow(2) * 3
+
+
+def random_bn(c: int, gen: torch.Generator, affine: bool = True, eps: float = 1e-5,
+              dims: int = 2) -> nn.modules.batchnorm._BatchNorm:
+    """An eval-mode BatchNorm with random running statistics (and gamma, beta)."""
+    bn = (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(c, eps=eps, affine=affine).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c, generator=gen))
+        bn.running_var.copy_(torch.rand(c, generator=gen) * 2 + 0.05)
+        if affine:
+            bn.weight.copy_(torch.randn(c, generator=gen))
+            bn.bias.copy_(torch.randn(c, generator=gen))
+    return bn
 
 
 def hidden(name: str, body: Callable[[Draw], None]) -> None:

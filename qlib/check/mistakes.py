@@ -21,7 +21,8 @@ import torch
 
 __all__ = ["HINTS", "TIES", "wrong_codes", "dequantized", "division_traps", "scale_hint", "zero_point_hint",
            "unclamped_codes", "fake_quantize_mistakes", "ste_gradient_mistakes", "lsq_terms",
-           "lsq_gradient_mistakes", "lsq_gradient_hint", "percentile_hint", "quant_mse_hint"]
+           "lsq_gradient_mistakes", "lsq_gradient_hint", "percentile_hint", "quant_mse_hint",
+           "fold_weight_hint", "fold_bias_hint"]
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -258,4 +259,34 @@ def quant_mse_hint(got: float, want: float, x: torch.Tensor, lo: float, hi: floa
                 "choose_qparams(lo, hi, *quant_range(bits, signed=False)))")
     if close(got, want ** 0.5):
         return " (that is the root of the MSE: return the mean of the squared errors)"
+    return ""
+
+
+# ------------------------------------------------------------------ batch-norm folding (lab 03)
+def fold_weight_hint(w: torch.Tensor, weight: torch.Tensor, bn) -> str:
+    """Why a folded weight is not ``weight * gamma / sqrt(var + eps)`` (per output channel),
+    when a typical mistake explains it: the variance, no eps, no scaling at all."""
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    with torch.no_grad():
+        if torch.allclose(w, weight * (gamma / (bn.running_var + bn.eps)).reshape(shape), rtol=1e-5):
+            return " (divide by the standard deviation sqrt(var + eps), not by the variance)"
+        if torch.allclose(w, weight * (gamma / bn.running_var.sqrt()).reshape(shape), rtol=1e-5):
+            return " (add eps inside the square root: sqrt(var + eps))"
+        if torch.allclose(w, weight, rtol=1e-5, atol=1e-6):
+            return " (the weight is unchanged: multiply each output channel by gamma / sqrt(var + eps))"
+    return ""
+
+
+def fold_bias_hint(b: torch.Tensor, bias, bn) -> str:
+    """Why a folded bias is not ``(bias - mean) * gamma / sqrt(var + eps) + beta``, when a
+    typical mistake explains it: the mean left unscaled, beta forgotten."""
+    factor = (bn.weight if bn.weight is not None else 1) / torch.sqrt(bn.running_var + bn.eps)
+    beta = bn.bias if bn.bias is not None else 0
+    bb = bias if bias is not None else 0
+    with torch.no_grad():
+        if torch.allclose(b, bb * factor + beta - bn.running_mean, rtol=1e-5, atol=1e-6):
+            return " (the mean is scaled too: b' = (b - mean) * gamma / sqrt(var + eps) + beta)"
+        if torch.allclose(b, (bb - bn.running_mean) * factor, rtol=1e-5, atol=1e-6):
+            return " (add beta)"
     return ""
