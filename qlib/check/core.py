@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import contextmanager
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Any, Callable, Iterable
 
 import torch
@@ -113,10 +113,8 @@ def as_number(value: Any, what: str, finite: bool = True) -> float:
         value = value.detach().item()
     if isinstance(value, bool):
         raise CheckFailed(f"{what}: expected a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise CheckFailed(f"{what}: expected a number, got {type(value).__name__}") from None
+    expect(isinstance(value, Real), f"{what}: expected a number, got {type(value).__name__}")
+    number = float(value)
     if finite:
         expect(math.isfinite(number), f"{what}: expected a finite number, got {number}")
     return number
