@@ -24,6 +24,9 @@ from .core import (CheckFailed, as_number, call, changed_entries, expect, expect
                    layer_activations, run, snapshot)
 from .draws import Draw, heavy_tailed, hidden, relu_like
 from .. import observers as ref_observers
+from ..data import calibration_batches, load_digits
+from ..fold import fold_batchnorm
+from ..models import pretrained
 from ..qparams import choose_qparams, quant_range
 from ..quantize import fake_quantize
 
@@ -224,10 +227,6 @@ def _check_layer_inputs(fn, model: nn.Module, layer: str, batches, what: str) ->
 
 def layer_inputs(fn) -> None:
     """Q4 visible: the input of conv ``7`` of the folded cnn16 over two batches."""
-    from ..data import calibration_batches, load_digits
-    from ..fold import fold_batchnorm
-    from ..models import pretrained
-
     def body():
         model = fold_batchnorm(pretrained("cnn16", 0))
         batches = calibration_batches(load_digits(16).train, 64, 32, seed=1)
@@ -237,9 +236,6 @@ def layer_inputs(fn) -> None:
 
 def layer_inputs_hidden(fn) -> None:
     """Q4 hidden: another model (mlp, in train mode with BatchNorm) and other layers."""
-    from ..data import calibration_batches, load_digits
-    from ..models import pretrained
-
     def body(draw: Draw):
         mlp = pretrained("mlp", 1).train()
         batches = calibration_batches(load_digits(8).train, 96, 32, seed=draw.integer(1000))
@@ -290,10 +286,6 @@ def compare_ranges(fn, x: torch.Tensor, bits: int = 4) -> None:
 
 def compare_ranges_hidden(fn) -> None:
     """Q5 hidden: the true input of cnn16's layer 3 and fresh heavy-tailed data, 3 and 8 bits."""
-    from ..data import calibration_batches, load_digits
-    from ..fold import fold_batchnorm
-    from ..models import pretrained
-
     def body(draw: Draw):
         model = fold_batchnorm(pretrained("cnn16", 1))
         x = reference_layer_inputs(model, "3", calibration_batches(load_digits(16).train, 32, 32, seed=5))

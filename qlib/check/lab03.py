@@ -36,7 +36,6 @@ W4A8_CONFIG = QuantConfig(weight_bits=4, act_bits=8, weight_observer="mse")
 """The 4-bit configuration of Q5: 4-bit weights with MSE-searched per-channel scales."""
 
 
-# ------------------------------------------------------------------ helpers
 def _test_data(image_size: int):
     digits = load_digits(image_size)
     return digits, calibration_batches(digits.train, 256, 64, seed=0)
@@ -55,13 +54,11 @@ def _check_fold_bn(fn, weight: torch.Tensor, bias, bn, what: str) -> None:
     expect(w.shape == want_w.shape, f"{what}: folded weight should have shape {tuple(want_w.shape)}, got {tuple(w.shape)}")
     expect(b.shape == want_b.shape, f"{what}: folded bias should have shape {tuple(want_b.shape)}, got {tuple(b.shape)}")
     if not torch.allclose(w.float(), want_w, rtol=1e-5, atol=1e-6):
-        hint = mistakes.fold_weight_hint(w.float(), weight, bn)
         raise CheckFailed(f"{what}: folded weight differs from w * gamma / sqrt(var + eps) by up to "
-                          f"{(w.float() - want_w).abs().max().item():.3g}{hint}")
+                          f"{(w.float() - want_w).abs().max().item():.3g}" + mistakes.fold_weight_hint(w.float(), weight, bn))
     if not torch.allclose(b.float(), want_b, rtol=1e-5, atol=1e-6):
-        hint = mistakes.fold_bias_hint(b.float(), bias, bn)
         raise CheckFailed(f"{what}: folded bias differs from (b - mean) * gamma / sqrt(var + eps) + beta "
-                          f"by up to {(b.float() - want_b).abs().max().item():.3g}{hint}")
+                          f"by up to {(b.float() - want_b).abs().max().item():.3g}" + mistakes.fold_bias_hint(b.float(), bias, bn))
 
 
 def fold_bn(fn) -> None:
@@ -251,21 +248,19 @@ def convert_hidden(fn) -> None:
 def _check_pipeline(fn, seed: int, what: str, labels=("W8A8", "W4A8")) -> dict[str, float]:
     digits, batches = _test_data(16)
     model = pretrained("cnn16", seed)
-    before = copy.deepcopy(model.state_dict())
-    fp32 = _accuracy(model, digits.test)
-    accs = {"fp32": fp32}
+    before = snapshot(model)
+    accs = {"fp32": (fp32 := _accuracy(model, digits.test))}
     for label, cfg in [(k, c) for k, c in (("W8A8", QuantConfig()), ("W4A8", W4A8_CONFIG)) if k in labels]:
         q = call(fn, model, batches, cfg, what="ptq")
         expect(isinstance(q, nn.Module), f"{what}: ptq should return a model, got {type(q).__name__}")
-        expect(all(torch.equal(v, before[k]) for k, v in model.state_dict().items()),
-               f"{what}: ptq changed the float model; work on copies")
+        expect(not changed_entries(model, before), f"{what}: ptq changed the float model; work on copies")
         fqs = fake_quantizers(q)
         expect(fqs and all(isinstance(f, FakeQuantize) and not f.observe and f.quantize for f in fqs.values()),
                f"{what} {label}: the returned model should have frozen fake quantizers "
                "(swap_modules, calibrate, then convert)")
         expect(not any(isinstance(m, ref_fold.BATCHNORMS) for m in q.modules()),
                f"{what} {label}: BatchNorms left in the quantized model: fold them first")
-        bits = {(f.bits) for n, f in fqs.items() if n.endswith("weight_fq")}
+        bits = {f.bits for n, f in fqs.items() if n.endswith("weight_fq")}
         expect(bits == {cfg.weight_bits}, f"{what} {label}: weights quantized at {sorted(bits)} bits, "
                                           f"expected {cfg.weight_bits}: use the config you are given")
         accs[label] = _accuracy(q, digits.test)

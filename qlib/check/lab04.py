@@ -30,7 +30,13 @@ from . import mistakes, references
 from .core import (CheckFailed, as_number, call, changed_entries, expect, first_difference, first_hint,
                    one_thread, quiet_deprecations, run, snapshot)
 from .draws import Draw, hidden
+from ..data import calibration_batches, load_digits
+from ..models import pretrained
+from ..modules import QuantConfig, quant_layers
+from ..ptq import quantize_static
+from ..qat import convert_qat, qat_layers
 from ..qparams import quant_range
+from ..train import evaluate
 
 W2A4_MIN_ACC = 95.0
 """Q3 target: test accuracy of the 2-bit-weight, 4-bit-activation cnn8 after QAT."""
@@ -230,19 +236,9 @@ def lsq_scale_grad_hidden(fn) -> None:
 
 
 # ------------------------------------------------------------------ Q3 QAT at W2A4
-def _digits():
-    from ..data import load_digits
-    return load_digits(8)
-
-
 def _check_qat(fn, seed: int) -> dict[str, float]:
-    from ..models import pretrained
-    from ..modules import quant_layers
-    from ..qat import convert_qat, qat_layers
-    from ..train import evaluate
-
     what = f"qat_2bit(cnn8 seed {seed})"
-    digits = _digits()
+    digits = load_digits(8)
     model = pretrained("cnn8", seed)
     before = snapshot(model)
     start = time.perf_counter()
@@ -278,9 +274,6 @@ def _check_qat(fn, seed: int) -> dict[str, float]:
                                       f"channel; {w_bits}-bit weights have at most {2 ** w_bits}")
     acc = evaluate(frozen, digits.test)
     if acc < W2A4_MIN_ACC:
-        from ..modules import QuantConfig
-        from ..ptq import quantize_static
-        from ..data import calibration_batches
         calib = calibration_batches(digits.train, 256, 64, seed=0)
         with quiet_deprecations():
             ptq = evaluate(quantize_static(model, calib, QuantConfig(weight_bits=w_bits, act_bits=a_bits)), digits.test)
