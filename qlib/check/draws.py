@@ -19,7 +19,9 @@ re-grade could change a score. So the draws come from one seed per (student, che
 A check body receives a :class:`Draw`: ``draw.rng`` (a :class:`random.Random`) for
 Python-side choices, ``draw.gen`` (a CPU :class:`torch.Generator`) for tensors, and
 ``draw.integer()`` for sub-seeds (a model's seed, a batch order). :func:`seeded` fixes the
-base inside a ``with`` block (tests use it to replay or to vary the draws).
+base inside a ``with`` block (tests use it to replay or to vary the draws). The case
+generators the labs share take a generator: :func:`heavy_tailed`, :func:`relu_like` (tensors
+shaped like real activations) and :func:`random_bn` (a BatchNorm with random statistics).
 """
 
 from __future__ import annotations

@@ -1,18 +1,26 @@
-"""Typical wrong ways to quantize, shared by the checks of lab 01 (``quantize``) and lab 04
-(the straight-through ``FakeQuantSTE``), and the inputs that expose them.
+"""Typical wrong answers to the course's formulas, each with the hint that explains it.
 
-The right quantizer, as PyTorch computes it (``torch.quantize_per_tensor``)::
+A check compares a student's answer with the reference first; only when they differ does it
+ask this module which typical mistake the answer equals, so that the message can say *why*
+("clamp the codes", "round ties to even") rather than only print the expected values.
 
-    q = clamp(round_half_even(x * (1 / scale)) + zero_point, quant_min, quant_max)
+- Quantizing (labs 01 and 04). The right quantizer, as PyTorch computes it::
 
-with ``1 / scale`` taken in float32. :func:`wrong_codes` computes the codes each typical
-mistake gives on the same inputs; when a student's answer equals one of them exactly, the
-check names that mistake (:data:`HINTS`) instead of only printing the expected values.
-:func:`division_traps` builds inputs where ``x / scale`` and ``x * (1 / scale)`` round to
-different integers, so the division mistake cannot pass by luck.
+      q = clamp(round_half_even(x * (1 / scale)) + zero_point, quant_min, quant_max)
 
-Shapes: every tensor has the shape of ``x``; codes are float32 (integer-valued) so that a
-lab can compare them with its own dtype or dequantize them.
+  with ``1 / scale`` in float32. :func:`wrong_codes` gives the codes of each mistake named in
+  :data:`HINTS`; :func:`fake_quantize_mistakes` the dequantized values; :func:`scale_hint` and
+  :func:`zero_point_hint` explain wrong qparams; :func:`division_traps` builds inputs where
+  ``x / scale`` and ``x * (1 / scale)`` round apart, so that mistake cannot pass by luck.
+- Gradients (lab 04): :func:`ste_gradient_mistakes` (the straight-through clamp mask),
+  :func:`lsq_terms`, :func:`lsq_gradient_mistakes` and :func:`lsq_gradient_hint` (LSQ's
+  gradient for the step size).
+- Calibration (lab 02): :func:`percentile_hint`, :func:`quant_mse_hint`.
+- Batch-norm folding (lab 03): :func:`fold_weight_hint`, :func:`fold_bias_hint`.
+
+Shapes: every tensor has the shape of ``x``; codes are float32 (integer-valued), so that a lab
+can compare them with its own dtype or dequantize them. A ``*_hint`` returns ``""`` when no
+typical mistake matches.
 """
 
 from __future__ import annotations
