@@ -1,7 +1,8 @@
 """Checks for lab 00 (warm-up): model size in bytes, float16 cast error, float16 range.
 
 Each question has a visible check (a few worked cases a student can reason about) and a
-hidden one (fresh random cases and edge cases) that nbgrader runs when grading.
+hidden one (random cases, fresh for each student and the same at every re-grade, see
+:mod:`qlib.check.draws`, and edge cases) that nbgrader runs when grading.
 """
 
 from __future__ import annotations

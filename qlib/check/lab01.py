@@ -1,12 +1,13 @@
 """Checks for lab 01 (linear quantization): quant_range, choose_qparams, quantize, dequantize.
 
 Visible checks run worked cases a student can reason about (references: ``qlib.qparams`` and
-``qlib.quantize``). Hidden checks draw fresh random tensors and compare bit for bit with
-PyTorch itself: ``torch.ao.quantization.MinMaxObserver`` for the qparams,
-``torch.quantize_per_tensor`` and ``torch.fake_quantize_per_tensor_affine`` for the codes and
-the dequantized values. When an answer is wrong, the message says what was expected and, when
+``qlib.quantize``). Hidden checks draw random tensors (per student: :mod:`qlib.check.draws`),
+exact ties of the zero point among them, and compare bit for bit with PyTorch itself
+(:mod:`qlib.check.references`): ``MinMaxObserver`` for the qparams, ``torch.quantize_per_tensor``
+and ``torch.fake_quantize_per_tensor_affine`` for the codes and the dequantized values. When an answer is wrong, the message says what was expected and, when
 the answer matches a typical mistake (no clamp, no zero point, dividing by the scale, rounding
-ties away from zero, forgetting that the range must contain 0...), which one.
+ties away from zero, forgetting that the range must contain 0...), which one
+(:mod:`qlib.check.mistakes`).
 """
 
 from __future__ import annotations
