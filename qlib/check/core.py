@@ -16,13 +16,17 @@ Helpers, in the order a check uses them:
 
 - :func:`call` runs the student's function; its exceptions become a failed check
   ("your_fn(args) raised ValueError: ...", or "not implemented yet").
-- :func:`as_number`, :func:`expect_pair`, :func:`expect_tensor` check the *form* of an
-  answer (one number, a pair, a tensor of the right shape and dtype) before its value.
+- :func:`as_number`, :func:`scalar_tensor`, :func:`expect_pair`, :func:`expect_tensor` check
+  the *form* of an answer (one number, a pair, a tensor of the right shape and dtype) before
+  its value.
 - :func:`expect_equal` (bit for bit) and :func:`expect_close` (``|got - want| <= atol +
   rtol * |want|``) compare values; :func:`first_difference` finds the first wrong element
   and :func:`first_hint` names the typical mistake an answer equals, when it equals one.
 - :func:`snapshot` / :func:`changed_entries` / :func:`hooks_left` tell whether the
-  student's code changed a model it should only have read.
+  student's code changed a model it should only have read; :func:`layer_activations`
+  collects what a layer sees.
+- :func:`quiet_deprecations`, :func:`one_thread` and :func:`isolated_rng` set the scene a
+  reference or a student's training runs in, and restore it after.
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ from torch import nn
 from .draws import stable_seed
 
 __all__ = ["CheckFailed", "passed", "expect", "describe", "expect_equal", "expect_close", "call",
-           "not_implemented", "run", "as_number", "scalar_tensor", "expect_pair", "expect_tensor", "first_difference",
-           "first_hint", "snapshot", "changed_entries", "layer_activations", "hooks_left", "quiet_deprecations",
-           "one_thread", "isolated_rng"]
+           "not_implemented", "run", "as_number", "scalar_tensor", "expect_pair", "expect_tensor",
+           "first_difference", "first_hint", "snapshot", "changed_entries", "layer_activations",
+           "hooks_left", "quiet_deprecations", "one_thread", "isolated_rng"]
 
 
 class CheckFailed(AssertionError):
