@@ -38,11 +38,12 @@ def test_reference_answers_pass_every_check(capsys):
 
 
 def test_hidden_checks_pass_again_on_fresh_random_cases():
-    for _ in range(3):
-        lab01.choose_qparams_affine_hidden(reference_qparams)
-        lab01.choose_qparams_symmetric_hidden(reference_qparams)
-        lab01.quantize_hidden(quantize)
-        lab01.dequantize_hidden(dequantize)
+    for seed in range(3):
+        with check.seeded(seed):
+            lab01.choose_qparams_affine_hidden(reference_qparams)
+            lab01.choose_qparams_symmetric_hidden(reference_qparams)
+            lab01.quantize_hidden(quantize)
+            lab01.dequantize_hidden(dequantize)
 
 
 def test_plain_written_answers_pass():
@@ -140,6 +141,24 @@ def python_floats(min_val, max_val, quant_min, quant_max, symmetric=False):
 def test_float64_arithmetic_fails_visibly_with_a_hint():
     with pytest.raises(check.CheckFailed, match=r"(almost|off by one).*float32 tensors"):
         lab01.choose_qparams_affine(python_floats)
+
+
+def zero_point_rounded_half_away(min_val, max_val, quant_min, quant_max, symmetric=False):
+    """Right everywhere except at exact ties of min_neg / scale, which it rounds away from zero."""
+    scale, _ = choose_qparams(min_val, max_val, quant_min, quant_max, symmetric=symmetric)
+    if symmetric:
+        return scale, torch.tensor(0)
+    v = torch.clamp(min_val, max=0.0) / scale
+    away = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    return scale, torch.clamp(quant_min - away.to(torch.int64), quant_min, quant_max)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_hidden_qparams_catch_a_zero_point_rounded_half_away(seed):
+    """Regression: the hidden draws never made min_neg / scale an exact tie, so rounding the zero
+    point half away from zero (not half to even, as PyTorch) passed every hidden run."""
+    with check.seeded(seed), pytest.raises(check.CheckFailed, match=r"expected zero_point .* off by one"):
+        lab01.choose_qparams_affine_hidden(zero_point_rounded_half_away)
 
 
 def test_hidden_qparams_catch_a_missing_zero():

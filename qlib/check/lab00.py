@@ -1,16 +1,16 @@
 """Checks for lab 00 (warm-up): model size in bytes, float16 cast error, float16 range.
 
 Each question has a visible check (a few worked cases a student can reason about) and a
-hidden one (fresh random cases and edge cases) that nbgrader runs when grading.
+hidden one (random cases, fresh for each student and the same at every re-grade, see
+:mod:`qlib.check.draws`, and edge cases) that nbgrader runs when grading.
 """
 
 from __future__ import annotations
 
-import random
-
 import torch
 
-from . import call, expect, expect_close, expect_equal, run
+from .core import call, expect, expect_close, expect_equal, run
+from .draws import Draw, hidden
 from .. import measure
 
 FP16_MAX = 65504.0
@@ -27,13 +27,12 @@ def size_in_bytes(fn) -> None:
 
 def size_in_bytes_hidden(fn) -> None:
     """Q1 hidden: random sizes and every bit width from 1 to 32 (odd counts need rounding up)."""
-    def body():
-        rng = random.Random()
+    def body(draw: Draw):
         for _ in range(50):
-            n, bits = rng.randint(0, 10**7), rng.randint(1, 32)
+            n, bits = draw.rng.randint(0, 10**7), draw.rng.randint(1, 32)
             expect_equal(call(fn, n, bits), measure.tensor_bytes(n, bits),
                          f"size_in_bytes({n}, {bits})")
-    run("size_in_bytes: random cases", body)
+    hidden("size_in_bytes: random cases", body)
 
 
 def cast_error(fn) -> None:
@@ -47,15 +46,15 @@ def cast_error(fn) -> None:
 
 def cast_error_hidden(fn) -> None:
     """Q2 hidden: random tensors of several shapes and scales."""
-    def body():
+    def body(draw: Draw):
         for shape, scale in [((64,), 1.0), ((16, 16), 100.0), ((3, 4, 5), 1e-3)]:
-            w = torch.randn(shape) * scale
+            w = torch.randn(shape, generator=draw.gen) * scale
             got = call(fn, w)
             expect(isinstance(got, (float, int)) or (isinstance(got, torch.Tensor) and got.numel() == 1),
                    f"fp16_cast_error should return one number, got {type(got).__name__}")
             expect_close(float(got), measure.cast_error(w), f"fp16_cast_error on randn{shape}*{scale}",
                          rtol=0, atol=0)
-    run("fp16_cast_error: random tensors", body)
+    hidden("fp16_cast_error: random tensors", body)
 
 
 def fits_fp16(fn) -> None:
@@ -69,10 +68,10 @@ def fits_fp16(fn) -> None:
 
 def fits_fp16_hidden(fn) -> None:
     """Q3 hidden: random magnitudes around the float16 limit, and the rounding edge."""
-    def body():
-        x = (torch.rand(200) * 2 - 1) * 1.5e5
+    def body(draw: Draw):
+        x = (torch.rand(200, generator=draw.gen) * 2 - 1) * 1.5e5
         edge = torch.tensor([65519.0, 65520.0, -65519.0, -65520.0, 0.0])
         for values in (x, edge):
             want = torch.isfinite(values.to(torch.float16))
             expect_equal(call(fn, values), want, "fits_in_float16 on values near +-65504")
-    run("fits_in_float16: random and edge values", body)
+    hidden("fits_in_float16: random and edge values", body)

@@ -1,47 +1,36 @@
 """Checks for lab 01 (linear quantization): quant_range, choose_qparams, quantize, dequantize.
 
 Visible checks run worked cases a student can reason about (references: ``qlib.qparams`` and
-``qlib.quantize``). Hidden checks draw fresh random tensors and compare bit for bit with
-PyTorch itself: ``torch.ao.quantization.MinMaxObserver`` for the qparams,
-``torch.quantize_per_tensor`` and ``torch.fake_quantize_per_tensor_affine`` for the codes and
-the dequantized values. When an answer is wrong, the message says what was expected and, when
+``qlib.quantize``). Hidden checks draw random tensors (per student: :mod:`qlib.check.draws`),
+exact ties of the zero point among them, and compare bit for bit with PyTorch itself
+(:mod:`qlib.check.references`): ``MinMaxObserver`` for the qparams, ``torch.quantize_per_tensor``
+and ``torch.fake_quantize_per_tensor_affine`` for the codes and the dequantized values. When an answer is wrong, the message says what was expected and, when
 the answer matches a typical mistake (no clamp, no zero point, dividing by the scale, rounding
-ties away from zero, forgetting that the range must contain 0...), which one.
+ties away from zero, forgetting that the range must contain 0...), which one
+(:mod:`qlib.check.mistakes`).
 """
 
 from __future__ import annotations
 
 import importlib
-import random
-import warnings
-from contextlib import contextmanager
 from numbers import Integral
 
 import torch
 
-from . import CheckFailed, call, expect, expect_equal, run
+from .core import (CheckFailed, call, scalar_tensor, expect, expect_equal, expect_pair, expect_tensor, first_difference,
+                   first_hint, run)
+from . import references
+from .draws import Draw, hidden
+from .mistakes import HINTS, division_traps, scale_hint, wrong_codes, zero_point_hint
 from .. import qparams as ref_qparams
 
 ref_quantize = importlib.import_module("qlib.quantize")  # the module: qlib.quantize is also a function
-
-EPS = torch.finfo(torch.float32).eps
-
-
-@contextmanager
-def _torch_reference():
-    """PyTorch's quantized dtypes and torch.ao are deprecated: silence that, only here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*deprecat")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        yield
 
 
 # ------------------------------------------------------------------ Q1 quant_range
 def _check_range(fn, bits: int, signed: bool, want: tuple[int, int]) -> None:
     what = f"quant_range({bits}, signed={signed})"
-    got = call(fn, bits, signed, what="quant_range")
-    expect(isinstance(got, (tuple, list)) and len(got) == 2,
-           f"{what}: expected a pair (quant_min, quant_max), got {got!r}")
+    got = expect_pair(call(fn, bits, signed, what="quant_range"), what, "(quant_min, quant_max)")
     for v in got:
         expect(isinstance(v, Integral) and not isinstance(v, bool),
                f"{what}: expected two Python ints, got {got!r} ({type(v).__name__}); "
@@ -74,76 +63,23 @@ def quant_range_hidden(fn) -> None:
 
 
 # ------------------------------------------------------------------ Q2 choose_qparams
-def _scalar(value, what: str, integer: bool) -> torch.Tensor:
-    """A student's scale or zero point as a 0-d tensor (float32 or int64), or a clear failure."""
-    if isinstance(value, torch.Tensor):
-        expect(value.numel() == 1, f"{what}: expected one number (per-tensor), got shape {tuple(value.shape)}")
-        if integer:
-            expect(not value.is_floating_point(),
-                   f"{what}: expected an integer (int or integer tensor), got a {value.dtype} tensor; "
-                   f"convert it, e.g. `.to(torch.int64)`")
-            return value.reshape(()).to(torch.int64)
-        expect(value.is_floating_point(), f"{what}: expected a float tensor, got {value.dtype}")
-        return value.detach().reshape(()).to(torch.float32)
-    if integer:
-        expect(isinstance(value, Integral) and not isinstance(value, bool),
-               f"{what}: expected an integer, got {value!r} ({type(value).__name__})")
-        return torch.tensor(int(value))
-    expect(isinstance(value, (float, int)) and not isinstance(value, bool),
-           f"{what}: expected a number or a float32 tensor, got {type(value).__name__}")
-    return torch.tensor(float(value), dtype=torch.float32)
-
-
-def _scale_hint(got: float, lo: float, hi: float, qmin: int, qmax: int, symmetric: bool, want: float) -> str:
-    """Name the typical mistake a wrong scale comes from (empty string if none matches)."""
-    def near(a, b):
-        return abs(a - b) <= 1e-5 * max(abs(b), 1e-30)
-    amax = max(abs(lo), abs(hi))
-    if want == EPS and got != EPS:
-        return (" Hint: for a range of width 0 (a constant tensor) the scale would be 0; PyTorch uses "
-                "max(scale, eps) with eps = torch.finfo(torch.float32).eps.")
-    if symmetric and near(got, amax / qmax):
-        return " Hint: divide by (quant_max - quant_min) / 2 (127.5 for 8 bits), not by quant_max."
-    if not symmetric and near(got, (hi - lo) / (qmax - qmin)) and not near(got, want):
-        return (" Hint: the range must contain 0 so that 0.0 is exact: use min(min_val, 0) and "
-                "max(max_val, 0).")
-    if near(got, want):
-        return (" Hint: almost; your scale differs only in the last bits. Compute it exactly as the "
-                "formula is written, with torch operations on float32 tensors (Python floats are "
-                "float64 and round differently).")
-    return ""
-
-
 def _check_qparams(fn, lo: float, hi: float, qmin: int, qmax: int, symmetric: bool,
                    want_scale: torch.Tensor, want_zp: torch.Tensor) -> None:
     min_val = torch.tensor(lo, dtype=torch.float32)
     max_val = torch.tensor(hi, dtype=torch.float32)
     lo, hi = min_val.item(), max_val.item()
     what = f"choose_qparams({lo!r}, {hi!r}, {qmin}, {qmax}, symmetric={symmetric})"
-    got = call(fn, min_val, max_val, qmin, qmax, symmetric, what="choose_qparams")
-    expect(isinstance(got, (tuple, list)) and len(got) == 2,
-           f"{what}: expected a pair (scale, zero_point), got {type(got).__name__}")
-    scale = _scalar(got[0], f"{what}, scale", integer=False)
-    zp = _scalar(got[1], f"{what}, zero_point", integer=True)
+    got = expect_pair(call(fn, min_val, max_val, qmin, qmax, symmetric, what="choose_qparams"), what,
+                      "(scale, zero_point)")
+    scale = scalar_tensor(got[0], f"{what}, scale", integer=False)
+    zp = scalar_tensor(got[1], f"{what}, zero_point", integer=True)
     want_scale = want_scale.reshape(()).to(torch.float32)
     want_zp = want_zp.reshape(()).to(torch.int64)
     if not torch.equal(scale.view(torch.int32), want_scale.view(torch.int32)):
         raise CheckFailed(f"{what}: expected scale {want_scale.item()!r}, got {scale.item()!r}."
-                          + _scale_hint(scale.item(), lo, hi, qmin, qmax, symmetric, want_scale.item()))
+                          + scale_hint(scale.item(), lo, hi, qmin, qmax, symmetric, want_scale.item()))
     if not torch.equal(zp, want_zp):
-        hint = ""
-        if symmetric:
-            hint = " Hint: symmetric quantization (signed codes) has zero_point 0."
-        elif min(lo, 0.0) == 0.0 and want_zp.item() == qmin:
-            hint = " Hint: when min_val >= 0 the range starts at 0, whose code is quant_min."
-        elif not qmin <= zp.item() <= qmax:
-            hint = " Hint: clamp the zero_point into [quant_min, quant_max]."
-        elif abs(zp.item() - want_zp.item()) == 1:
-            hint = (" Hint: off by one. Compute round(min_neg / scale) with torch.round on float32 "
-                    "tensors: float64 (Python) arithmetic or rounding ties away from zero can land on "
-                    "the other integer.")
-        if not symmetric:
-            hint += " (zero_point = quant_min - round(min_neg / scale), then clamped.)"
+        hint = zero_point_hint(zp.item(), want_zp.item(), lo, qmin, qmax, symmetric)
         raise CheckFailed(f"{what}: scale is right, expected zero_point {want_zp.item()}, got {zp.item()}."
                           + hint)
 
@@ -171,8 +107,9 @@ def choose_qparams_symmetric(fn) -> None:
     run("choose_qparams (symmetric): worked cases", body)
 
 
-def _random_tensor(rng: random.Random, gen: torch.Generator) -> torch.Tensor:
+def _random_tensor(draw: Draw) -> torch.Tensor:
     """Gaussian with random spread and offset, or one of the corner cases."""
+    rng, gen = draw.rng, draw.gen
     kind = rng.choice(["gauss", "gauss", "gauss", "positive", "negative", "tiny", "zeros", "constant"])
     spread = 10 ** rng.uniform(-4, 3)
     x = torch.randn(rng.randint(1, 300), generator=gen) * spread + rng.uniform(-1, 1) * spread
@@ -189,73 +126,43 @@ def _random_tensor(rng: random.Random, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
-def _observer(bits: int, signed: bool, symmetric: bool):
-    tq = torch.ao.quantization
-    qscheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
-    kwargs = {}
-    if bits != 8:
-        kwargs["quant_min"], kwargs["quant_max"] = ref_qparams.quant_range(bits, signed)
-    return tq.MinMaxObserver(dtype=torch.qint8 if signed else torch.quint8, qscheme=qscheme, **kwargs)
+def _tie_tensor(draw: Draw, qmin: int, qmax: int) -> torch.Tensor:
+    """[min, max] on a power-of-two grid with min / scale = -(j + 1/2): the zero point is an
+    exact tie, where rounding half to even and half away from zero give different answers."""
+    step = 2.0 ** draw.rng.randint(-8, 2)
+    half = draw.rng.randrange(qmax - qmin) + 0.5
+    return torch.tensor([-half * step, (qmax - qmin - half) * step])
 
 
-def _hidden_qparams(fn, symmetric: bool, cases: int = 60) -> None:
-    rng = random.Random()
-    gen = torch.Generator().manual_seed(rng.randrange(2**31))
-    for _ in range(cases):
-        x = _random_tensor(rng, gen)
+def _hidden_qparams(fn, symmetric: bool, draw: Draw, cases: int = 60) -> None:
+    rng = draw.rng
+    for i in range(cases):
         bits = rng.randint(2, 8)
         signed = True if symmetric else rng.random() < 0.5
-        with _torch_reference():
-            observer = _observer(bits, signed, symmetric)
-            observer(x)
-            want_scale, want_zp = observer.calculate_qparams()
         qmin, qmax = ref_qparams.quant_range(bits, signed)
+        x = _tie_tensor(draw, qmin, qmax) if i % 6 == 5 else _random_tensor(draw)
+        want_scale, want_zp = references.minmax_qparams(x, bits, signed, symmetric)
         _check_qparams(fn, x.min().item(), x.max().item(), qmin, qmax, symmetric, want_scale, want_zp)
 
 
 def choose_qparams_affine_hidden(fn) -> None:
     """Q2 hidden (affine): random tensors, 2..8 bits, against torch's MinMaxObserver."""
-    run("choose_qparams (affine): random tensors vs torch MinMaxObserver",
-        lambda: _hidden_qparams(fn, symmetric=False))
+    hidden("choose_qparams (affine): random tensors vs torch MinMaxObserver",
+           lambda draw: _hidden_qparams(fn, False, draw))
 
 
 def choose_qparams_symmetric_hidden(fn) -> None:
     """Q2 hidden (symmetric): random tensors, signed 2..8 bits, against torch's MinMaxObserver."""
-    run("choose_qparams (symmetric): random tensors vs torch MinMaxObserver",
-        lambda: _hidden_qparams(fn, symmetric=True))
+    hidden("choose_qparams (symmetric): random tensors vs torch MinMaxObserver",
+           lambda draw: _hidden_qparams(fn, True, draw))
 
 
 # ------------------------------------------------------------------ Q3 quantize
-def _variants(x, scale, zp, qmin, qmax) -> list[tuple[str, torch.Tensor]]:
-    """Typical wrong answers, each with the hint that explains it."""
-    v = x * (1.0 / scale)
-    away = torch.sign(v) * torch.floor(v.abs() + 0.5)
-    ties = "round ties to even with torch.round: floor(v + 0.5) or round-half-away differ at exact halves"
-    return [
-        ("clamp the codes to [quant_min, quant_max]: values outside the range must be clipped",
-         torch.round(v) + zp),
-        ("add the zero_point (after rounding)", torch.clamp(torch.round(v), qmin, qmax)),
-        ("multiply by the reciprocal, x * (1.0 / scale), as PyTorch does: x / scale can round differently",
-         torch.clamp(torch.round(x / scale) + zp, qmin, qmax)),
-        (ties, torch.clamp(away + zp, qmin, qmax)),
-        (ties, torch.clamp(torch.floor(v + 0.5) + zp, qmin, qmax)),
-        ("round first, then add the zero_point: round(v + zero_point) differs at ties",
-         torch.clamp(torch.round(v + zp), qmin, qmax)),
-        ("round to the nearest integer: .to(int) truncates toward zero",
-         torch.clamp(torch.trunc(v) + zp, qmin, qmax)),
-    ]
-
-
-def _division_traps(scale: torch.Tensor) -> torch.Tensor:
-    """Inputs near ties where x / scale and x * (1/scale) round to different integers."""
-    x = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * scale
-    return x[torch.round(x / scale) != torch.round(x * (1.0 / scale))]
+_HINTS = [(HINTS[k], k) for k in HINTS]
 
 
 def _check_codes(fn, x, scale, zp, qmin, qmax, what, torch_ref: torch.Tensor | None = None) -> None:
-    got = call(fn, x, scale, zp, qmin, qmax, what="quantize")
-    expect(isinstance(got, torch.Tensor), f"{what}: expected a tensor of codes, got {type(got).__name__}")
-    expect(got.shape == x.shape, f"{what}: expected shape {tuple(x.shape)}, got {tuple(got.shape)}")
+    got = expect_tensor(call(fn, x, scale, zp, qmin, qmax, what="quantize"), what, x.shape, kind="a tensor of codes")
     expect(not got.is_floating_point(),
            f"{what}: expected integer codes, got a {got.dtype} tensor; finish with `.to(torch.int64)`")
     want = ref_quantize.quantize(x, scale, zp, qmin, qmax).to(torch.int64)
@@ -266,11 +173,11 @@ def _check_codes(fn, x, scale, zp, qmin, qmax, what, torch_ref: torch.Tensor | N
         ok = torch.equal(got, want)
     if ok:
         return
-    bad = (got != want).nonzero().flatten()
-    i = bad[0].item() if len(bad) else 0
-    hint = next((h for h, v in _variants(x, scale, zp, qmin, qmax) if torch.equal(got, v.to(torch.int64))), "")
+    n_bad, i = first_difference(got, want)
+    wrong = wrong_codes(x, scale, zp, qmin, qmax)
+    hint = first_hint(got, [(h, wrong[k]) for h, k in _HINTS])
     raise CheckFailed(
-        f"{what}: {len(bad)} of {x.numel()} codes differ. First: x = {x[i].item()!r} -> expected code "
+        f"{what}: {n_bad} of {x.numel()} codes differ. First: x = {x[i].item()!r} -> expected code "
         f"{want[i].item()}, got {got[i].item()} (scale {scale.item()!r}, zero_point {int(zp)}, "
         f"range [{qmin}, {qmax}])." + (f" Hint: {hint}." if hint else
                                        " Expected clamp(round(x * (1/scale)) + zero_point, quant_min, quant_max)."))
@@ -289,16 +196,15 @@ def quantize(fn) -> None:
         _check_codes(fn, x, torch.tensor(1.0 / 127.5), torch.tensor(0), -128, 127,
                      "quantize([-1, -0.25, 0, 0.126, 0.5, 0.99], scale=1/127.5, zero_point=0, -128, 127)")
         scale = torch.tensor(0.0251)
-        _check_codes(fn, _division_traps(scale), scale, torch.tensor(3), -128, 127,
+        _check_codes(fn, division_traps(scale), scale, torch.tensor(3), -128, 127,
                      "quantize(values near ties, scale=0.0251, zero_point=3, -128, 127)")
     run("quantize: worked cases", body)
 
 
 def quantize_hidden(fn) -> None:
     """Q3 hidden: fresh random tensors (with ties and out-of-range values), 2..8 bits, vs PyTorch."""
-    def body():
-        rng = random.Random()
-        gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    def body(draw: Draw):
+        rng, gen = draw.rng, draw.gen
         for _ in range(40):
             bits, signed = rng.randint(2, 8), rng.random() < 0.5
             qmin, qmax = ref_qparams.quant_range(bits, signed)
@@ -306,37 +212,31 @@ def quantize_hidden(fn) -> None:
             lo, hi = x.min().clamp(max=0) * rng.uniform(0.3, 1), x.max().clamp(min=0) * rng.uniform(0.3, 1)
             scale, zp = ref_qparams.choose_qparams(lo, hi, qmin, qmax, symmetric=False)  # clips some x
             k = torch.randint(qmin - zp.item(), qmax - zp.item() + 1, (64,), generator=gen)
-            x = torch.cat([x, (k + 0.5) * scale, _division_traps(scale)])  # clipped values, ties, traps
+            x = torch.cat([x, (k + 0.5) * scale, division_traps(scale)])  # clipped values, ties, traps
             what = f"quantize on random values ({bits}-bit {'signed' if signed else 'unsigned'})"
-            with _torch_reference():
-                ref = torch.fake_quantize_per_tensor_affine(x, scale.item(), int(zp), qmin, qmax)
-                _check_codes(fn, x, scale, zp, qmin, qmax, what, torch_ref=ref)
-                if bits == 8:
-                    codes = torch.quantize_per_tensor(x, scale.item(), int(zp),
-                                                      torch.qint8 if signed else torch.quint8).int_repr()
-                    got = call(fn, x, scale, zp, qmin, qmax, what="quantize")
-                    expect_equal(got.to(torch.int64), codes.to(torch.int64),
-                                 f"{what}, compared with torch.quantize_per_tensor")
-    run("quantize: random tensors vs torch.fake_quantize_per_tensor_affine", body)
+            ref = references.fake_quantize(x, scale, zp, qmin, qmax)
+            _check_codes(fn, x, scale, zp, qmin, qmax, what, torch_ref=ref)
+            if bits == 8:
+                got = call(fn, x, scale, zp, qmin, qmax, what="quantize")
+                expect_equal(got.to(torch.int64), references.int8_codes(x, scale, zp, signed),
+                             f"{what}, compared with torch.quantize_per_tensor")
+    hidden("quantize: random tensors vs torch.fake_quantize_per_tensor_affine", body)
 
 
 # ------------------------------------------------------------------ Q4 dequantize
 def _check_dequantize(fn, x_q, scale, zp, what, want) -> None:
-    got = call(fn, x_q.clone(), scale, zp, what="dequantize")
-    expect(isinstance(got, torch.Tensor), f"{what}: expected a tensor, got {type(got).__name__}")
-    expect(got.shape == x_q.shape, f"{what}: expected shape {tuple(x_q.shape)}, got {tuple(got.shape)}")
-    expect(got.dtype == torch.float32, f"{what}: expected a float32 tensor, got {got.dtype}")
+    got = expect_tensor(call(fn, x_q.clone(), scale, zp, what="dequantize"), what, x_q.shape, torch.float32,
+                        kind="a tensor")
     if torch.equal(got, want):
         return
-    bad = (got != want).nonzero().flatten()
-    i = bad[0].item()
+    n_bad, i = first_difference(got, want)
     hint = ""
     if torch.equal(got, x_q.to(torch.float32) * scale):
         hint = " Hint: subtract the zero_point before multiplying by the scale."
     elif x_q.dtype in (torch.uint8, torch.int8) and torch.equal(got, (x_q - zp).to(torch.float32) * scale):
         hint = (f" Hint: the codes are {x_q.dtype}; subtracting the zero_point in {x_q.dtype} wraps "
                 f"around. Convert first: x_q.to(torch.int64) (or .float()).")
-    raise CheckFailed(f"{what}: {len(bad)} of {x_q.numel()} values differ. First: code {x_q[i].item()} -> "
+    raise CheckFailed(f"{what}: {n_bad} of {x_q.numel()} values differ. First: code {x_q[i].item()} -> "
                       f"expected {want[i].item()!r}, got {got[i].item()!r} (scale {scale.item()!r}, "
                       f"zero_point {int(zp)}); expected (x_q - zero_point) * scale." + hint)
 
@@ -358,9 +258,8 @@ def dequantize(fn) -> None:
 
 def dequantize_hidden(fn) -> None:
     """Q4 hidden: dequantize(codes of x) == torch.fake_quantize_per_tensor_affine(x), all code dtypes."""
-    def body():
-        rng = random.Random()
-        gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    def body(draw: Draw):
+        rng, gen = draw.rng, draw.gen
         # first 8-bit codes in int8/uint8 with data off-centre (subtracting the zero point in
         # 8 bits overflows there), then random widths, data and code dtypes
         cases = [(8, True, torch.int8, torch.randn(300, generator=gen) + 2),
@@ -369,12 +268,11 @@ def dequantize_hidden(fn) -> None:
             bits, signed = rng.randint(2, 8), rng.random() < 0.5
             qmin, qmax = ref_qparams.quant_range(bits, signed)
             dtype = rng.choice([ref_quantize.code_dtype(qmin, qmax), torch.int16, torch.int32, torch.int64])
-            cases.append((bits, signed, dtype, _random_tensor(rng, gen)))
+            cases.append((bits, signed, dtype, _random_tensor(draw)))
         for bits, signed, dtype, x in cases:
             qmin, qmax = ref_qparams.quant_range(bits, signed)
             scale, zp = ref_qparams.choose_qparams(x.min(), x.max(), qmin, qmax, symmetric=False)
             x_q = ref_quantize.quantize(x, scale, zp, qmin, qmax, dtype=dtype)
-            with _torch_reference():
-                want = torch.fake_quantize_per_tensor_affine(x, scale.item(), int(zp), qmin, qmax)
+            want = references.fake_quantize(x, scale, zp, qmin, qmax)
             _check_dequantize(fn, x_q, scale, zp, f"dequantize of {bits}-bit {dtype} codes", want)
-    run("dequantize: random codes vs torch.fake_quantize_per_tensor_affine", body)
+    hidden("dequantize: random codes vs torch.fake_quantize_per_tensor_affine", body)

@@ -16,13 +16,17 @@ is one of the candidates and that its error is no larger than the reference's (t
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from . import CheckFailed, call, expect, run
+from . import mistakes
+from .core import (CheckFailed, as_number, call, changed_entries, expect, expect_pair, hooks_left,
+                   layer_activations, run, snapshot)
+from .draws import Draw, heavy_tailed, hidden, relu_like
 from .. import observers as ref_observers
+from ..data import calibration_batches, load_digits
+from ..fold import fold_batchnorm
+from ..models import pretrained
 from ..qparams import choose_qparams, quant_range
 from ..quantize import fake_quantize
 
@@ -54,18 +58,8 @@ def reference_mse_clip_range(x: torch.Tensor, bits: int, grid: int = 100) -> tup
 
 
 def reference_layer_inputs(model: nn.Module, layer_name: str, batches) -> torch.Tensor:
-    """What ``model.<layer_name>`` receives as input over all ``batches``, concatenated."""
-    seen = []
-    handle = model.get_submodule(layer_name).register_forward_pre_hook(
-        lambda _m, args: seen.append(args[0].detach().clone()))
-    try:
-        model.eval()
-        with torch.no_grad():
-            for x in batches:
-                model(x)
-    finally:
-        handle.remove()
-    return torch.cat(seen)
+    """What ``model.<layer_name>`` receives as input over all ``batches`` (eval mode), concatenated."""
+    return layer_activations(model.eval(), layer_name, batches)
 
 
 def reference_compare_ranges(x: torch.Tensor, bits: int) -> dict[str, tuple[float, float, float]]:
@@ -78,36 +72,13 @@ def reference_compare_ranges(x: torch.Tensor, bits: int) -> dict[str, tuple[floa
 
 
 # ------------------------------------------------------------------ helpers
-def _number(v, what: str) -> float:
-    if isinstance(v, torch.Tensor):
-        expect(v.numel() == 1, f"{what}: expected one number, got a tensor of shape {tuple(v.shape)}")
-        v = v.item()
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise CheckFailed(f"{what}: expected a number, got {type(v).__name__}") from None
-    expect(math.isfinite(f), f"{what}: expected a finite number, got {f}")
-    return f
-
-
 def _pair(got, what: str) -> tuple[float, float]:
-    expect(isinstance(got, (tuple, list)) and len(got) == 2,
-           f"{what}: expected a pair (lo, hi), got {type(got).__name__} {got!r}"[:300])
-    return _number(got[0], f"{what}[0] (lo)"), _number(got[1], f"{what}[1] (hi)")
+    lo, hi = expect_pair(got, what)
+    return as_number(lo, f"{what}[0] (lo)"), as_number(hi, f"{what}[1] (hi)")
 
 
 def _close(a: float, b: float, scale: float = 1.0) -> bool:
     return abs(a - b) <= RTOL * max(abs(b), 1e-12) + 1e-6 * scale
-
-
-def _heavy_tailed(n: int, gen: torch.Generator) -> torch.Tensor:
-    """Student-t-like: a Gaussian divided by a random magnitude, so a few values are huge."""
-    return torch.randn(n, generator=gen) / (torch.rand(n, generator=gen) + 0.05)
-
-
-def _relu_like(n: int, gen: torch.Generator) -> torch.Tensor:
-    """Half exact zeros, half a skewed positive tail: what a ReLU layer emits."""
-    return torch.relu(torch.randn(n, generator=gen)) * torch.rand(n, generator=gen).pow(2) * 3
 
 
 # ------------------------------------------------------------------ Q1 percentile_range
@@ -116,16 +87,7 @@ def _check_percentile(fn, x: torch.Tensor, p: float, what: str) -> None:
     want = reference_percentile_range(x, p)
     span = (x.max() - x.min()).item()
     if not (_close(got[0], want[0], span) and _close(got[1], want[1], span)):
-        hint = ""
-        if _close(got[0], want[1], span) and _close(got[1], want[0], span):
-            hint = " (lo and hi are swapped: lo is the (100 - p)-th percentile)"
-        elif _close(got[1], want[1], span):
-            hint = " (hi is right; lo should be the (100 - p)-th percentile, not the p-th of -x or of |x|)"
-        else:
-            s = x.float().flatten().sort().values
-            rank = [s[round(q * (s.numel() - 1))].item() for q in (1 - p / 100, p / 100)]
-            if _close(got[0], rank[0], span) and _close(got[1], rank[1], span):
-                hint = " (that is the nearest sorted value: interpolate between the two neighbours)"
+        hint = mistakes.percentile_hint(got, want, x, p, lambda a, b: _close(a, b, span))
         raise CheckFailed(f"{what}: expected (lo, hi) = ({want[0]:.6g}, {want[1]:.6g}), "
                           f"got ({got[0]:.6g}, {got[1]:.6g}){hint}. Use linear interpolation "
                           "between neighbouring sorted values (torch.quantile's default).")
@@ -147,37 +109,24 @@ def percentile_range(fn) -> None:
 
 def percentile_range_hidden(fn) -> None:
     """Q1 hidden: fresh random tensors (Gaussian, heavy-tailed, ReLU-like) of several shapes."""
-    def body():
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-        cases = [(torch.randn(4000, generator=gen), 99.9), (_heavy_tailed(5000, gen), 99.0),
-                 (_relu_like(6000, gen).reshape(10, 6, 10, 10), 99.99),
+    def body(draw: Draw):
+        gen = draw.gen
+        cases = [(torch.randn(4000, generator=gen), 99.9), (heavy_tailed(5000, gen), 99.0),
+                 (relu_like(6000, gen).reshape(10, 6, 10, 10), 99.99),
                  (torch.randn(3, 7, 11, generator=gen) * 5 + 2, 75.0),
-                 (_heavy_tailed(2048, gen).reshape(32, 64), 100.0)]
+                 (heavy_tailed(2048, gen).reshape(32, 64), 100.0)]
         for x, p in cases:
             _check_percentile(fn, x, p, f"percentile_range(random {tuple(x.shape)}, {p})")
-    run("percentile_range: random tensors", body)
+    hidden("percentile_range: random tensors", body)
 
 
 # ------------------------------------------------------------------ Q2 quant_mse
 def _check_quant_mse(fn, x: torch.Tensor, lo: float, hi: float, bits: int, what: str) -> None:
-    got = _number(call(fn, x.clone(), lo, hi, bits, what="quant_mse"), what)
+    got = as_number(call(fn, x.clone(), lo, hi, bits, what="quant_mse"), what)
     want = reference_quant_mse(x, lo, hi, bits)
     if _close(got, want, 1e-12):
         return
-    hint = ""
-    qmin, qmax = quant_range(bits, signed=False)
-    scale, zp = choose_qparams(torch.tensor(float(lo)), torch.tensor(float(hi)), qmin, qmax)
-    noclamp = ((torch.round(x * (1.0 / scale)) + zp - zp) * scale - x).pow(2).mean().item()
-    s_min, s_max = quant_range(bits, signed=True)
-    s_scale, s_zp = choose_qparams(torch.tensor(float(lo)), torch.tensor(float(hi)), s_min, s_max, symmetric=True)
-    symmetric = (fake_quantize(x, s_scale, s_zp, s_min, s_max) - x).pow(2).mean().item()
-    if _close(got, noclamp, 1e-12):
-        hint = " (looks like the codes are not clamped to [quant_min, quant_max]: values outside the range must clip)"
-    elif _close(got, symmetric, 1e-12):
-        hint = (" (looks like symmetric quantization: use affine qparams for [lo, hi], "
-                "choose_qparams(lo, hi, *quant_range(bits, signed=False)))")
-    elif _close(got, math.sqrt(want), 1e-12):
-        hint = " (that is the root of the MSE: return the mean of the squared errors)"
+    hint = mistakes.quant_mse_hint(got, want, x, lo, hi, bits, lambda a, b: _close(a, b, 1e-12))
     raise CheckFailed(f"{what}: expected MSE {want:.6g}, got {got:.6g}{hint}")
 
 
@@ -196,15 +145,15 @@ def quant_mse(fn) -> None:
 
 def quant_mse_hidden(fn) -> None:
     """Q2 hidden: random data, ranges that clip and ranges that do not, 2 to 8 bits."""
-    def body():
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    def body(draw: Draw):
+        gen = draw.gen
         for bits in (2, 3, 4, 6, 8):
-            for x in (_heavy_tailed(3000, gen), _relu_like(3000, gen).reshape(30, 100)):
+            for x in (heavy_tailed(3000, gen), relu_like(3000, gen).reshape(30, 100)):
                 lo, hi = x.min().item(), x.max().item()
                 f = 0.1 + 0.9 * torch.rand((), generator=gen).item()
                 _check_quant_mse(fn, x, f * lo, f * hi, bits,
                                  f"quant_mse(random {tuple(x.shape)}, {f:.2f} * (min, max), bits={bits})")
-    run("quant_mse: random cases", body)
+    hidden("quant_mse: random cases", body)
 
 
 # ------------------------------------------------------------------ Q3 mse_clip_range
@@ -237,7 +186,7 @@ def mse_clip_range(fn) -> None:
     def body():
         gen = torch.Generator().manual_seed(4)
         _check_mse_range(fn, torch.randn(2000, generator=gen), 4, 100, "mse_clip_range(randn(2000), 4, 100)")
-        _check_mse_range(fn, _relu_like(2000, gen), 4, 50, "mse_clip_range(relu-like(2000), 4, 50)")
+        _check_mse_range(fn, relu_like(2000, gen), 4, 50, "mse_clip_range(relu-like(2000), 4, 50)")
         spike = torch.cat([torch.rand(999, generator=gen), torch.tensor([40.0])])
         _check_mse_range(fn, spike, 8, 100, "mse_clip_range(999 values in [0, 1) and one 40.0, 8, 100)")
     run("mse_clip_range: worked cases", body)
@@ -245,41 +194,27 @@ def mse_clip_range(fn) -> None:
 
 def mse_clip_range_hidden(fn) -> None:
     """Q3 hidden: fresh heavy-tailed and ReLU-like tensors, 2 to 8 bits, several grids."""
-    def body():
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    def body(draw: Draw):
+        gen = draw.gen
         for i, (bits, grid) in enumerate([(2, 40), (3, 100), (4, 100), (6, 64), (8, 100)]):
-            x = _heavy_tailed(1500, gen) if i % 2 else _relu_like(1500, gen).reshape(15, 100)
+            x = heavy_tailed(1500, gen) if i % 2 else relu_like(1500, gen).reshape(15, 100)
             _check_mse_range(fn, x, bits, grid, f"mse_clip_range(random {tuple(x.shape)}, {bits}, {grid})")
-    run("mse_clip_range: random tensors", body)
+    hidden("mse_clip_range: random tensors", body)
 
 
 # ------------------------------------------------------------------ Q4 layer_inputs
-def _reference_layer_outputs(model: nn.Module, layer_name: str, batches) -> torch.Tensor:
-    seen = []
-    handle = model.get_submodule(layer_name).register_forward_hook(
-        lambda _m, _args, out: seen.append(out.detach().clone()))
-    try:
-        with torch.no_grad():
-            for x in batches:
-                model(x)
-    finally:
-        handle.remove()
-    return torch.cat(seen)
-
-
 def _check_layer_inputs(fn, model: nn.Module, layer: str, batches, what: str) -> torch.Tensor:
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = snapshot(model)
     got = call(fn, model, layer, batches, what="layer_inputs")
-    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
+    changed = changed_entries(model, state)
     expect(not changed, f"{what}: the model's state changed ({changed[:3]}): run it in eval mode "
                         "(model.eval()) under torch.no_grad(); in train mode BatchNorm updates its statistics")
-    expect(not any(h for m in model.modules() for h in (m._forward_hooks, m._forward_pre_hooks)),
-           f"{what}: remove your hook when done (handle.remove()), or it keeps collecting")
+    expect(not hooks_left(model), f"{what}: remove your hook when done (handle.remove()), or it keeps collecting")
     expect(isinstance(got, torch.Tensor), f"{what}: expected one tensor (torch.cat of the batches), "
                                           f"got {type(got).__name__}")
     want = reference_layer_inputs(model, layer, batches)
     if got.shape != want.shape or not torch.allclose(got.float(), want, rtol=1e-5, atol=1e-6):
-        out = _reference_layer_outputs(model, layer, batches)
+        out = layer_activations(model, layer, batches, output=True)
         expect(out.shape != got.shape or not torch.allclose(got.float(), out, rtol=1e-5, atol=1e-6),
                f"{what}: that is the layer's output; the observer of a layer sees its input: use a "
                "forward pre-hook, or the hook's input argument")
@@ -292,10 +227,6 @@ def _check_layer_inputs(fn, model: nn.Module, layer: str, batches, what: str) ->
 
 def layer_inputs(fn) -> None:
     """Q4 visible: the input of conv ``7`` of the folded cnn16 over two batches."""
-    from ..data import calibration_batches, load_digits
-    from ..fold import fold_batchnorm
-    from ..models import pretrained
-
     def body():
         model = fold_batchnorm(pretrained("cnn16", 0))
         batches = calibration_batches(load_digits(16).train, 64, 32, seed=1)
@@ -305,17 +236,14 @@ def layer_inputs(fn) -> None:
 
 def layer_inputs_hidden(fn) -> None:
     """Q4 hidden: another model (mlp, in train mode with BatchNorm) and other layers."""
-    from ..data import calibration_batches, load_digits
-    from ..models import pretrained
-
-    def body():
+    def body(draw: Draw):
         mlp = pretrained("mlp", 1).train()
-        batches = calibration_batches(load_digits(8).train, 96, 32, seed=int(torch.randint(0, 1000, ()).item()))
+        batches = calibration_batches(load_digits(8).train, 96, 32, seed=draw.integer(1000))
         _check_layer_inputs(fn, mlp, "4", batches, "layer_inputs(mlp, '4', 3 batches)")
         cnn = pretrained("cnn8", 2)
         _check_layer_inputs(fn, cnn, "0", batches, "layer_inputs(cnn8, '0', 3 batches)")
         _check_layer_inputs(fn, cnn, "12", batches, "layer_inputs(cnn8, '12', 3 batches)")
-    run("layer_inputs: other models and layers", body)
+    hidden("layer_inputs: other models and layers", body)
 
 
 # ------------------------------------------------------------------ Q5 compare_ranges
@@ -330,7 +258,7 @@ def _check_compare(fn, x: torch.Tensor, bits: int, what: str) -> dict:
         g = got[name]
         expect(isinstance(g, (tuple, list)) and len(g) == 3,
                f"{what}[{name!r}]: expected (lo, hi, mse), got {g!r}"[:300])
-        lo, hi, err = (_number(v, f"{what}[{name!r}]") for v in g)
+        lo, hi, err = (as_number(v, f"{what}[{name!r}]") for v in g)
         w = want[name]
         expect(_close(lo, w[0], span) and _close(hi, w[1], span),
                f"{what}[{name!r}]: expected range ({w[0]:.6g}, {w[1]:.6g}), got ({lo:.6g}, {hi:.6g})"
@@ -339,7 +267,7 @@ def _check_compare(fn, x: torch.Tensor, bits: int, what: str) -> dict:
                                          f"at {bits} bits, got {err:.6g}")
     g = got["mse"]
     expect(isinstance(g, (tuple, list)) and len(g) == 3, f"{what}['mse']: expected (lo, hi, mse), got {g!r}"[:300])
-    lo, hi, err = (_number(v, f"{what}['mse']") for v in g)
+    lo, hi, err = (as_number(v, f"{what}['mse']") for v in g)
     expect(_close(err, reference_quant_mse(x, lo, hi, bits), 1e-12),
            f"{what}['mse']: the MSE {err:.6g} does not belong to the range ({lo:.6g}, {hi:.6g})")
     expect(err <= want["mse"][2] * (1 + RTOL) + 1e-12,
@@ -358,14 +286,9 @@ def compare_ranges(fn, x: torch.Tensor, bits: int = 4) -> None:
 
 def compare_ranges_hidden(fn) -> None:
     """Q5 hidden: the true input of cnn16's layer 3 and fresh heavy-tailed data, 3 and 8 bits."""
-    from ..data import calibration_batches, load_digits
-    from ..fold import fold_batchnorm
-    from ..models import pretrained
-
-    def body():
+    def body(draw: Draw):
         model = fold_batchnorm(pretrained("cnn16", 1))
         x = reference_layer_inputs(model, "3", calibration_batches(load_digits(16).train, 32, 32, seed=5))
         _check_compare(fn, x, 3, "compare_ranges(cnn16 layer-3 activations, 3)")
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-        _check_compare(fn, _heavy_tailed(4000, gen), 8, "compare_ranges(heavy-tailed random, 8)")
-    run("compare_ranges: other layers and data", body)
+        _check_compare(fn, heavy_tailed(4000, draw.gen), 8, "compare_ranges(heavy-tailed random, 8)")
+    hidden("compare_ranges: other layers and data", body)

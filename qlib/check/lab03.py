@@ -20,10 +20,15 @@ import dataclasses
 import torch
 from torch import nn
 
-from . import CheckFailed, call, expect, run
+from . import mistakes
+from .core import CheckFailed, call, changed_entries, expect, expect_pair, expect_tensor, run, snapshot
+from .draws import Draw, hidden, random_bn
 from .. import fold as ref_fold
 from .. import ptq as ref_ptq
+from ..data import calibration_batches, load_digits
+from ..models import create, pretrained
 from ..modules import FakeQuantize, QuantConfig, fake_quantizers, set_quant_mode, swap_modules
+from ..train import evaluate as _accuracy
 
 W8A8_MAX_DROP = 1.0
 W4A8_MIN_ACC = 95.0
@@ -31,81 +36,29 @@ W4A8_CONFIG = QuantConfig(weight_bits=4, act_bits=8, weight_observer="mse")
 """The 4-bit configuration of Q5: 4-bit weights with MSE-searched per-channel scales."""
 
 
-# ------------------------------------------------------------------ helpers
-def random_bn(c: int, gen: torch.Generator, affine: bool = True, eps: float = 1e-5,
-              dims: int = 2) -> nn.modules.batchnorm._BatchNorm:
-    """An eval-mode BatchNorm with random running statistics (and gamma, beta)."""
-    bn = (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(c, eps=eps, affine=affine).eval()
-    with torch.no_grad():
-        bn.running_mean.copy_(torch.randn(c, generator=gen))
-        bn.running_var.copy_(torch.rand(c, generator=gen) * 2 + 0.05)
-        if affine:
-            bn.weight.copy_(torch.randn(c, generator=gen))
-            bn.bias.copy_(torch.randn(c, generator=gen))
-    return bn
-
-
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()).item())
-
-
-def _tensor(v, what: str) -> torch.Tensor:
-    expect(isinstance(v, torch.Tensor), f"{what}: expected a tensor, got {type(v).__name__}")
-    return v
-
-
 def _test_data(image_size: int):
-    from ..data import calibration_batches, load_digits
-
     digits = load_digits(image_size)
     return digits, calibration_batches(digits.train, 256, 64, seed=0)
-
-
-def _accuracy(model: nn.Module, dataset) -> float:
-    from ..train import evaluate
-    return evaluate(model, dataset)
 
 
 # ------------------------------------------------------------------ Q1 fold_bn
 def _check_fold_bn(fn, weight: torch.Tensor, bias, bn, what: str) -> None:
     w0, b0 = weight.clone(), None if bias is None else bias.clone()
-    bn_state = {k: v.clone() for k, v in bn.state_dict().items()}
-    got = call(fn, weight, bias, bn, what="fold_bn")
-    expect(isinstance(got, (tuple, list)) and len(got) == 2,
-           f"{what}: expected a pair (weight, bias), got {type(got).__name__}")
-    w, b = _tensor(got[0], f"{what} weight"), got[1]
-    expect(torch.equal(weight, w0) and (bias is None or torch.equal(bias, b0))
-           and all(torch.equal(v, bn_state[k]) for k, v in bn.state_dict().items()),
+    bn_state = snapshot(bn)
+    w, b = expect_pair(call(fn, weight, bias, bn, what="fold_bn"), what, "(weight, bias)")
+    w = expect_tensor(w, f"{what} weight", kind="a tensor")
+    expect(torch.equal(weight, w0) and (bias is None or torch.equal(bias, b0)) and not changed_entries(bn, bn_state),
            f"{what}: your function changed its inputs (weight, bias or the BatchNorm): return new tensors")
-    b = _tensor(b, f"{what} bias (a layer without bias gets one after folding)")
+    b = expect_tensor(b, f"{what} bias (a layer without bias gets one after folding)", kind="a tensor")
     want_w, want_b = ref_fold.fold_bn(weight, bias, bn)
     expect(w.shape == want_w.shape, f"{what}: folded weight should have shape {tuple(want_w.shape)}, got {tuple(w.shape)}")
     expect(b.shape == want_b.shape, f"{what}: folded bias should have shape {tuple(want_b.shape)}, got {tuple(b.shape)}")
     if not torch.allclose(w.float(), want_w, rtol=1e-5, atol=1e-6):
-        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        hint = ""
-        with torch.no_grad():
-            if torch.allclose(w.float(), weight * (gamma / (bn.running_var + bn.eps)).reshape(shape), rtol=1e-5):
-                hint = " (divide by the standard deviation sqrt(var + eps), not by the variance)"
-            elif torch.allclose(w.float(), weight * (gamma / bn.running_var.sqrt()).reshape(shape), rtol=1e-5):
-                hint = " (add eps inside the square root: sqrt(var + eps))"
-            elif torch.allclose(w.float(), weight, rtol=1e-5, atol=1e-6):
-                hint = " (the weight is unchanged: multiply each output channel by gamma / sqrt(var + eps))"
         raise CheckFailed(f"{what}: folded weight differs from w * gamma / sqrt(var + eps) by up to "
-                          f"{(w.float() - want_w).abs().max().item():.3g}{hint}")
+                          f"{(w.float() - want_w).abs().max().item():.3g}" + mistakes.fold_weight_hint(w.float(), weight, bn))
     if not torch.allclose(b.float(), want_b, rtol=1e-5, atol=1e-6):
-        hint = ""
-        factor = (bn.weight if bn.weight is not None else 1) / torch.sqrt(bn.running_var + bn.eps)
-        beta = bn.bias if bn.bias is not None else 0
-        bb = bias if bias is not None else 0
-        with torch.no_grad():
-            if torch.allclose(b.float(), bb * factor + beta - bn.running_mean, rtol=1e-5, atol=1e-6):
-                hint = " (the mean is scaled too: b' = (b - mean) * gamma / sqrt(var + eps) + beta)"
-            elif torch.allclose(b.float(), (bb - bn.running_mean) * factor, rtol=1e-5, atol=1e-6):
-                hint = " (add beta)"
         raise CheckFailed(f"{what}: folded bias differs from (b - mean) * gamma / sqrt(var + eps) + beta "
-                          f"by up to {(b.float() - want_b).abs().max().item():.3g}{hint}")
+                          f"by up to {(b.float() - want_b).abs().max().item():.3g}" + mistakes.fold_bias_hint(b.float(), bias, bn))
 
 
 def fold_bn(fn) -> None:
@@ -134,8 +87,8 @@ def fold_bn(fn) -> None:
 
 def fold_bn_hidden(fn) -> None:
     """Q1 hidden: fresh random layers; BN without affine parameters; other eps values."""
-    def body():
-        gen = torch.Generator().manual_seed(_seed())
+    def body(draw: Draw):
+        gen = draw.gen
         for c_out, c_in, k, affine, eps, with_bias in [(16, 1, 3, True, 1e-5, False), (6, 6, 1, False, 1e-3, True),
                                                        (32, 16, 3, True, 0.1, True), (4, 2, 5, False, 1e-5, False)]:
             w = torch.randn(c_out, c_in, k, k, generator=gen)
@@ -143,19 +96,17 @@ def fold_bn_hidden(fn) -> None:
             bn = random_bn(c_out, gen, affine=affine, eps=eps)
             _check_fold_bn(fn, w, b, bn, f"fold_bn(conv {c_in}->{c_out} k={k}, bias={with_bias}, "
                                          f"affine={affine}, eps={eps})")
-    run("fold_bn: random layers and BatchNorms", body)
+    hidden("fold_bn: random layers and BatchNorms", body)
 
 
 # ------------------------------------------------------------------ Q2 fold_model
 def _check_fold_model(fn, model: nn.Module, x: torch.Tensor, what: str) -> nn.Module:
-    before = copy.deepcopy(model)
-    was_training = model.training
+    before, was_training = copy.deepcopy(model), model.training
     got = call(fn, model, what="fold_model")
     expect(isinstance(got, nn.Module), f"{what}: expected a model, got {type(got).__name__}")
     expect(got is not model, f"{what}: return a folded copy (copy.deepcopy), keep the original model")
-    expect(model.training == was_training and all(
-        torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.state_dict().values()))
-        and any(isinstance(m, ref_fold.BATCHNORMS) for m in model.modules()),
+    expect(model.training == was_training and not changed_entries(model, before.state_dict())
+           and any(isinstance(m, ref_fold.BATCHNORMS) for m in model.modules()),
         f"{what}: the original model was changed; fold a copy (copy.deepcopy(model))")
     left = [n for n, m in got.named_modules() if isinstance(m, ref_fold.BATCHNORMS)]
     expect(not left, f"{what}: BatchNorm layers left in the folded model: {left}; "
@@ -178,8 +129,6 @@ def _check_fold_model(fn, model: nn.Module, x: torch.Tensor, what: str) -> nn.Mo
 
 def fold_model(fn) -> None:
     """Q2 visible: the pretrained cnn16 (seed 0) on test digits."""
-    from ..models import pretrained
-
     def body():
         digits, _ = _test_data(16)
         _check_fold_model(fn, pretrained("cnn16", 0), digits.test.tensors[0][:64], "fold_model(cnn16)")
@@ -188,23 +137,20 @@ def fold_model(fn) -> None:
 
 def fold_model_hidden(fn) -> None:
     """Q2 hidden: the mlp and cnn8 with random BN statistics, passed in train mode."""
-    from ..models import create
-
-    def body():
-        gen = torch.Generator().manual_seed(_seed())
+    def body(draw: Draw):
+        gen = draw.gen
         for name in ("mlp", "cnn8"):
-            model = create(name, seed=int(torch.randint(0, 1000, (), generator=gen).item()))
+            model = create(name, seed=draw.integer(1000))
             for m in model.modules():
                 if isinstance(m, ref_fold.BATCHNORMS):
                     m.load_state_dict(random_bn(m.num_features, gen, dims=1).state_dict())
             model.train()
             _check_fold_model(fn, model, torch.randn(16, 1, 8, 8, generator=gen), f"fold_model({name} in train mode)")
-    run("fold_model: mlp and cnn8, random statistics", body)
+    hidden("fold_model: mlp and cnn8, random statistics", body)
 
 
 # ------------------------------------------------------------------ Q3 calibrate
 def _prepared(name: str = "cnn16", seed: int = 0, config: QuantConfig | None = None) -> nn.Module:
-    from ..models import pretrained
     return swap_modules(ref_fold.fold_batchnorm(pretrained(name, seed)), config or QuantConfig()).eval()
 
 
@@ -300,25 +246,21 @@ def convert_hidden(fn) -> None:
 
 # ------------------------------------------------------------------ Q5 the pipeline
 def _check_pipeline(fn, seed: int, what: str, labels=("W8A8", "W4A8")) -> dict[str, float]:
-    from ..models import pretrained
-
     digits, batches = _test_data(16)
     model = pretrained("cnn16", seed)
-    before = copy.deepcopy(model.state_dict())
-    fp32 = _accuracy(model, digits.test)
-    accs = {"fp32": fp32}
+    before = snapshot(model)
+    accs = {"fp32": (fp32 := _accuracy(model, digits.test))}
     for label, cfg in [(k, c) for k, c in (("W8A8", QuantConfig()), ("W4A8", W4A8_CONFIG)) if k in labels]:
         q = call(fn, model, batches, cfg, what="ptq")
         expect(isinstance(q, nn.Module), f"{what}: ptq should return a model, got {type(q).__name__}")
-        expect(all(torch.equal(v, before[k]) for k, v in model.state_dict().items()),
-               f"{what}: ptq changed the float model; work on copies")
+        expect(not changed_entries(model, before), f"{what}: ptq changed the float model; work on copies")
         fqs = fake_quantizers(q)
         expect(fqs and all(isinstance(f, FakeQuantize) and not f.observe and f.quantize for f in fqs.values()),
                f"{what} {label}: the returned model should have frozen fake quantizers "
                "(swap_modules, calibrate, then convert)")
         expect(not any(isinstance(m, ref_fold.BATCHNORMS) for m in q.modules()),
                f"{what} {label}: BatchNorms left in the quantized model: fold them first")
-        bits = {(f.bits) for n, f in fqs.items() if n.endswith("weight_fq")}
+        bits = {f.bits for n, f in fqs.items() if n.endswith("weight_fq")}
         expect(bits == {cfg.weight_bits}, f"{what} {label}: weights quantized at {sorted(bits)} bits, "
                                           f"expected {cfg.weight_bits}: use the config you are given")
         accs[label] = _accuracy(q, digits.test)
@@ -344,8 +286,6 @@ def ptq(fn) -> None:
 def ptq_hidden(fn) -> None:
     """Q5 hidden: the targets on seed 1, W4A8 on seed 2, and agreement with qlib at W8A8 (seed 2,
     percentile activations)."""
-    from ..models import pretrained
-
     def body():
         digits, batches = _test_data(16)
         _check_pipeline(fn, 1, "ptq(cnn16 seed 1)")

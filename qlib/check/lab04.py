@@ -20,89 +20,30 @@ model is tiny, and a grader running many notebooks at once stays fast.
 
 from __future__ import annotations
 
-import copy
 import math
-import random
 import time
-import warnings
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from . import CheckFailed, call, expect, run
+from . import mistakes, references
+from .core import (CheckFailed, as_number, call, changed_entries, expect, first_difference, first_hint,
+                   one_thread, quiet_deprecations, run, snapshot)
+from .draws import Draw, hidden
+from ..data import calibration_batches, load_digits
+from ..models import pretrained
+from ..modules import QuantConfig, quant_layers
+from ..ptq import quantize_static
+from ..qat import convert_qat, qat_layers
 from ..qparams import quant_range
+from ..train import evaluate
 
 W2A4_MIN_ACC = 95.0
 """Q3 target: test accuracy of the 2-bit-weight, 4-bit-activation cnn8 after QAT."""
 W2A4_BITS = (2, 4)
 
 
-@contextmanager
-def _quiet():
-    """PyTorch's quantization APIs warn about their deprecation: not the student's concern."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        yield
-
-
 # ------------------------------------------------------------------ Q1 FakeQuantSTE
-def _torch_ste(x, scale, zero_point, quant_min, quant_max, grad_output):
-    """PyTorch's fake quantization: ``(y, dy/dx * grad_output)``."""
-    xr = x.detach().clone().requires_grad_(True)
-    with _quiet():
-        y = torch.fake_quantize_per_tensor_affine(xr, scale, zero_point.to(torch.int32), quant_min, quant_max)
-    y.backward(grad_output)
-    return y.detach(), xr.grad
-
-
-def _codes(x, scale, zero_point):
-    return torch.round(x * (1.0 / scale)) + zero_point.to(torch.float32)
-
-
-def _forward_variants(x, scale, zero_point, quant_min, quant_max):
-    """Typical wrong forward passes, each with the hint that explains it."""
-    z = zero_point.to(torch.float32)
-    v = x * (1.0 / scale)
-    deq = lambda q: (q - z) * scale  # noqa: E731
-    ties = "round ties to even with torch.round (2.5 -> 2); floor(v + 0.5) and round-half-away differ at exact halves"
-    return [
-        ("clamp the codes to [quant_min, quant_max] before dequantizing: values outside are clipped",
-         deq(torch.round(v) + z)),
-        ("return the dequantized value (q - zero_point) * scale, not the integer codes q",
-         torch.clamp(torch.round(v) + z, quant_min, quant_max)),
-        ("subtract the zero_point again when dequantizing: (q - zero_point) * scale",
-         torch.clamp(torch.round(v) + z, quant_min, quant_max) * scale),
-        ("add the zero_point after rounding, and clamp the sum", deq(torch.clamp(torch.round(v), quant_min, quant_max))),
-        ("multiply by the float32 reciprocal, x * (1.0 / scale), as PyTorch does: x / scale can round differently",
-         deq(torch.clamp(torch.round(x / scale) + z, quant_min, quant_max))),
-        (ties, deq(torch.clamp(torch.sign(v) * torch.floor(v.abs() + 0.5) + z, quant_min, quant_max))),
-        (ties, deq(torch.clamp(torch.floor(v + 0.5) + z, quant_min, quant_max))),
-    ]
-
-
-def _backward_variants(x, scale, zero_point, quant_min, quant_max, grad_output):
-    """Typical wrong gradients, each with the hint that explains it."""
-    q = _codes(x, scale, zero_point)
-    inside = (q >= quant_min) & (q <= quant_max)
-    z = zero_point.to(torch.float32)
-    lo, hi = (quant_min - z) * scale, (quant_max - z) * scale
-    return [
-        ("no clamp mask: the gradient must be 0 where the code round(x/scale) + zero_point falls outside "
-         "[quant_min, quant_max] (those inputs are clipped; the output does not move with them)", grad_output),
-        ("the straight-through estimator passes grad_output where the code is in range: "
-         "return grad_output * mask, not the mask alone", inside.to(grad_output.dtype)),
-        ("d round(v)/dv is 0 almost everywhere, which is why nothing would train: the STE passes "
-         "grad_output instead (times the clamp mask)", torch.zeros_like(grad_output)),
-        ("test the rounded code, not x: inputs up to half a step beyond the outermost levels are rounded "
-         "onto them and keep their gradient (mask = quant_min <= round(x/scale) + zero_point <= quant_max)",
-         grad_output * ((x >= lo) & (x <= hi))),
-        ("the outermost codes quant_min and quant_max are in range: use <= and >=, not < and >",
-         grad_output * ((q > quant_min) & (q < quant_max))),
-    ]
-
-
 def _run_ste(cls, x, scale, zero_point, quant_min, quant_max, grad_output):
     xr = x.detach().clone().requires_grad_(True)
     y = cls.apply(xr, scale, zero_point, quant_min, quant_max)
@@ -122,46 +63,36 @@ def _check_autograd_function(cls) -> None:
 
 def _check_ste_case(cls, x, scale, zero_point, quant_min, quant_max, what, part, grad_output=None):
     grad_output = torch.randn_like(x) if grad_output is None else grad_output
-    want_y, want_g = _torch_ste(x, scale, zero_point, quant_min, quant_max, grad_output)
+    want_y, want_g = references.fake_quantize(x, scale, zero_point, quant_min, quant_max, grad_output)
     got_y, got_g = call(_run_ste, cls, x, scale, zero_point, quant_min, quant_max, grad_output, what="FakeQuantSTE")
     where = (f"{what} (scale {scale.item():.6g}, zero_point {int(zero_point)}, "
              f"range [{quant_min}, {quant_max}])")
     if part == "forward":
         expect(got_y.dtype == torch.float32, f"{where}: the output should be float32, got {got_y.dtype}")
-        if torch.equal(got_y, want_y):
-            return
-        bad = (got_y != want_y).nonzero().flatten()
-        i = bad[0].item()
-        hint = next((h for h, v in _forward_variants(x, scale, zero_point, quant_min, quant_max)
-                     if torch.equal(got_y, v)), "")
-        raise CheckFailed(
-            f"{where}: forward values differ at {len(bad)} of {x.numel()} elements. First: x = {x.flatten()[i].item()!r} "
-            f"-> expected {want_y.flatten()[i].item()!r}, got {got_y.flatten()[i].item()!r}."
-            + (f" Hint: {hint}." if hint else " Expected (clamp(round(x * (1/scale)) + zero_point, quant_min, "
-                                              "quant_max) - zero_point) * scale."))
-    expect(got_g is not None, f"{where}: x received no gradient: backward must return the gradient for x "
-                              "first (then None for scale, zero_point, quant_min, quant_max)")
-    expect(got_g.shape == x.shape, f"{where}: the gradient for x should have shape {tuple(x.shape)}, "
-                                   f"got {tuple(got_g.shape)}")
-    if torch.equal(got_g, want_g):
+        got, want = got_y, want_y
+    else:
+        expect(got_g is not None, f"{where}: x received no gradient: backward must return the gradient for x "
+                                  "first (then None for scale, zero_point, quant_min, quant_max)")
+        expect(got_g.shape == x.shape, f"{where}: the gradient for x should have shape {tuple(x.shape)}, "
+                                       f"got {tuple(got_g.shape)}")
+        got, want = got_g, want_g
+    if torch.equal(got, want):
         return
-    bad = (got_g != want_g).nonzero().flatten()
-    i = bad[0].item()
-    hint = next((h for h, v in _backward_variants(x, scale, zero_point, quant_min, quant_max, grad_output)
-                 if torch.equal(got_g, v)), "")
-    code = _codes(x, scale, zero_point).flatten()[i].item()
-    raise CheckFailed(
-        f"{where}: gradients differ at {len(bad)} of {x.numel()} elements. First: x = {x.flatten()[i].item()!r} "
-        f"(code before clamping {code:g}), grad_output {grad_output.flatten()[i].item():.6g} -> expected "
-        f"{want_g.flatten()[i].item():.6g}, got {got_g.flatten()[i].item():.6g}."
-        + (f" Hint: {hint}." if hint else " Expected grad_output where quant_min <= round(x * (1/scale)) + "
-                                          "zero_point <= quant_max, else 0."))
-
-
-def _division_traps(scale: torch.Tensor) -> torch.Tensor:
-    """Inputs near ties where x / scale and x * (1/scale) round to different integers."""
-    x = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * scale
-    return x[torch.round(x / scale) != torch.round(x * (1.0 / scale))]
+    n_bad, i = first_difference(got, want)
+    first = f"x = {x.flatten()[i].item()!r}"
+    if part == "forward":
+        hint = first_hint(got, mistakes.fake_quantize_mistakes(x, scale, zero_point, quant_min, quant_max))
+        first += f" -> expected {want.flatten()[i].item()!r}, got {got.flatten()[i].item()!r}."
+        formula = "(clamp(round(x * (1/scale)) + zero_point, quant_min, quant_max) - zero_point) * scale."
+    else:
+        hint = first_hint(got, mistakes.ste_gradient_mistakes(x, scale, zero_point, quant_min, quant_max,
+                                                              grad_output))
+        code = mistakes.unclamped_codes(x, scale, zero_point).flatten()[i].item()
+        first += (f" (code before clamping {code:g}), grad_output {grad_output.flatten()[i].item():.6g} -> "
+                  f"expected {want.flatten()[i].item():.6g}, got {got.flatten()[i].item():.6g}.")
+        formula = "grad_output where quant_min <= round(x * (1/scale)) + zero_point <= quant_max, else 0."
+    raise CheckFailed(f"{where}: {'forward values' if part == 'forward' else 'gradients'} differ at {n_bad} of "
+                      f"{x.numel()} elements. First: {first}" + (f" Hint: {hint}." if hint else f" Expected {formula}"))
 
 
 def _worked_ste_cases():
@@ -174,7 +105,7 @@ def _worked_ste_cases():
          "x = [-1, -0.8, -0.3, -0.125, 0, 0.2, 0.375, 1, 1.5, 1.75, 2, 3, 3.05, 3.2], unsigned 4-bit"),
         (t([-0.7, -0.6, -0.5, -0.4, 0.0, 0.05, 0.6, 0.7, 0.8]), t(0.2), t(1), -2, 1,
          "x = [-0.7, -0.6, -0.5, -0.4, 0, 0.05, 0.6, 0.7, 0.8], signed 2-bit"),
-        (_division_traps(t(0.0251)), t(0.0251), t(3), -128, 127, "x near ties where x / scale misleads, 8-bit"),
+        (mistakes.division_traps(t(0.0251)), t(0.0251), t(3), -128, 127, "x near ties where x / scale misleads, 8-bit"),
     ]
 
 
@@ -197,7 +128,8 @@ def fake_quant_ste_backward(cls) -> None:
     run("FakeQuantSTE backward: worked cases vs torch.fake_quantize_per_tensor_affine", body)
 
 
-def _random_ste_cases(rng: random.Random, gen: torch.Generator, n: int):
+def _random_ste_cases(draw: Draw, n: int):
+    rng, gen = draw.rng, draw.gen
     for _ in range(n):
         bits, signed = rng.randint(2, 8), rng.random() < 0.5
         qmin, qmax = quant_range(bits, signed)
@@ -215,11 +147,10 @@ def _random_ste_cases(rng: random.Random, gen: torch.Generator, n: int):
 
 def fake_quant_ste_hidden(cls) -> None:
     """Q1 hidden: fresh random tensors (ties and clipped values included), 2..8 bits, both passes."""
-    def body():
+    def body(draw: Draw):
         _check_autograd_function(cls)
-        rng = random.Random()
-        gen = torch.Generator().manual_seed(rng.randrange(2**31))
-        for case in _random_ste_cases(rng, gen, 40):
+        gen = draw.gen
+        for case in _random_ste_cases(draw, 40):
             _check_ste_case(cls, *case, "forward")
             _check_ste_case(cls, *case, "backward")
         # inside a graph: the gradient flows through the function to earlier operations
@@ -228,91 +159,27 @@ def fake_quant_ste_hidden(cls) -> None:
         loss = call(lambda: (cls.apply(w * 2.0, s, z, -8, 7) ** 2).sum(), what="FakeQuantSTE in a graph")
         loss.backward()
         want_w = w.detach().clone().requires_grad_(True)
-        with _quiet():
+        with quiet_deprecations():
             (torch.fake_quantize_per_tensor_affine(want_w * 2.0, s, z.to(torch.int32), -8, 7) ** 2).sum().backward()
         expect(w.grad is not None and torch.equal(w.grad, want_w.grad),
                "FakeQuantSTE inside a graph ((fq(2 w))**2).sum(): the gradient reaching w differs from PyTorch's")
-    run("FakeQuantSTE: random tensors vs torch.fake_quantize_per_tensor_affine", body)
+    hidden("FakeQuantSTE: random tensors vs torch.fake_quantize_per_tensor_affine", body)
 
 
 # ------------------------------------------------------------------ Q2 LSQ scale gradient
-def _torch_lsq(x, scale, zero_point, quant_min, quant_max, grad_output, grad_factor):
-    """PyTorch's LSQ kernel: the gradient for the scale (shape (1,))."""
-    s = scale.detach().clone().reshape(1).requires_grad_(True)
-    z = zero_point.detach().clone().to(torch.float32).reshape(1).requires_grad_(True)
-    with _quiet():
-        y = torch._fake_quantize_learnable_per_tensor_affine(x.detach(), s, z, quant_min, quant_max, grad_factor)
-    y.backward(grad_output)
-    return s.grad.reshape(())
-
-
-def _lsq_terms(x, scale, zero_point, quant_min, quant_max, round_zero_point=True):
-    """Elementwise d x_fq / d s (the formula of lesson 05) and the pieces wrong answers use."""
-    z = zero_point.to(torch.float32)
-    z = torch.clamp(torch.round(z), quant_min, quant_max) if round_zero_point else z
-    v = x * (1.0 / scale)
-    q = torch.round(v) + z
-    inside = (q >= quant_min) & (q <= quant_max)
-    below = q < quant_min
-    rounding = torch.round(v) - v
-    term = torch.where(inside, rounding, torch.where(below, quant_min - z, quant_max - z))
-    return term, inside, below, rounding, z
-
-
-def _scale_grad_variants(x, scale, zero_point, quant_min, quant_max, grad_output, grad_factor):
-    """Typical wrong answers (summed), each with the hint that explains it."""
-    term, inside, below, rounding, z = _lsq_terms(x, scale, zero_point, quant_min, quant_max)
-    g = grad_factor
-    ends = torch.where(below, torch.full_like(x, float(quant_min)), torch.full_like(x, float(quant_max)))
-    return [
-        ("multiply the summed gradient by grad_factor (LSQ's gradient scale 1/sqrt(N * quant_max))",
-         (grad_output * term).sum()),
-        ("multiply by grad_output (chain rule) before summing", g * term.sum()),
-        ("inside the range, d x_fq / d scale = round(x/scale) - x/scale (= (x_fq - x) / scale); the sign is flipped",
-         g * (grad_output * torch.where(inside, -rounding, term)).sum()),
-        ("clipped values: d x_fq / d scale = quant_min - zero_point below the range and quant_max - zero_point "
-         "above (x_fq = (q_clamped - zero_point) * scale); you forgot the zero_point",
-         g * (grad_output * torch.where(inside, rounding, ends)).sum()),
-        ("clipped values do move with the scale: below the range x_fq = (quant_min - zero_point) * scale, "
-         "so their gradient is quant_min - zero_point, not 0",
-         g * (grad_output * torch.where(inside, rounding, torch.zeros_like(x))).sum()),
-        ("the rounding term counts too: inside the range the gradient is round(x/scale) - x/scale, not 0",
-         g * (grad_output * torch.where(inside, torch.zeros_like(x), term)).sum()),
-        ("round and clamp the learned zero point first: z = clamp(round(zero_point), quant_min, quant_max)",
-         g * (grad_output * _lsq_terms(x, scale, zero_point, quant_min, quant_max, round_zero_point=False)[0]).sum()),
-    ]
-
-
 def _check_scale_grad(fn, x, scale, zero_point, quant_min, quant_max, grad_output, grad_factor, what) -> None:
     args = (x.clone(), scale.clone(), zero_point.clone(), quant_min, quant_max, grad_output.clone(), grad_factor)
     got = call(fn, *args, what="lsq_scale_grad")
     expect(isinstance(got, (float, int, torch.Tensor)),
            f"{what}: expected a tensor with one element (or a float), got {type(got).__name__}")
-    if isinstance(got, torch.Tensor):
-        expect(got.numel() == 1, f"{what}: expected one number (the gradient of the single scale: sum over every "
-                                 f"element), got a tensor of shape {tuple(got.shape)}")
-        got = got.detach().double().reshape(()).item()
-    got = float(got)
-    want = _torch_lsq(x, scale, zero_point, quant_min, quant_max, grad_output, grad_factor).double().item()
-    term = _lsq_terms(x, scale, zero_point, quant_min, quant_max)[0]
+    got = as_number(got, f"{what} (the gradient of the single scale: sum over every element)", finite=False)
+    want = references.lsq_scale_grad(x, scale, zero_point, quant_min, quant_max, grad_output, grad_factor).item()
+    term = mistakes.lsq_terms(x, scale, zero_point, quant_min, quant_max)[0]
     tol = 1e-4 * grad_factor * (grad_output.double() * term.double()).abs().sum().item() + 1e-6
     if abs(got - want) <= tol:
         return
-    hint = ""
-    for h, v in _scale_grad_variants(x, scale, zero_point, quant_min, quant_max, grad_output, grad_factor):
-        v = float(v)
-        if v == v and abs(got - v) <= max(tol, 1e-4 * abs(v)):
-            hint = h
-            break
-    if not hint and abs(want) > tol and abs(got) > tol:
-        n = x.numel()
-        factors = {"grad_factor": grad_factor, "1 / grad_factor": 1 / grad_factor, "1/N": 1 / n,
-                   "1/sqrt(N)": n ** -0.5, "sqrt(N)": n ** 0.5}
-        ratio = got / want
-        label = next((k for k, f in factors.items() if abs(f - 1) > 1e-3 and abs(ratio / f - 1) < 1e-3), None)
-        if label:
-            hint = (f"your value is {ratio:.4g} = {label} (N = {n} elements) times the expected one: multiply the "
-                    "sum (not the mean) by the grad_factor you are given, once")
+    hint = mistakes.lsq_gradient_hint(got, want, tol, x, scale, zero_point, quant_min, quant_max, grad_output,
+                                      grad_factor)
     raise CheckFailed(f"{what}: expected {want:.6g}, got {got:.6g}."
                       + (f" Hint: {hint}." if hint else
                          " Expected grad_factor * sum(grad_output * d), with d = round(x/scale) - x/scale where "
@@ -344,9 +211,8 @@ def lsq_scale_grad(fn) -> None:
 
 def lsq_scale_grad_hidden(fn) -> None:
     """Q2 hidden: random tensors, 2..8 bits, learned (non-integer) zero points, vs PyTorch."""
-    def body():
-        rng = random.Random()
-        gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    def body(draw: Draw):
+        rng, gen = draw.rng, draw.gen
         for _ in range(30):
             bits, signed = rng.randint(2, 8), rng.random() < 0.4
             qmin, qmax = quant_range(bits, signed)
@@ -366,38 +232,23 @@ def lsq_scale_grad_hidden(fn) -> None:
             _check_scale_grad(fn, x, scale, zero_point, qmin, qmax, dy, g,
                               f"lsq_scale_grad(random x of shape {shape}, {bits}-bit {'signed' if signed else 'unsigned'}, "
                               f"scale {scale.item():.4g}, zero_point {zero_point.item():.3g}, grad_factor {g:.4g})")
-    run("lsq_scale_grad: random tensors vs torch._fake_quantize_learnable_per_tensor_affine", body)
+    hidden("lsq_scale_grad: random tensors vs torch._fake_quantize_learnable_per_tensor_affine", body)
 
 
 # ------------------------------------------------------------------ Q3 QAT at W2A4
-def _digits():
-    from ..data import load_digits
-    return load_digits(8)
-
-
 def _check_qat(fn, seed: int) -> dict[str, float]:
-    from ..models import pretrained
-    from ..modules import quant_layers
-    from ..qat import convert_qat, qat_layers
-    from ..train import evaluate
-
     what = f"qat_2bit(cnn8 seed {seed})"
-    digits = _digits()
+    digits = load_digits(8)
     model = pretrained("cnn8", seed)
-    before = copy.deepcopy(model.state_dict())
-    start, threads = time.perf_counter(), torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: one thread is as fast, and steady when a grader runs many notebooks
-    try:
-        with _quiet():
-            got = call(fn, model, digits, what="qat_2bit")
-    finally:
-        torch.set_num_threads(threads)
+    before = snapshot(model)
+    start = time.perf_counter()
+    with one_thread(), quiet_deprecations():
+        got = call(fn, model, digits, what="qat_2bit")
     seconds = time.perf_counter() - start
     expect(not isinstance(got, tuple), f"{what}: expected the trained QAT model, got a tuple; "
                                        "quantization_aware_training returns (model, history): return the model")
     expect(isinstance(got, nn.Module), f"{what}: expected the trained QAT model (an nn.Module), got {type(got).__name__}")
-    expect(all(torch.equal(v, before[k]) for k, v in model.state_dict().items()),
-           f"{what}: the float model you were given changed; QAT trains a copy (prepare_qat and "
+    expect(not changed_entries(model, before), f"{what}: the float model you were given changed; QAT trains a copy (prepare_qat and "
            "quantization_aware_training copy it for you)")
     want_layers = sorted(quant_layers(model))
     have = qat_layers(got)
@@ -405,7 +256,7 @@ def _check_qat(fn, seed: int) -> dict[str, float]:
            f"{what}: expected fake-quant layers {want_layers} (every conv and linear layer, as prepare_qat makes "
            f"them), got {sorted(have)}")
     try:
-        with _quiet():
+        with quiet_deprecations():
             frozen = convert_qat(got)
     except Exception as err:  # noqa: BLE001: the student's model, reported
         raise CheckFailed(f"{what}: qlib.qat.convert_qat could not freeze your model ({type(err).__name__}: {err}); "
@@ -423,11 +274,8 @@ def _check_qat(fn, seed: int) -> dict[str, float]:
                                       f"channel; {w_bits}-bit weights have at most {2 ** w_bits}")
     acc = evaluate(frozen, digits.test)
     if acc < W2A4_MIN_ACC:
-        from ..modules import QuantConfig
-        from ..ptq import quantize_static
-        from ..data import calibration_batches
         calib = calibration_batches(digits.train, 256, 64, seed=0)
-        with _quiet():
+        with quiet_deprecations():
             ptq = evaluate(quantize_static(model, calib, QuantConfig(weight_bits=w_bits, act_bits=a_bits)), digits.test)
         raise CheckFailed(f"{what}: test accuracy {acc:.2f}% < {W2A4_MIN_ACC}% (post-training quantization, min-max, gives "
                           f"{ptq:.2f}%, fp32 {evaluate(model, digits.test):.2f}%). Hint: lesson 05 compares recipes "

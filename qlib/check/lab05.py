@@ -21,7 +21,8 @@ import copy
 import torch
 from torch import nn
 
-from . import CheckFailed, call, expect, expect_close, run
+from .core import CheckFailed, call, changed_entries, expect, expect_close, hooks_left, run, snapshot
+from .draws import Draw, hidden
 from ..datafree.synthetic import batch_moments, capture_bn_inputs
 
 ACC_W8_MAX_DROP = 1.0   # W8A8 accuracy (percentile observer) within this of fp32 (measured: 0.0)
@@ -59,8 +60,7 @@ def reference_loss(model: nn.Module, x: torch.Tensor, unbiased: bool = False, us
 def small_cnn(seed: int | None = None, size: int = 8) -> nn.Sequential:
     """A small conv net with BatchNorms whose running statistics come from a made-up "real"
     distribution (so that they are reachable by optimizing inputs), in eval mode."""
-    g = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator().manual_seed(
-        int(torch.randint(0, 2**31, (1,))))
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, (1,))))
     model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
                           nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
@@ -99,18 +99,12 @@ def _fill_running_stats(model: nn.Module, shape, g: torch.Generator) -> None:
     model.eval()
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def _unchanged(model: nn.Module, before: dict, what: str) -> None:
-    after = model.state_dict()
-    for k, v in before.items():
-        if not torch.equal(after[k], v):
-            hint = (" (running statistics changed: a forward pass in training mode updates them; call "
-                    "model.eval() first)") if "running" in k or "num_batches" in k else \
-                   " (only the images should be optimized, not the model's weights)"
-            raise CheckFailed(f"{what} changed the model's {k}{hint}")
+    for k in changed_entries(model, before)[:1]:
+        hint = (" (running statistics changed: a forward pass in training mode updates them; call "
+                "model.eval() first)") if "running" in k or "num_batches" in k else \
+               " (only the images should be optimized, not the model's weights)"
+        raise CheckFailed(f"{what} changed the model's {k}{hint}")
 
 
 # ------------------------------------------------------------------ Q1: the loss
@@ -135,14 +129,13 @@ def _diagnose(fn_value: float, model, x) -> str:
 def _check_loss(fn, model, x, what: str, start_in_train_mode: bool) -> None:
     want = reference_loss(model, x)
     model.train(start_in_train_mode)
-    before = _state(model)
+    before = snapshot(model)
     xin = x.clone().requires_grad_(True)
     got = call(fn, model, xin, what="bn_statistics_loss")
     expect(isinstance(got, torch.Tensor) and got.numel() == 1,
            f"{what}: expected a one-element tensor, got {type(got).__name__}")
     _unchanged(model, before, f"bn_statistics_loss on {what}")
-    expect(all(len(m._forward_pre_hooks) == 0 and len(m._forward_hooks) == 0 for m in model.modules()),
-           f"{what}: hooks are still attached to the model after bn_statistics_loss returned; "
+    expect(not hooks_left(model), f"{what}: hooks are still attached to the model after bn_statistics_loss returned; "
            f"keep the handles from register_forward_pre_hook and call handle.remove()")
     got_v = got.detach().reshape(()).item()
     if abs(got_v - want.item()) > 1e-4 * max(1.0, abs(want.item())):
@@ -168,18 +161,19 @@ def bn_loss(fn) -> None:
 
 def bn_loss_hidden(fn) -> None:
     """Q1 hidden: fresh random CNNs and an MLP with BatchNorm1d, fresh inputs, training mode."""
-    def body():
+    def body(draw: Draw):
         for size in (8, 12):
-            model = small_cnn(size=size)
-            _check_loss(fn, model, torch.randn(32, 1, size, size) * 2, f"random CNN ({size}x{size})", True)
-        model = small_mlp()
-        _check_loss(fn, model, torch.randn(24, 12), "random MLP with BatchNorm1d", True)
-    run("bn_statistics_loss: random models", body)
+            model = small_cnn(draw.integer(), size=size)
+            x = torch.randn(32, 1, size, size, generator=draw.gen) * 2
+            _check_loss(fn, model, x, f"random CNN ({size}x{size})", True)
+        model = small_mlp(draw.integer())
+        _check_loss(fn, model, torch.randn(24, 12, generator=draw.gen), "random MLP with BatchNorm1d", True)
+    hidden("bn_statistics_loss: random models", body)
 
 
 # ------------------------------------------------------------------ Q2: synthesis
 def _check_synthesize(fn, model, n: int, shape, seed: int, what: str, steps: int = 30, lr: float = 0.1) -> None:
-    before = _state(model)
+    before = snapshot(model)
     x = call(fn, model, n, steps, lr, seed, shape=shape, what="synthesize")
     _unchanged(model, before, f"synthesize on {what}")
     expect(isinstance(x, torch.Tensor), f"{what}: synthesize should return a tensor, got {type(x).__name__}")
@@ -208,9 +202,8 @@ def synthesize(fn) -> None:
 
 def synthesize_hidden(fn) -> None:
     """Q2 hidden: a fresh random CNN with 12x12 inputs and another seed."""
-    seed = int(torch.randint(0, 1000, (1,)))
-    run("synthesize: random CNN",
-        lambda: _check_synthesize(fn, small_cnn(size=12), 48, (1, 12, 12), seed, "random CNN (12x12)"))
+    hidden("synthesize: random CNN", lambda draw: _check_synthesize(
+        fn, small_cnn(draw.integer(), size=12), 48, (1, 12, 12), draw.integer(1000), "random CNN (12x12)"))
 
 
 # ------------------------------------------------------------------ Q3: data-free calibration
@@ -243,7 +236,7 @@ def data_free_accuracy(fn, images) -> None:
         fp32 = evaluate(model, digits.test)
         accs = {}
         for bits in (8, 4):
-            before = _state(model)
+            before = snapshot(model)
             q = call(fn, model, images, bits, what="quantize_data_free")
             _unchanged(model, before, "quantize_data_free")
             expect(isinstance(q, nn.Module), f"quantize_data_free should return the quantized model "

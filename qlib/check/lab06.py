@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import CheckFailed, call, expect, expect_close, run
+from .core import CheckFailed, as_number, call, expect, expect_close, isolated_rng, run
+from .draws import Draw, hidden
 from .. import distill as ref_distill
 from .. import train as ref_train
 from ..modules import fake_quantizers
@@ -38,15 +39,8 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _as_float(got, what: str) -> float:
-    if isinstance(got, torch.Tensor):
-        expect(got.numel() == 1, f"{what} should be one number (a 0-d tensor or a float), "
-                                 f"got a tensor of shape {tuple(got.shape)}")
-        got = got.detach().item()
-    try:
-        return float(got)
-    except (TypeError, ValueError):
-        raise CheckFailed(f"{what} should be one number, got {type(got).__name__}") from None
+def _number(got, what: str) -> float:
+    return as_number(got, what, finite=False)
 
 
 def _diagnose_loss(got: float, s: torch.Tensor, t: torch.Tensor, T: float) -> str:
@@ -73,7 +67,7 @@ def _diagnose_loss(got: float, s: torch.Tensor, t: torch.Tensor, T: float) -> st
 
 def _check_loss(fn, s, t, T, what):
     want = ref_distill.kd_loss(s, t, T).item()
-    got = _as_float(call(fn, s.clone(), t.clone(), T), what)
+    got = _number(call(fn, s.clone(), t.clone(), T), what)
     if not (abs(got - want) <= ATOL + RTOL * abs(want)):
         raise CheckFailed(f"{what}: expected {want:.6g}, got {got:.6g}.{_diagnose_loss(got, s, t, T)}")
 
@@ -88,23 +82,23 @@ def distillation_loss(fn) -> None:
             _check_loss(fn, s, t, T, f"distillation_loss(randn(8, 10), 2 * randn(8, 10), T={T})")
             torch_ref = T * T * F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1),
                                          reduction="batchmean", log_target=True)
-            expect_close(_as_float(call(fn, s, t, T), "distillation_loss"), torch_ref.item(),
+            expect_close(_number(call(fn, s, t, T), "distillation_loss"), torch_ref.item(),
                          f"distillation_loss vs T^2 * F.kl_div(..., log_target=True) at T={T}",
                          rtol=RTOL, atol=ATOL)
-        zero = _as_float(call(fn, t, t.clone(), 3.0), "distillation_loss")
+        zero = _number(call(fn, t, t.clone(), 3.0), "distillation_loss")
         expect(abs(zero) <= 1e-5, f"distillation_loss(t, t, 3) should be 0 (equal logits), got {zero:.3g}")
     run("distillation_loss: random logits vs qlib.distill.kd_loss and F.kl_div", body)
 
 
 def distillation_loss_hidden(fn) -> None:
     """Q1 hidden: fresh shapes and temperatures, large logits (numerical stability), gradients."""
-    def body():
-        g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    def body(draw: Draw):
+        g = draw.gen
         for n, c, T, scale in [(1, 2, 1.0, 1.0), (16, 10, 3.0, 3.0), (5, 100, 0.5, 1.0), (32, 10, 8.0, 5.0)]:
             s, t = scale * torch.randn(n, c, generator=g), scale * torch.randn(n, c, generator=g)
             _check_loss(fn, s, t, T, f"distillation_loss on ({n}, {c}) logits, T={T}")
         s, t = 60 * torch.randn(4, 10, generator=g), 60 * torch.randn(4, 10, generator=g)
-        got = _as_float(call(fn, s, t, 1.0), "distillation_loss")
+        got = _number(call(fn, s, t, 1.0), "distillation_loss")
         expect(torch.isfinite(torch.tensor(got)),
                "distillation_loss on large logits (|x| ~ 100) is not finite: use log_softmax, "
                "not log(softmax(...))")
@@ -117,14 +111,14 @@ def distillation_loss_hidden(fn) -> None:
         loss.backward()
         expect(s.grad is not None and torch.isfinite(s.grad).all(),
                "distillation_loss gave no finite gradient for the student's logits")
-    run("distillation_loss: fresh shapes, temperatures, large logits, gradients", body)
+    hidden("distillation_loss: fresh shapes, temperatures, large logits, gradients", body)
 
 
 # ------------------------------------------------------------------ Q2
 def _tiny_pair(seed: int):
     g = _gen(seed)
-    torch.manual_seed(seed)
-    teacher = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 6)).eval()
+    with isolated_rng(seed):  # nn.Linear initialises from the global generator: leave the caller's alone
+        teacher = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 6)).eval()
     student = copy.deepcopy(teacher)
     with torch.no_grad():
         for p in student.parameters():
@@ -141,7 +135,7 @@ def _check_step(fn, seed: int, T: float, steps: int = 8) -> None:
     want_first = ref_distill.kd_loss(student(x), teacher(x), T).item()
     losses = []
     for k in range(steps):
-        losses.append(_as_float(call(fn, student, teacher, x, opt, T), f"distill_step (step {k + 1})"))
+        losses.append(_number(call(fn, student, teacher, x, opt, T), f"distill_step (step {k + 1})"))
         if k == 0:
             expect(any(p.grad is not None for p in student.parameters()),
                    "after distill_step the student has no gradients: call loss.backward()")
@@ -174,11 +168,11 @@ def distill_step(fn) -> None:
 
 def distill_step_hidden(fn) -> None:
     """Q2 hidden: other seeds and temperatures."""
-    def body():
-        seed = int(torch.randint(1, 10_000, (1,)))
+    def body(draw: Draw):
+        seed = 1 + draw.integer(9_999)
         for T in (1.0, 2.5):
             _check_step(fn, seed=seed, T=T)
-    run("distill_step: fresh models, T = 1 and 2.5", body)
+    hidden("distill_step: fresh models, T = 1 and 2.5", body)
 
 
 # ------------------------------------------------------------------ Q3
