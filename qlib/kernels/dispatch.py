@@ -114,7 +114,10 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, backend: str | None = None) ->
         problem = _int_mm_problem(a, b)
         if problem is not None:  # asked for explicitly on shapes it refuses
             raise ValueError(f"backend 'int_mm' cannot multiply these tensors: {problem}")
-        return torch._int_mm(a.contiguous(), b.contiguous())
+        # a row-major; b row-major or column-major (a transposed (N, K) weight: no copy, and
+        # on this CPU 4x faster than a contiguous copy of it)
+        b_ok = b.is_contiguous() or b.t().is_contiguous()
+        return torch._int_mm(a.contiguous(), b if b_ok else b.contiguous())
     if chosen == "int32":
         return a.int() @ b.int()
     return (a.double() @ b.double()).to(torch.int32)
