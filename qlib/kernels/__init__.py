@@ -16,4 +16,4 @@ from .dispatch import (BACKENDS, MAX_K, BackendChoice, choose_backend, int8_matm
 from .linear import Int8Linear  # noqa: F401
 from .reference import (QUANT_MAX, QUANT_MIN, quantize_per_token_reference,  # noqa: F401
                         scaled_epilogue_reference)
-from .triton_runtime import interpreting, load_triton, triton_status  # noqa: F401
+from .triton_runtime import interpreting, kernel_device, load_triton, triton_status  # noqa: F401

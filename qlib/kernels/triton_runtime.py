@@ -10,8 +10,10 @@ When the interpreter is chosen matters. ``TRITON_INTERPRET`` is read when Triton
 imported (``triton.language`` defines helpers such as ``tl.zeros`` with ``@jit`` at import)
 and by every ``@triton.jit`` decoration. So qlib imports Triton lazily, here, and only here:
 
-- ``load_triton()`` returns ``(triton, tl)``. If CUDA is absent and Triton is not imported
-  yet, it first sets ``TRITON_INTERPRET=1`` (documented side effect on ``os.environ``).
+- ``load_triton()`` returns ``(triton, tl)``. If there is no GPU with an int8 ``tl.dot``
+  (no CUDA at all, or an older GPU such as Colab's T4, sm75) and Triton is not imported yet,
+  it first sets ``TRITON_INTERPRET=1`` (a documented side effect on ``os.environ``), so the
+  course's kernels run everywhere. ``kernel_device()`` says where their tensors go.
 - If Triton was already imported without the interpreter on a machine without CUDA (e.g. by
   ``torch.compile``), kernels cannot run: it raises a ``RuntimeError`` that says to restart
   the kernel and call ``load_triton()`` first.
@@ -50,7 +52,7 @@ def triton_installed() -> bool:
 
 
 def load_triton():
-    """Import Triton, turning on its interpreter first when there is no CUDA GPU.
+    """Import Triton, turning on its interpreter first when no GPU here has an int8 ``tl.dot``.
 
     Returns ``(triton, triton.language)``. Raises ``ImportError`` when Triton is not
     installed and ``RuntimeError`` when it was imported too early to switch on the
@@ -61,11 +63,11 @@ def load_triton():
         raise ImportError("Triton is not installed (pip install triton; Linux only); the CPU path "
                           "qlib.kernels.int8_matmul works without it")
     already = "triton" in sys.modules
-    if not torch.cuda.is_available() and not interpreting():
+    if not gpu_has_int8_dot() and not interpreting():
         if already:
             raise RuntimeError(
-                "Triton was imported before qlib could turn on its CPU interpreter, and there is no CUDA "
-                "GPU: restart the Python kernel and call qlib.kernels.load_triton() (or set "
+                "Triton was imported before qlib could turn on its CPU interpreter, and no GPU here has an int8 "
+                "tl.dot (sm80+): restart the Python kernel and call qlib.kernels.load_triton() (or set "
                 "TRITON_INTERPRET=1) before anything imports triton")
         os.environ["TRITON_INTERPRET"] = "1"
         _set_by_qlib = True
@@ -77,6 +79,16 @@ def load_triton():
                            "(tl.zeros, ...) were compiled-mode functions. Restart the Python kernel and "
                            "set it (or call qlib.kernels.load_triton()) before importing triton")
     return triton, tl
+
+
+def gpu_has_int8_dot() -> bool:
+    """True when a CUDA GPU is present whose Triton has an int8 ``tl.dot`` (sm80 and later)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= MIN_CAPABILITY
+
+
+def kernel_device() -> torch.device:
+    """Where tensors for hand-written Triton kernels go: the GPU when compiling, the CPU when interpreting."""
+    return torch.device("cpu" if interpreting() or not torch.cuda.is_available() else "cuda")
 
 
 def triton_status(device: torch.device) -> tuple[bool, str]:
