@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qlib.kernels import (BACKENDS, MAX_K, BackendChoice, choose_backend, int8_matmul, int8_matmul_scaled,
-                          scaled_epilogue_reference)
+                          kernel_device, load_triton, scaled_epilogue_reference)
 from qlib.kernels import triton_runtime
 
 
@@ -21,9 +21,12 @@ def test_every_backend_is_exact(backend, m, k, n):
     b = torch.randint(-128, 128, (k, n), generator=g, dtype=torch.int8)
     a[0, :] = -128
     b[:, 0] = -128  # the extreme product 128 * 128 * K
-    out = int8_matmul(a, b, backend=backend)
+    if backend == "triton":
+        load_triton()
+    device = kernel_device() if backend == "triton" else "cpu"  # compiled Triton needs CUDA tensors
+    out = int8_matmul(a.to(device), b.to(device), backend=backend)
     assert out.dtype == torch.int32
-    assert torch.equal(out.long(), a.long() @ b.long())
+    assert torch.equal(out.long().cpu(), a.long() @ b.long())
 
 
 def test_cpu_picks_int_mm_and_bad_input_is_rejected():
@@ -98,6 +101,15 @@ def test_scaled_product_rejects_bad_scales():
         int8_matmul_scaled(a, b, torch.ones(3), torch.ones(5, dtype=torch.float64))
     with pytest.raises(TypeError, match="out_dtype"):
         int8_matmul_scaled(a, b, torch.ones(3), torch.ones(5), out_dtype=torch.int32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled Triton on a GPU machine reads CUDA tensors")
+def test_triton_refuses_cpu_tensors_unless_interpreting(monkeypatch):
+    load_triton()
+    a = torch.zeros(4, 8, dtype=torch.int8)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as if the kernels were compiled
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        int8_matmul(a, a.t(), backend="triton")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

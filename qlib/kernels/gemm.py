@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from .reference import check_epilogue_args
-from .triton_runtime import interpreting, load_triton
+from .triton_runtime import check_kernel_device, interpreting, load_triton
 
 triton, tl = load_triton()
 
@@ -139,6 +139,7 @@ def last_config() -> dict | None:
 def _launch(a, b, c, row_scale, col_scale, bias, epilogue: bool, blocks: dict | None):
     m, k = a.shape
     n = b.shape[1]
+    check_kernel_device(a, "a")
     if m == 0 or n == 0:
         return c
     dummy = c  # unused pointer arguments (their branch is compiled out)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .reference import QUANT_MAX, check_float_2d
-from .triton_runtime import load_triton
+from .triton_runtime import check_kernel_device, load_triton
 
 triton, tl = load_triton()
 
@@ -56,6 +56,7 @@ def quantize_per_token_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_xk, 
 def triton_quantize_per_token(x: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_q int8 (M, K), row_scale float32 (M,))`` of float ``x (M, K)``, on ``x``'s device."""
     check_float_2d(x)
+    check_kernel_device(x, "x")
     m, k = x.shape
     if k == 0:
         raise ValueError("x has no columns: a row of zero features has no absmax")

@@ -91,6 +91,13 @@ def kernel_device() -> torch.device:
     return torch.device("cpu" if interpreting() or not torch.cuda.is_available() else "cuda")
 
 
+def check_kernel_device(t: torch.Tensor, name: str = "tensor") -> None:
+    """Compiled Triton kernels read GPU memory only; the interpreter reads any tensor."""
+    if t.device.type != "cuda" and not interpreting():
+        raise ValueError(f"{name} is on {t.device}: compiled Triton kernels need CUDA tensors (the CPU works only "
+                         "in the interpreter, TRITON_INTERPRET=1); move it with .to(qlib.kernels.kernel_device())")
+
+
 def triton_status(device: torch.device) -> tuple[bool, str]:
     """Can Triton's int8 kernels run for tensors on ``device``? ``(ok, reason)``."""
     device = torch.device(device)
