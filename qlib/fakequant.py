@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .qparams import PerChannel, PerGroup, choose_qparams, minmax
+from .qparams import PerChannel, PerGroup, minmax_qparams
 from .quantize import fake_quantize
 
 __all__ = ["FakeQuantize"]
@@ -127,9 +127,10 @@ class FakeQuantize(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def batch_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Min-max qparams of ``x`` alone (dynamic quantization), with the observer's settings."""
-        min_val, max_val = minmax(x.detach(), self.granularity)
-        return choose_qparams(min_val, max_val, self.quant_min, self.quant_max, self.observer.symmetric)
+        """Min-max qparams of ``x`` alone (dynamic quantization), with the observer's settings:
+        ``qlib.qparams.minmax_qparams``."""
+        return minmax_qparams(x.detach(), self.quant_min, self.quant_max, self.observer.symmetric,
+                              self.granularity)
 
     def freeze(self) -> "FakeQuantize":
         """Stop observing, start quantizing with the qparams computed now."""

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .observers import make_observer
-from .qparams import PerChannel, PerTensor, check_quant_range, check_tensor, quant_range, to_rows
+from .qparams import PerChannel, PerTensor, check_quant_range, check_tensor, quant_range, resolve_signed, to_rows
 from .quantize import fake_quantize
 
 __all__ = ["lsq_grad_factor", "lsq_init_scale", "lsq_gradients", "LearnableFakeQuantizeFn",
@@ -168,6 +168,8 @@ class LSQFakeQuantize(nn.Module):
     only record and return ``x`` unchanged), ``initialize()``.
     ``batch_axis``: for activations, the batch dimension (``N`` of the gradient scale counts
     one sample); ``None`` for weights. ``grad_scaling=False`` uses ``g = 1``.
+    ``signed``: ``None`` means signed codes when ``symmetric``, unsigned when affine (the one
+    rule of ``qlib.qparams.resolve_signed``, as for the observers).
     """
 
     def __init__(self, bits: int = 8, symmetric: bool = False, granularity=PerTensor(), signed: bool | None = None,
@@ -176,7 +178,7 @@ class LSQFakeQuantize(nn.Module):
         super().__init__()
         if not isinstance(granularity, (PerTensor, PerChannel)):
             raise TypeError(f"LSQ supports PerTensor() or PerChannel(axis), got {granularity!r}")
-        self.signed = bool(symmetric) if signed is None else bool(signed)
+        self.signed = resolve_signed(signed, bool(symmetric))  # None: signed iff symmetric
         self.quant_min, self.quant_max = quant_range(bits, self.signed)
         self.bits, self.symmetric, self.granularity = bits, bool(symmetric), granularity
         self.init, self.grad_scaling, self.batch_axis = init, grad_scaling, batch_axis

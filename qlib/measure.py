@@ -3,7 +3,9 @@
 Size: a model with ``P`` parameters stored at ``b`` bits takes ``P * b / 8`` bytes, plus the
 quantization parameters (one float32 scale and one zero point per tensor or channel).
 ``model_size_bytes(model, bits)`` gives the first term; ``state_dict_bytes`` the real size of
-what ``torch.save`` writes.
+what ``torch.save`` writes. Here ``bits`` is a *storage width* (1 to 64: 32 for float32
+weights, 16 for bfloat16, 1 for a binary network), not a code width of a quantizer, whose
+rule is ``qlib.qparams.check_bits`` (2 to 16).
 
 Time: ``latency`` runs a function several times after a warm-up and returns the **median**
 in seconds, waiting for the GPU (``torch.cuda.synchronize``) when the work is on CUDA. Only
@@ -21,17 +23,31 @@ import torch
 from torch import nn
 
 
-def tensor_bytes(numel: int, bits: int) -> int:
-    """Bytes to store ``numel`` numbers of ``bits`` bits each, packed: ``ceil(numel*bits/8)``."""
+def check_storage_bits(bits, name: str = "bits") -> int:
+    """``bits`` as a storage width: an int (not a bool) in ``[1, 64]``, or ValueError.
+
+    A storage width counts the bits one stored number takes (float32: 32, int4: 4, a sign
+    bit: 1). It is wider than a quantizer's code width (``qlib.qparams.check_bits``, 2 to 16)
+    because sizes are also computed for float models and binary ones.
+    """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 64:
-        raise ValueError(f"bits must be an int between 1 and 64, got {bits!r}")
+        raise ValueError(f"{name} (a storage width in bits per number) must be an int between 1 and 64, "
+                         f"got {bits!r}")
+    return bits
+
+
+def tensor_bytes(numel: int, bits: int) -> int:
+    """Bytes to store ``numel`` numbers of ``bits`` bits each (a storage width, 1 to 64), packed:
+    ``ceil(numel * bits / 8)``."""
+    check_storage_bits(bits)
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel must be an int >= 0, got {numel!r}")
     return (numel * bits + 7) // 8
 
 
 def model_size_bytes(model: nn.Module, bits: int = 32) -> int:
-    """Bytes of all parameters of ``model`` stored at ``bits`` bits (packed, no metadata)."""
+    """Bytes of all parameters of ``model`` stored at ``bits`` bits each (a storage width, 1 to
+    64: the default 32 is float32), packed, no metadata."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     return tensor_bytes(sum(p.numel() for p in model.parameters()), bits)

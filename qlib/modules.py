@@ -43,6 +43,9 @@ class QuantConfig:
     ``*_observer`` names a ``qlib.observers.make_observer`` observer ("minmax",
     "moving_average", "percentile", "mse", "entropy"); ``*_observer_kwargs`` are passed on.
     Make variants with ``dataclasses.replace(config, weight_bits=4)``.
+    ``weight_signed``/``act_signed`` are explicit booleans, not ``None`` (``qparams.resolve_signed``):
+    with ``act_symmetric=True`` the ``None`` rule would switch activations to signed codes, and at
+    4 bits the unsigned symmetric grid (zero point 7: codes -7..8) differs from the signed one (-8..7).
     """
 
     weight_bits: int = 8

@@ -160,7 +160,8 @@ class ObserverBase(nn.Module):
     """Shared interface: ``obs(x)`` records and returns ``x``; ``obs.calculate_qparams()``.
 
     Buffers ``min_val``/``max_val`` (float32, shape ``qparams_shape(x.shape, granularity)``)
-    hold the running min and max; subclasses may clip inside them (``_clip_range``).
+    hold the running min and max; subclasses may clip inside them (``_clip_range``). Casting
+    the model (``.bfloat16()``, ``.double()``) moves them to the device only: they stay float32.
     """
 
     def __init__(self, bits: int = 8, symmetric: bool = False, granularity=PerTensor(),
@@ -217,6 +218,17 @@ class ObserverBase(nn.Module):
         self.min_val = torch.tensor(float("inf"), device=device)
         self.max_val = torch.tensor(float("-inf"), device=device)
         self.num_batches.zero_()
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.cuda()``, ``.bfloat16()``...: the statistics follow the device but keep
+        their dtypes (as ``FakeQuantize``'s frozen qparams do): a ``min_val`` cast to bfloat16
+        and back would lose bits, and observing afterwards would start from the rounded range."""
+        saved = dict(self._buffers)
+        super()._apply(fn, *args, **kwargs)
+        for name, buf in saved.items():
+            if buf is not None:
+                self._buffers[name] = buf.to(self._buffers[name].device)
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name, buf in self._buffers.items():  # buffers take their shape from the data seen

@@ -55,7 +55,8 @@ def calibrate(model: nn.Module, data, max_batches: int | None = None) -> nn.Modu
 
     ``data``: a tensor (one batch), a ``TensorDataset``, a DataLoader, or an iterable of
     tensors or of ``(x, y)`` batches; only ``x`` is used, moved to the model's device
-    and floating dtype (``qlib.batching.input_batches``). ``max_batches`` stops early. Every quantizer whose
+    and floating dtype (``qlib.batching.input_batches``); a batch holding NaN or infinity
+    raises ValueError naming it. ``max_batches`` stops early. Every quantizer whose
     ``observe`` switch is on records; the run is in eval mode under ``torch.no_grad`` with a
     progress bar (hidden when the output is not a terminal), and the model's modes are
     restored afterwards, also when an exception is raised. When it returns, the calibration is
@@ -77,17 +78,16 @@ def calibrate(model: nn.Module, data, max_batches: int | None = None) -> nn.Modu
     total = min(len(data), max_batches or len(data)) if hasattr(data, "__len__") else max_batches
     if isinstance(data, torch.Tensor):
         total = 1
-    batches = itertools.islice(input_batches(data, device=model_device(model), dtype=model_dtype(model)),
-                               max_batches)
+    # finite=True: a batch with NaN or infinity stops the run, named by its index, before the
+    # observers record it
+    batches = itertools.islice(input_batches(data, device=model_device(model), dtype=model_dtype(model),
+                                             finite=True), max_batches)
     seen = 0
     for fq in observing:
         fq.calibrating = True
     try:
         with eval_mode(model), torch.no_grad():
             for x in tqdm(batches, total=total, desc="calibrate", disable=None, leave=False):
-                if x.is_floating_point() and not torch.isfinite(x).all():
-                    raise ValueError(f"calibration batch {seen} contains NaN or infinite values: "
-                                     "the observers would record them")
                 model(x)
                 seen += 1
     finally:
@@ -148,12 +148,3 @@ def _fake_quant_layers(model: nn.Module) -> list[nn.Module]:
     """The fake-quant layers (``QuantLinear``/``QuantConv2d``) of ``model``."""
     return [m for m in model.modules() if isinstance(getattr(m, "weight_fq", None), FakeQuantize)]
 
-
-def _batches(data):
-    """Deprecated (``qlib.engines`` still imports it): use ``qlib.batching.input_batches``."""
-    return input_batches(data)
-
-
-def _inputs(batch) -> torch.Tensor:
-    """Deprecated companion of ``_batches``: its items are already inputs."""
-    return batch

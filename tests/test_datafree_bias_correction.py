@@ -110,6 +110,21 @@ def test_stats_follow_the_model_and_match_measured_means():
     assert set(expected_inputs(cnn, bn_preactivation_stats(cnn))) == {"3", "12"}
 
 
+@pytest.mark.parametrize("name, layers", [("mlp", ["4", "7"]), ("cnn8", ["12", "3"]), ("cnn16", ["12", "3"]),
+                                          ("res16", ["3.conv2", "4.conv2", "5.conv2"])])
+def test_expected_inputs_on_the_zoo_use_the_traced_pairs(name, layers):
+    # mlp/cnn: the layers the former nn.Sequential scan found; res16: conv2 inside each residual
+    # block (relu(bn1(conv1(x))) reaches nothing else), which that scan could not see
+    model = randomize_bn(create(name, seed=0))
+    stats = bn_preactivation_stats(model)
+    ex = expected_inputs(model, stats)
+    assert sorted(ex) == layers
+    assert sorted(expected_inputs(fold_batchnorm(model), stats)) == layers
+    if name == "res16":
+        mean, std = stats["3.conv1"]
+        torch.testing.assert_close(ex["3.conv2"], clipped_normal_mean(mean, std))
+
+
 def test_empirical_means_agree_with_analytic_for_gaussian_preactivations():
     """Identity layer + BN with running stats (0, 1): the BN output is exactly N(beta, gamma^2)."""
     model = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).eval()

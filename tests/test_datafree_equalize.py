@@ -63,6 +63,38 @@ def test_find_pairs_and_bn_must_be_folded():
     assert find_equalization_pairs(m) == []
 
 
+ZOO_PAIRS = {  # recorded from the nn.Sequential scan this module had before qlib.fold.find_layer_pairs
+    "mlp": [("1", "4"), ("4", "7")],
+    "cnn8": [("0", "3"), ("3", "7"), ("7", "12")],
+    "cnn16": [("0", "3"), ("3", "7"), ("7", "12")],
+    # the old scan found none; the traced graph sees conv1 -> relu1 -> conv2 inside each block
+    # (the stem conv and conv2 feed a residual add as well: never rescaled)
+    "res16": [("3.conv1", "3.conv2"), ("4.conv1", "4.conv2"), ("5.conv1", "5.conv2")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_PAIRS))
+def test_zoo_pairs_come_from_fold_find_layer_pairs(name):
+    from qlib.fold import fold_batchnorm
+    model = create(name, seed=0)
+    with pytest.raises(ValueError, match="fold BatchNorm"):
+        find_equalization_pairs(model)
+    assert find_equalization_pairs(fold_batchnorm(model)) == ZOO_PAIRS[name]
+
+
+def test_residual_blocks_equalize_inside_and_keep_the_function():
+    model = randomize_bn(create("res16", seed=0))
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    equal, scales = cross_layer_equalize(model)
+    assert sorted(scales) == ["3.conv1", "4.conv1", "5.conv1"]
+    with torch.no_grad():
+        torch.testing.assert_close(equal(x), model(x), rtol=1e-4, atol=1e-4)
+    for n1, n2 in ZOO_PAIRS["res16"]:
+        r1 = channel_ranges(equal.get_submodule(n1).weight, 0)
+        r2 = channel_ranges(equal.get_submodule(n2).weight, 1)
+        torch.testing.assert_close(r1, r2, rtol=1e-3, atol=0)
+
+
 @pytest.mark.parametrize("name", ["cnn8", "mlp"])
 def test_equalization_keeps_fp32_function_and_balances_ranges(name):
     model = randomize_bn(create(name, seed=1), seed=1)
@@ -113,8 +145,6 @@ def test_per_tensor_quantization_collapses_then_recovers(digits8):
 def test_clear_errors():
     with pytest.raises(ValueError, match="no consecutive"):
         cross_layer_equalize(nn.Sequential(nn.Linear(3, 3)))
-    with pytest.raises(ValueError, match="no consecutive"):  # residual blocks are not handled
-        cross_layer_equalize(create("res16", seed=0))
     with pytest.raises(ValueError, match="spread"):
         unbalance(create("mlp", seed=0), spread=0.5)
     with pytest.raises(ValueError, match="iterations"):

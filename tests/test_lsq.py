@@ -19,7 +19,7 @@ import torch
 
 from qlib.lsq import LSQFakeQuantize, lsq_fake_quantize, lsq_grad_factor, lsq_gradients, lsq_init_scale
 from qlib.observers import make_observer
-from qlib.qparams import PerChannel, PerGroup, PerTensor, quant_range
+from qlib.qparams import PerChannel, PerGroup, PerTensor, quant_range, resolve_signed
 from qlib.quantize import fake_quantize
 
 FMA_BUILD = torch.backends.cpu.get_cpu_capability().startswith("AVX")
@@ -225,7 +225,21 @@ def test_errors():
         LSQFakeQuantize().initialize()
     with pytest.raises(ValueError, match="unknown observer"):
         LSQFakeQuantize(init="nonsense")
-    assert isinstance(PerTensor(), PerTensor)
+    with pytest.raises(TypeError, match="PerTensor"):  # only per-tensor or per-channel scales are learned
+        LSQFakeQuantize(granularity=PerGroup(4))
+    with pytest.raises(TypeError, match="signed"):      # True, False or None (qparams.resolve_signed)
+        LSQFakeQuantize(signed=1)
+
+
+@pytest.mark.parametrize("symmetric, signed", [(True, None), (False, None), (True, False), (False, True)])
+def test_signed_follows_the_one_rule_of_qparams(symmetric, signed):
+    # reference: qlib.qparams.resolve_signed / quant_range (None: signed iff symmetric), which the
+    # observers use too
+    fq = LSQFakeQuantize(bits=4, symmetric=symmetric, signed=signed)
+    want = resolve_signed(signed, symmetric)
+    assert fq.signed is want
+    assert (fq.quant_min, fq.quant_max) == quant_range(4, want)
+    assert (fq.observer.quant_min, fq.observer.quant_max) == quant_range(4, want)
 
 
 # ----------------------------------------------------------------- gradient scale and dtypes

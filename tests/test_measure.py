@@ -23,6 +23,20 @@ def test_tensor_bytes():
         measure.tensor_bytes(10, 0)
 
 
+@pytest.mark.parametrize("bits", [1, 16, 32, 64])
+def test_sizes_take_storage_widths_beyond_the_code_widths(bits):
+    # reference: a storage width is any 1..64 bits per number (float32 is 32); qparams.check_bits
+    # (code widths, 2..16) would reject 1, 32 and 64
+    assert measure.tensor_bytes(8, bits) == bits
+    assert measure.check_storage_bits(bits) == bits
+
+
+@pytest.mark.parametrize("bits", [0, 65, 8.0, True])
+def test_storage_width_errors_say_what_is_expected(bits):
+    with pytest.raises(ValueError, match="storage width .* between 1 and 64"):
+        measure.tensor_bytes(8, bits)
+
+
 def test_model_size_matches_parameters_and_state_dict():
     model = models.create("cnn8")
     n = models.count_parameters(model)

@@ -192,6 +192,30 @@ def test_state_dict_round_trip(name, granularity):
     assert torch.equal(fresh.calculate_qparams()[0], obs.calculate_qparams()[0])
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16, torch.float64])
+def test_dtype_casts_keep_the_statistics_exact(name, cast):
+    # reference: an observer that never left float32 (the statistics are float32 by contract);
+    # 1 + 2**-12 is not a bfloat16 or float16 number, so a cast and back would move the range
+    kw = {"bins": 32} if name == "entropy" else {}
+    g = torch.Generator().manual_seed(7)
+    first = torch.randn(64, generator=g) * 3 + (1 + 2**-12)
+    first[0] = 1 + 2**-12 + 20.0
+    later = torch.randn(64, generator=g)
+    cast_obs, reference = make_observer(name, **kw), make_observer(name, **kw)
+    cast_obs(first)
+    reference(first)
+    cast_obs.to(cast)
+    for buf_name, buf in reference.named_buffers():
+        kept = dict(cast_obs.named_buffers())[buf_name]
+        assert kept.dtype == buf.dtype, buf_name
+        assert torch.equal(kept, buf), buf_name
+    cast_obs(later.to(cast))  # observing resumes from the exact range
+    reference(later.to(cast))
+    for a, b in zip(cast_obs.calculate_qparams(), reference.calculate_qparams()):
+        assert torch.equal(a, b)
+
+
 def test_reset():
     obs = PercentileObserver()
     obs(torch.randn(10))

@@ -113,6 +113,22 @@ def test_calibrate_errors():
         calibrate(create("mlp", seed=None), [torch.randn(2, 1, 8, 8)])
 
 
+def test_calibrate_rejects_a_nan_batch_by_its_index_before_observing_it():
+    # reference: qlib.batching.input_batches(..., finite=True), the one NaN check of the loops
+    import qlib.ptq as ptq
+    g = torch.Generator().manual_seed(0)
+    good = torch.randn(4, 1, 8, 8, generator=g)
+    bad = good.clone()
+    bad[2, 0, 3, 3] = float("inf")
+    prepared = prepare(create("mlp", seed=0))
+    with pytest.raises(ValueError, match="batch 1 .*NaN or infinite"):
+        calibrate(prepared, [(good, torch.zeros(4)), (bad, torch.zeros(4))])
+    fqs = fake_quantizers(prepared).values()
+    assert all(int(fq.observed_batches) == 1 for fq in fqs if fq.observe)  # the first batch only
+    assert all(torch.isfinite(fq.observer.max_val).all() for fq in fqs if int(fq.observed_batches))
+    assert not hasattr(ptq, "_batches") and not hasattr(ptq, "_inputs")  # one batching helper
+
+
 def test_convert_needs_calibration_and_returns_a_copy():
     prepared = prepare(create("cnn8", seed=None))
     with pytest.raises(ValueError, match="calibrate"):

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..batching import eval_mode, input_batches, model_device, model_dtype
-from ..fold import BATCHNORMS, find_layer_bn_pairs
+from ..fold import BATCHNORMS, find_layer_bn_pairs, find_layer_pairs
 from .equalize import LAYERS
 from .synthetic import bn_layers
 
@@ -87,36 +87,30 @@ def scale_stats(stats: dict, scales: dict[str, torch.Tensor]) -> dict:
 def expected_inputs(model: nn.Module, stats: dict) -> dict[str, torch.Tensor]:
     """``{layer2: E[x]}`` for layers whose input is ``relu`` of a layer with known ``stats``
     (its BatchNorm in between, or folded away), through mean-preserving modules only
-    (``nn.Sequential`` neighbours; max-pool: skipped).
+    (max-pool: skipped).
+
+    The pairs are ``qlib.fold.find_layer_pairs(model, first=LAYERS, second=LAYERS,
+    through=BATCHNORMS + (nn.ReLU,) + MEAN_PRESERVING)`` (the traced data flow: layer 1's
+    output reaches nothing else), keeping those with exactly one ReLU on the way and no
+    BatchNorm after it.
 
     ``E[x]`` has one value per input channel of ``layer2``, shape ``(C_in,)`` (a linear
     layer after ``Flatten`` gets each channel's value repeated over its block).
     """
     out = {}
-    for prefix, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
+    pairs = find_layer_pairs(model, first=LAYERS, second=LAYERS,
+                             through=BATCHNORMS + (nn.ReLU,) + MEAN_PRESERVING)
+    for first, second, between in pairs:
+        kinds = [type(model.get_submodule(n)) for n in between]
+        if first not in stats or type(model.get_submodule(second)) not in LAYERS:
             continue
-        children = list(seq.named_children())
-        dot = f"{prefix}." if prefix else ""
-        for i, (n1, _) in enumerate(children):
-            if dot + n1 not in stats:
-                continue
-            relus = 0
-            for n2, m2 in children[i + 1:]:
-                if type(m2) is nn.ReLU:
-                    relus += 1
-                elif isinstance(m2, BATCHNORMS) and relus == 0:
-                    continue  # unfolded: the stats describe this BatchNorm's output
-                elif type(m2) in LAYERS:
-                    if relus == 1:
-                        mean, std = stats[dot + n1]
-                        ex = clipped_normal_mean(mean, std)
-                        fan = _in_features(m2)
-                        if fan % len(ex) == 0:
-                            out[dot + n2] = ex.repeat_interleave(fan // len(ex))
-                    break
-                elif not isinstance(m2, MEAN_PRESERVING):
-                    break
+        if kinds.count(nn.ReLU) != 1 or any(issubclass(k, BATCHNORMS) for k in kinds[kinds.index(nn.ReLU):]):
+            continue  # E[x] is the clipped-normal mean only right after one ReLU of the BN output
+        mean, std = stats[first]
+        ex = clipped_normal_mean(mean, std)
+        fan = _in_features(model.get_submodule(second))
+        if fan % len(ex) == 0:
+            out[second] = ex.repeat_interleave(fan // len(ex))
     return out
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..batching import check_seed
-from ..fold import BATCHNORMS, fold_batchnorm
+from ..fold import BATCHNORMS, find_layer_pairs, fold_batchnorm
 
 __all__ = ["POSITIVE_HOMOGENEOUS", "channel_ranges", "equalization_scales", "find_equalization_pairs",
            "equalize_pair", "rescale_pair", "pair_precision", "cross_layer_equalize", "unbalance"]
@@ -72,32 +72,23 @@ def equalization_scales(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
 
 
 def find_equalization_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(layer1, layer2)`` names of consecutive ``Conv2d``/``Linear`` layers in an
-    ``nn.Sequential`` with only positive-homogeneous modules between them.
+    """``(layer1, layer2)`` names of ``Conv2d``/``Linear`` layers where layer 1's output flows
+    only into layer 2, through positive-homogeneous modules only.
 
-    Grouped convolutions and residual blocks are skipped (their channels are shared).
-    Raises ValueError when a BatchNorm sits between two layers: fold it first.
+    The pairs are ``qlib.fold.find_layer_pairs(model, first=LAYERS, second=LAYERS,
+    through=POSITIVE_HOMOGENEOUS)`` (the real data flow, traced with ``torch.fx``; an output
+    with a second consumer, such as a residual branch, is never rescaled), keeping those where
+    both layers are exactly ``Conv2d``/``Linear`` with ``groups == 1`` (grouped convolutions
+    share channels). Raises ValueError when a BatchNorm follows a layer: fold it first.
     """
-    pairs = []
-    for prefix, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        children = list(seq.named_children())
-        for i, (n1, m1) in enumerate(children):
-            if type(m1) not in LAYERS or getattr(m1, "groups", 1) != 1:
-                continue
-            for n2, m2 in children[i + 1:]:
-                if isinstance(m2, BATCHNORMS):
-                    raise ValueError(f"BatchNorm {prefix + '.' if prefix else ''}{n2} follows a layer: fold "
-                                     "BatchNorm before equalizing (qlib.fold.fold_batchnorm)")
-                if type(m2) in LAYERS:
-                    if getattr(m2, "groups", 1) == 1:
-                        dot = f"{prefix}." if prefix else ""
-                        pairs.append((dot + n1, dot + n2))
-                    break
-                if not isinstance(m2, POSITIVE_HOMOGENEOUS):
-                    break
-    return pairs
+    bns = find_layer_pairs(model, first=LAYERS, second=BATCHNORMS, through=POSITIVE_HOMOGENEOUS)
+    if bns:
+        raise ValueError(f"BatchNorm {bns[0].second} follows a layer: fold "
+                         "BatchNorm before equalizing (qlib.fold.fold_batchnorm)")
+    plain = lambda m: type(m) in LAYERS and getattr(m, "groups", 1) == 1  # noqa: E731
+    return [(p.first, p.second)
+            for p in find_layer_pairs(model, first=LAYERS, second=LAYERS, through=POSITIVE_HOMOGENEOUS)
+            if plain(model.get_submodule(p.first)) and plain(model.get_submodule(p.second))]
 
 
 def _in_view(layer2: nn.Module, channels: int) -> tuple[int, ...]:

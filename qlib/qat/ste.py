@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..modules import FakeQuantize
-from ..qparams import check_tensor, choose_qparams, minmax
+from ..qparams import check_tensor, minmax_qparams
 from ..quantize import fake_quantize
 
 __all__ = ["ste_staircase", "TrackingWeightFakeQuantize"]
@@ -53,9 +53,10 @@ class TrackingWeightFakeQuantize(FakeQuantize):
         self.register_buffer("clip_ratio", torch.ones(()))
 
     def minmax_qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The plain min-max ``(scale, zero_point)`` of ``w`` with this quantizer's range."""
-        min_val, max_val = minmax(w.detach(), self.granularity)
-        return choose_qparams(min_val, max_val, self.quant_min, self.quant_max, self.observer.symmetric)
+        """The plain min-max ``(scale, zero_point)`` of ``w`` with this quantizer's range
+        (``qlib.qparams.minmax_qparams``)."""
+        return minmax_qparams(w.detach(), self.quant_min, self.quant_max, self.observer.symmetric,
+                              self.granularity)
 
     @torch.no_grad()
     def refresh(self, weight: torch.Tensor) -> None:
