@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from .observers import make_observer
-from .qparams import PerChannel, PerTensor, check_quant_range, check_tensor, quant_range, resolve_signed, to_rows
+from .qparams import (PerChannel, PerTensor, affine_zero_point, check_quant_range, check_tensor, quant_range,
+                      resolve_signed, to_rows)
 from .quantize import fake_quantize
 
 __all__ = ["lsq_grad_factor", "lsq_init_scale", "lsq_gradients", "LearnableFakeQuantizeFn",
@@ -216,7 +217,7 @@ class LSQFakeQuantize(nn.Module):
             scale = (2.0 * self.abs_sum / int(self.count) / math.sqrt(self.quant_max)).clamp_min(EPS)
             if not self.symmetric:  # start the range at the data's minimum, as far as the codes reach
                 min_neg = self.observer.min_val.clamp(max=0)
-                zero_point = (self.quant_min - torch.round(min_neg / scale)).clamp(self.quant_min, self.quant_max)
+                zero_point = affine_zero_point(min_neg, scale, self.quant_min, self.quant_max)
         self.scale.data = scale.to(torch.float32).clone()
         self.zero_point.data = zero_point.to(torch.float32).clone()
         self.initialized.fill_(True)

@@ -303,9 +303,18 @@ def choose_qparams(min_val, max_val, quant_min: int, quant_max: int, symmetric: 
         zero_point = torch.full_like(scale, _symmetric_zero_point(quant_min, quant_max), dtype=torch.int64)
     else:
         scale = torch.maximum((max_pos - min_neg) / float(quant_max - quant_min), eps_t)
-        zero_point = quant_min - torch.round(min_neg / scale).to(torch.int64)
-        zero_point = torch.clamp(zero_point, quant_min, quant_max)
+        zero_point = affine_zero_point(min_neg, scale, quant_min, quant_max)
     return scale, zero_point
+
+
+def affine_zero_point(min_neg: torch.Tensor, scale: torch.Tensor, quant_min: int, quant_max: int) -> torch.Tensor:
+    """``clamp(quant_min - round(min_neg / scale), quant_min, quant_max)`` as int64.
+
+    The code that ``min_neg`` (the range's minimum, at most 0) maps to is ``quant_min``; the
+    zero point is where real 0.0 lands. ``round`` is half to even, as in PyTorch's observers.
+    """
+    zero_point = quant_min - torch.round(min_neg / scale).to(torch.int64)
+    return torch.clamp(zero_point, quant_min, quant_max)
 
 
 def choose_qparams_symmetric_qmax(min_val, max_val, quant_max: int,

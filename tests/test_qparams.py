@@ -322,3 +322,16 @@ def test_rows_to_qparams_checks_the_length():
     assert rows_to_qparams(torch.arange(8.0), x.shape, PerGroup(3)).shape == (4, 2)
     with pytest.raises(ValueError, match="expected a tensor of 8 values"):
         rows_to_qparams(torch.arange(6.0), x.shape, PerGroup(3))
+
+
+def test_affine_zero_point_is_the_one_formula_choose_qparams_uses():
+    """Reference: ``clamp(qmin - round_half_even(min_neg / scale), qmin, qmax)`` (DESIGN numerics)."""
+    from qlib.qparams import affine_zero_point
+
+    g = torch.Generator().manual_seed(11)
+    min_val = -torch.rand(50, generator=g) * 3
+    max_val = torch.rand(50, generator=g) * 3
+    scale, zp = choose_qparams(min_val, max_val, 0, 255)
+    assert torch.equal(affine_zero_point(min_val, scale, 0, 255), zp)
+    # an exact tie rounds to even: min_neg / scale = -2.5 -> round -2 -> zero point 2
+    assert affine_zero_point(torch.tensor([-2.5]), torch.tensor([1.0]), 0, 255).item() == 2
