@@ -97,7 +97,7 @@ def test_sqnr_is_noise_over_signal_of_the_layer_output():
     w = model[0].weight
     with torch.no_grad():
         y = model[0](x)
-    yq = F.conv2d(x, quantize_weight(w, 2), model[0].bias, padding=1)
+        yq = F.conv2d(x, quantize_weight(w, 2), model[0].bias, padding=1)
     assert sq["0"][2] == pytest.approx(float((y - yq).pow(2).sum() / y.pow(2).sum()), rel=1e-4)
     assert sq["0"][2] > sq["0"][8] and sq["3"][2] > sq["3"][8]
 
