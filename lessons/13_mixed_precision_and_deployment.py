@@ -119,8 +119,9 @@ print("ranking by HAWQ:", ranking(at3["HAWQ"]), "| by one at a time:", ranking(a
 # %% [markdown]
 # HAWQ and the direct measurement usually agree (the Hessian knows about the loss), while the
 # SQNR of a layer's own output does not know how much the *rest* of the network amplifies
-# that noise: it is the cheapest and the least faithful. With four layers a Spearman of 0.4
-# means one pair swapped; read the benchmark's numbers on more seeds and on `res16` below.
+# that noise: it is the cheapest and the least faithful. With only four layers a single
+# swapped pair already lowers Spearman's rho a lot; the benchmark below gives the numbers on
+# three seeds and on `res16`, whose residual blocks have more layers.
 #
 # ## 2. Bit allocation as an integer linear program
 #
@@ -234,6 +235,12 @@ else:
     np.atleast_1d(axes)[0].set_ylabel("test accuracy (%)")
     np.atleast_1d(axes)[0].legend(fontsize=7)
     plt.show()
+    for name, res in bench["pareto"].items():
+        for key in res["spearman_at_3_bits"][0]:
+            rhos = [r[key] for r in res["spearman_at_3_bits"]]
+            print(f"{name}: Spearman {key:24s} mean {np.mean(rhos):+.2f} (seeds: {', '.join(f'{r:+.2f}' for r in rhos)})")
+        cost = {k: np.mean([c[k] for c in res["sensitivity_cost_s"]]) for k in res["sensitivity_cost_s"][0]}
+        print(f"{name}: seconds per sensitivity measure:", {k: round(v, 1) for k, v in cost.items()})
     for name, t in bench["targets"].items():
         for key, v in t.items():
             print(f"{name}: {key}: {'met' if v['met'] else 'MISSED'}")
@@ -327,10 +334,11 @@ if bench is not None:
 
 # %% [markdown]
 # qlib's integer model is the slowest by far: it is readable tensor code, built to be
-# checked, not to be fast. The engines run the same integers in optimized kernels. Note
-# where ONNX Runtime's own QDQ model is faster than qlib's export: it puts Q/DQ pairs after
-# every operation, so the runtime can fuse whole `Conv-Relu` blocks into integer kernels,
-# while qlib's graph quantizes only at layer inputs and leaves the rest in float.
+# checked, not to be fast. The engines run the same integers in optimized kernels. Compare
+# ONNX Runtime's own QDQ model with qlib's export: ONNX Runtime puts Q/DQ pairs after every
+# operation, so the runtime can fuse whole `Conv-Relu` blocks into integer kernels, while
+# qlib's graph quantizes only at layer inputs, as qlib's integer model does, and leaves the
+# convolution outputs in float: the same numbers, fewer fusions.
 #
 # ## Summary
 # - Layers differ in **sensitivity**. Quantizing one layer at a time measures it directly;
