@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .observers import ObserverBase, _check_int
+from .observers import ObserverBase
+from .qparams import _check_int
 
 __all__ = ["kl_threshold_bins", "EntropyObserver"]
 

@@ -40,7 +40,7 @@ import math
 
 import torch
 
-from .granularity import (PerAxis, PerChannel, PerGroup, PerTensor, _axis, _check_int,  # noqa: F401
+from .granularity import (PerAxis, PerChannel, PerGroup, PerTensor, _check_int,  # noqa: F401
                           check_granularity, qparams_shape, rows_to_qparams, to_rows)
 
 __all__ = [
