@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ..batching import iter_batches, model_device
+from ..batching import input_batches, iter_batches, model_device
 from ..datafree import synthesize_bn
 from ..modules import QuantConfig
 from ..ptq import quantize_static
@@ -117,8 +117,9 @@ def quantize_head(model: nn.Sequential, calibration, bits: int) -> nn.Sequential
     The head is calibrated on the backbone's features of the ``calibration`` images.
     """
     backbone, head = model[0], model[1]
+    device = model_device(backbone)
     with torch.no_grad():
-        feats = [backbone(x) for x in calibration]
+        feats = [backbone(x) for x in input_batches(calibration, device=device)]
     qhead = quantize_static(nn.Sequential(head), feats, ptq_config(bits))
     return nn.Sequential(copy.deepcopy(backbone), qhead).eval()
 
