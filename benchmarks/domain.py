@@ -231,8 +231,8 @@ def run(fast: bool, log=print) -> dict:
     return result
 
 
-def acc(s: dict, width: int = 21) -> str:
-    return f"{s['mean']:6.1f} [{s['min']:.1f}, {s['max']:.1f}]".rjust(width)
+def acc(s: dict, width: int = 21, digits: int = 1) -> str:
+    return f"{s['mean']:6.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]".rjust(width)
 
 
 def table(result: dict) -> str:
@@ -258,9 +258,10 @@ def table(result: dict) -> str:
     lines += ["", "4. generalization: cnn8 trained from scratch (fp32 vs QAT)"]
     for n, tab in result["generalization"].items():
         keys = list(next(iter(tab.values())))
-        lines.append(f"  {n} training digits" + "".join(f"{v:>22s}" for v in tab))
+        lines.append(f"  {n} training digits" + "".join(f"{v:>24s}" for v in tab))
         for k in keys:
-            lines.append(f"    {k:28s}" + "".join(acc(tab[v][k], 22) for v in tab))
+            digits = 3 if k.startswith("sharpness") else 2 if k.startswith("loss") else 1
+            lines.append(f"    {k:28s}" + "".join(acc(tab[v][k], 24, digits) for v in tab))
     lines += ["", "5. transfer handwritten -> printed (cnn16)"]
     for k, s in result["transfer"].items():
         lines.append(f"  {k:48s}{acc(s)}")
