@@ -32,7 +32,7 @@ def test_gap_and_corruption_accuracy(digits8):
     assert rob < gap["test"]
 
 
-def test_sharpness_is_seeded_and_larger_for_a_sharper_model(small):
+def test_sharpness_is_seeded_grows_with_sigma_and_equals_one_draw_by_hand(small):
     model = models.pretrained("cnn8", 0)
     a = G.sharpness(model, small, sigma=0.1, samples=2, seed=1)
     assert a == G.sharpness(model, small, sigma=0.1, samples=2, seed=1)

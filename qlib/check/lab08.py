@@ -12,8 +12,9 @@ References:
 - Q3 ``compare_calibration(model, sources, test_set, bits)``: ``qlib.domain.evaluate.quantize``
   and ``qlib.train.evaluate`` for every source.
 
-Checks run on small random models with fresh random BatchNorm statistics and inputs; the
-visible checks use fixed seeds, the hidden ones fresh randomness.
+Q1 and Q2 run on small random models with fresh random BatchNorm statistics and inputs;
+Q3 on the shipped ``cnn8`` and subsets of the test digits (W4A4 and W8A8 differ there, so a
+wrong bit width is caught). Visible checks use fixed seeds, hidden ones fresh randomness.
 """
 
 from __future__ import annotations
@@ -177,34 +178,34 @@ def _check_compare(fn, model: nn.Module, sources: dict, test_set, bits: int, wha
                                       f"and measure with qlib.train.evaluate)", rtol=0, atol=1e-6)
 
 
-def _labelled(g: torch.Generator, model: nn.Module, n: int = 96, shift: float = 0.0):
-    x = torch.randn(n, 1, 8, 8, generator=g) + shift
-    with torch.no_grad():
-        y = model(x).argmax(1)  # the float model's own labels: a task it solves perfectly
-    return torch.utils.data.TensorDataset(x, y)
+def _digits_case(seed: int, idx: torch.Tensor):
+    """``cnn8`` (a shipped seed) and a subset of the 8x8 test digits, with two calibration sources."""
+    from .. import data, models
+
+    digits = data.load_digits(8)
+    x, y = digits.test.tensors
+    test = torch.utils.data.TensorDataset(x[idx], y[idx])
+    g = torch.Generator().manual_seed(seed)
+    train_x = digits.train.tensors[0]
+    sources = {"handwritten": [train_x[torch.randperm(len(train_x), generator=g)[:64]]],
+               "noise": [torch.randn(64, 1, 8, 8, generator=g)]}
+    return models.pretrained("cnn8", seed), test, sources
 
 
 def compare_calibration(fn) -> None:
-    """Q3 visible: a small CNN, its own labels on shifted inputs, three sources, W4A4."""
+    """Q3 visible: ``cnn8`` seed 0 on 120 test digits, two sources, W4A4 and W8A8."""
     def body():
-        g = torch.Generator().manual_seed(11)
-        model = small_model(seed=2)
-        test = _labelled(g, model, shift=1.0)
-        sources = {"source": [torch.randn(64, 1, 8, 8, generator=g)],
-                   "target": [test.tensors[0][:48]],
-                   "noise": [torch.rand(64, 1, 8, 8, generator=g) * 6 - 3]}
-        _check_compare(fn, model, sources, test, 4, "small CNN, W4A4")
-    run("compare_calibration: small CNN", body)
+        model, test, sources = _digits_case(0, torch.arange(120))
+        for bits in (4, 8):
+            _check_compare(fn, model, sources, test, bits, f"cnn8, W{bits}A{bits}")
+    run("compare_calibration: cnn8 on digits", body)
 
 
 def compare_calibration_hidden(fn) -> None:
-    """Q3 hidden: fresh model, data and source names, W8A8 and W4A4."""
+    """Q3 hidden: another shipped seed, a fresh random subset of test digits, renamed sources, W4A4."""
     def body():
-        g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
-        model = small_model()
-        test = _labelled(g, model, shift=-0.7)
-        sources = {"a": [torch.randn(32, 1, 8, 8, generator=g), torch.randn(32, 1, 8, 8, generator=g)],
-                   "b": [test.tensors[0][:40] * 1.5]}
-        for bits in (8, 4):
-            _check_compare(fn, model, sources, test, bits, f"random CNN, W{bits}A{bits}")
-    run("compare_calibration: random models", body)
+        seed = int(torch.randint(0, 3, (1,)))
+        model, test, sources = _digits_case(seed, torch.randperm(360)[:150])
+        sources = {f"set {i}": b for i, b in enumerate(sources.values())}
+        _check_compare(fn, model, sources, test, 4, f"cnn8 seed {seed}, W4A4")
+    run("compare_calibration: cnn8, random digits", body)
