@@ -36,10 +36,11 @@ if "google.colab" in sys.modules:
 # %%
 import torch
 import matplotlib.pyplot as plt
-import ipywidgets as widgets
+import ipywidgets as ipw
 
 import qlib
 from qlib import data, measure, models, runtime
+from qlib.widgets import interact  # ipywidgets.interact, drawn without an Output widget
 
 print("qlib", qlib.__version__, "| torch", torch.__version__, "| fast mode:", runtime.fast())
 
@@ -106,7 +107,7 @@ def show_size(bits=8):
     q = measure.model_size_bytes(model, bits)
     print(f"{bits:2d} bits: {q} bytes, {fp32 / q:.1f}x smaller than float32")
 
-widgets.interact(show_size, bits=widgets.IntSlider(value=8, min=2, max=32, step=1));
+interact(show_size, bits=ipw.IntSlider(value=8, min=2, max=32, step=1))
 
 # %% [markdown]
 # ## 4. Speed and energy

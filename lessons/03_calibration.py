@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qlib import data, models, runtime, viz
+from qlib.widgets import interact  # ipywidgets.interact, drawn without an Output widget
 from qlib.fold import fold_batchnorm
 from qlib.modules import QuantConfig, quant_layers
 from qlib.observers import make_observer
@@ -356,9 +357,9 @@ def show_observer(layer="7", observer="minmax", bits=4):
           f"(rounding {e['rounding']:.3g} + clipping {e['clipping']:.3g}), SQNR {sqnr_db(x, e['mse']):.1f} dB")
 
 
-ipw.interact(show_observer, layer=ipw.Dropdown(options=list(layers), value="7"),
-             observer=ipw.Dropdown(options=OBSERVERS, value="minmax"),
-             bits=ipw.IntSlider(value=4, min=2, max=8));
+interact(show_observer, layer=ipw.Dropdown(options=list(layers), value="7"),
+         observer=ipw.Dropdown(options=OBSERVERS, value="minmax"),
+         bits=ipw.IntSlider(value=4, min=2, max=8))
 
 # %% [markdown]
 # ## Summary
