@@ -210,6 +210,8 @@ for bits in (8, 4):
         print(f"  {obs:15s} range [{lo:6.3f}, {hi:6.3f}]  clipped {100 * e['clipped']:6.3f}%  "
               f"MSE {e['mse']:.3g} = rounding {e['rounding']:.3g} + clipping {e['clipping']:.3g}  "
               f"SQNR {sqnr_db(x7, e['mse']):5.1f} dB")
+        if obs == "minmax":  # section 2's claim: min-max never clips its calibration data
+            assert e["clipped"] == 0 and e["clipping"] == 0
 
 # %% [markdown]
 # Where do these ranges sit on the error curve? Sweep the upper end of the range from a
