@@ -17,9 +17,12 @@ poll on the zmq socket that wakes on the socket's file descriptor. The same clie
 that socket while it waits: its stand-in for the browser's Output widget
 (``nbclient.output_widget.OutputWidget.sync_state``) sends a ``comm_msg`` to the kernel for
 every output an Output widget captures (``ipywidgets.interact`` captures its function's
-output in one). zmq's descriptor is edge-triggered: a send may consume the edge that announced
-the reply, and the poll then sleeps with the reply sitting unread in the socket, forever when
-the timeout is ``None`` (nbconvert's default). :class:`NeverHangs` makes every wait on the
+output in one). The upstream report (nbclient#312 and its pull request #311) traces the hang
+to this send-while-waiting. Our reading of the mechanism: zmq's descriptor is edge-triggered,
+so a send can swallow the wake-up that announced the reply, and the poll then sleeps with the
+reply unread in the socket, forever when the timeout is ``None`` (nbconvert's default). The race is rare (3 hangs in 33 runs of lesson
+00 were reported; none reproduced here in several hundred widget cells), so the defence is
+structural rather than a fix of a reproduced case. :class:`NeverHangs` makes every wait on the
 shell channel a series of short polls (``POLL_SLICE_S``): each new poll first checks the
 socket without waiting, so a missed wake-up costs at most one slice. The lessons' widgets
 also avoid the trigger altogether (:func:`qlib.widgets.interact` draws without an Output
