@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 # nbgrader calls `alembic` as a subprocess: the venv's bin must be on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup lab test test-fast doctor sync release course grade clean-grading
+.PHONY: setup lab test test-fast test-seeds doctor sync release course grade clean-grading
 
 setup: $(STAMP)
 
@@ -39,6 +39,14 @@ test: setup
 # Library tests only (no notebooks, no grading): seconds, for quick iteration.
 test-fast: setup
 	OMP_NUM_THREADS=1 QLIB_FAST=1 QLIB_QUIET=1 $(BIN)/python -m pytest -m "not notebook and not grading" $(PYTEST_ARGS)
+
+# Library tests under several base seeds (tests/conftest.py seeds every test from
+# QLIB_TEST_SEED; the default run uses 0). A failure names its seed, to rerun it alone.
+SEEDS ?= 1 2 3 4 5
+test-seeds: setup
+	@for seed in $(SEEDS); do echo "== QLIB_TEST_SEED=$$seed"; \
+		OMP_NUM_THREADS=1 QLIB_FAST=1 QLIB_QUIET=1 QLIB_TEST_SEED=$$seed $(BIN)/python -m pytest -q \
+		-m "not notebook and not grading" $(PYTEST_ARGS) || exit 1; done
 
 doctor: setup
 	$(BIN)/python -m qlib doctor

@@ -36,10 +36,11 @@ if "google.colab" in sys.modules:
 # %%
 import torch
 import matplotlib.pyplot as plt
-import ipywidgets as widgets
+import ipywidgets as ipw
 
 import qlib
 from qlib import data, measure, models, runtime
+from qlib.widgets import interact  # ipywidgets.interact, drawn without an Output widget
 
 print("qlib", qlib.__version__, "| torch", torch.__version__, "| fast mode:", runtime.fast())
 
@@ -92,6 +93,10 @@ print("\ncnn16 re-evaluated here:", f"{qlib.evaluate(model, digits16.test):.1f}%
 # %%
 for bits, label in [(32, "float32"), (16, "float16"), (8, "int8"), (4, "int4"), (2, "int2")]:
     print(f"{label:8s}: {measure.model_size_bytes(model, bits):8d} bytes")
+# the claim of this lesson's summary: 4x smaller at 8 bits, 8x at 4
+fp32_bytes = measure.model_size_bytes(model, 32)
+assert fp32_bytes / measure.model_size_bytes(model, 8) == 4
+assert abs(fp32_bytes / measure.model_size_bytes(model, 4) - 8) < 0.01
 
 fp16_model = models.pretrained("cnn16").half()
 print("\ntorch.save, float32:", measure.state_dict_bytes(model), "bytes (includes BN buffers and metadata)")
@@ -106,7 +111,7 @@ def show_size(bits=8):
     q = measure.model_size_bytes(model, bits)
     print(f"{bits:2d} bits: {q} bytes, {fp32 / q:.1f}x smaller than float32")
 
-widgets.interact(show_size, bits=widgets.IntSlider(value=8, min=2, max=32, step=1));
+interact(show_size, bits=ipw.IntSlider(value=8, min=2, max=32, step=1))
 
 # %% [markdown]
 # ## 4. Speed and energy
@@ -138,6 +143,7 @@ scale = w.abs().max() / 127
 w_q = torch.clamp(torch.round(w / scale), -128, 127)
 w_dq = w_q * scale
 print("int8 rounding error, max:", (w - w_dq).abs().max().item(), "<= scale/2 =", (scale / 2).item())
+assert (w - w_dq).abs().max() <= scale / 2 * (1 + 1e-6)  # up to float32 rounding of w / scale
 print("float16 cast error, max: ", measure.cast_error(w))
 
 plt.figure(figsize=(6, 3))

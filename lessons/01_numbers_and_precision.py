@@ -316,7 +316,11 @@ for k, cast in CASTS.items():
     accuracy[k] = evaluate(with_weights(model, cast), digits16.test)
 for k, acc in accuracy.items():
     print(f"{k:14s} {acc:5.1f}%  ({acc - accuracy['float32']:+.1f} points)")
-print(f"(one test image = {100 / len(digits16.test):.2f} points)")
+image = 100 / len(digits16.test)
+print(f"(one test image = {image:.2f} points)")
+# what the next paragraph says: 8 bits cost at most two test images, int4 costs more than that
+assert all(abs(accuracy[k] - accuracy["float32"]) <= 2 * image + 1e-9 for k in CASTS if k != "int4")
+assert accuracy["float32"] - accuracy["int4"] > 2 * image
 
 # %% [markdown]
 # Down to 8 bits (floats or int8) the difference is at most a test image or two, which is

@@ -189,11 +189,18 @@ def fake_quant(x, bits, symmetric):
     return fake_quantize(x, scale, zero_point, *quant_range(bits, signed=symmetric))
 
 
+affine_gain = {}
 for name, t in tensors.items():
     print(f"{name:28s} range [{t.min():.3f}, {t.max():.3f}], {t.numel()} values")
     for bits in (8, 4):
         sym, aff = sqnr_db(t, fake_quant(t, bits, True)), sqnr_db(t, fake_quant(t, bits, False))
+        affine_gain[name, bits] = aff - sym
         print(f"    {bits} bits: symmetric {sym:5.1f} dB, affine {aff:5.1f} dB  (affine - symmetric: {aff - sym:+.1f} dB)")
+
+# the next paragraph's claims: alike on weights; on ReLU outputs affine wins one bit, 20 log10(2) dB
+ONE_BIT_DB = 20 * math.log10(2)
+assert all(abs(affine_gain["conv weights (layer 7)", b]) < 1 for b in (8, 4))
+assert all(abs(affine_gain["ReLU activations (layer 5)", b] - ONE_BIT_DB) < 1 for b in (8, 4))
 
 # %% [markdown]
 # On the weights both are alike (they are nearly centred on 0). On ReLU outputs, symmetric
@@ -266,6 +273,11 @@ for bits, r in sweeps.items():
     print(f"{bits} bits: best c = {fractions[best]:.2f} * max|w|, MSE {r['total'][best]:.3g} "
           f"vs {r['total'][-1]:.3g} at c = max|w| ({r['total'][-1] / r['total'][best]:.1f}x lower)")
     print(f"        at c = max|w|: rounding MSE {r['rounding'][-1]:.3g}, scale^2/12 = {r['scale'][-1] ** 2 / 12:.3g}")
+    assert 0.9 < r["rounding"][-1] / (r["scale"][-1] ** 2 / 12) < 1.1  # "about s^2/12"
+
+# the next paragraph's claim: the best range is inside min-max, more so at fewer bits
+best_c = {bits: min(range(len(r["total"])), key=r["total"].__getitem__) for bits, r in sweeps.items()}
+assert best_c[4] < best_c[8] <= len(fractions) - 1 and best_c[4] < len(fractions) - 1
 
 # %% [markdown]
 # The best range is **inside** the min-max range, and more so at fewer bits: at 4 bits the
@@ -362,6 +374,9 @@ weight_bytes = sum(layer.weight.numel() for layer in layers.values()) * bits // 
 for g in sqnr:
     print(f"{g:12s} mean SQNR {sum(sqnr[g]) / len(sqnr[g]):5.1f} dB; scales take {overhead[g]:5d} bytes "
           f"= {100 * overhead[g] / weight_bytes:4.1f}% of the {weight_bytes} bytes of {bits}-bit weights")
+# the next paragraph's claim: finer granularity buys SQNR with storage for the scales
+mean_sqnr = [sum(sqnr[g]) / len(sqnr[g]) for g in sqnr]
+assert mean_sqnr == sorted(mean_sqnr) and list(overhead.values()) == sorted(overhead.values())
 
 # %% [markdown]
 # Finer granularity buys SQNR with storage for the scales (and, in hardware, with kernels
@@ -419,6 +434,18 @@ for g, curve in sqnr_curve.items():
     print(f"{g:12s} SQNR falls by {slope:.2f} dB per bit from 8 to 4 bits; accuracy "
           + ", ".join(f"{b} bits {a:.1f}% [{min(r):.1f}, {max(r):.1f}]"
                       for b, a, r in zip(BITS, acc_curve[g], acc_runs[g]) if b <= 4))
+    assert abs(slope - 10 * math.log10(4)) < 0.5  # "about 6 dB per bit"
+
+# the next paragraph's claims: free down to 6 bits (within two test images of float32 on every
+# seed), and the SQNR ranks the granularities in the same order at every width
+image = 100 / len(digits16.test)
+for g in acc_runs:
+    for b, runs_b in zip(BITS, acc_runs[g]):
+        if b >= 6:
+            assert all(a >= f - 2 * image - 1e-9 for a, f in zip(runs_b, fp32_acc)), (g, b, runs_b)
+for i in range(len(BITS)):
+    column = [sqnr_curve[g][i] for g in sqnr_curve]
+    assert column == sorted(column), (BITS[i], column)
 
 # %% [markdown]
 # Down to 6 bits the weights are free. Below, the SQNR ranks the granularities in the same

@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qlib import data, models, runtime, viz
+from qlib.widgets import interact  # ipywidgets.interact, drawn without an Output widget
 from qlib.fold import fold_batchnorm
 from qlib.modules import QuantConfig, quant_layers
 from qlib.observers import make_observer
@@ -209,6 +210,8 @@ for bits in (8, 4):
         print(f"  {obs:15s} range [{lo:6.3f}, {hi:6.3f}]  clipped {100 * e['clipped']:6.3f}%  "
               f"MSE {e['mse']:.3g} = rounding {e['rounding']:.3g} + clipping {e['clipping']:.3g}  "
               f"SQNR {sqnr_db(x7, e['mse']):5.1f} dB")
+        if obs == "minmax":  # section 2's claim: min-max never clips its calibration data
+            assert e["clipped"] == 0 and e["clipping"] == 0
 
 # %% [markdown]
 # Where do these ranges sit on the error curve? Sweep the upper end of the range from a
@@ -356,9 +359,9 @@ def show_observer(layer="7", observer="minmax", bits=4):
           f"(rounding {e['rounding']:.3g} + clipping {e['clipping']:.3g}), SQNR {sqnr_db(x, e['mse']):.1f} dB")
 
 
-ipw.interact(show_observer, layer=ipw.Dropdown(options=list(layers), value="7"),
-             observer=ipw.Dropdown(options=OBSERVERS, value="minmax"),
-             bits=ipw.IntSlider(value=4, min=2, max=8));
+interact(show_observer, layer=ipw.Dropdown(options=list(layers), value="7"),
+         observer=ipw.Dropdown(options=OBSERVERS, value="minmax"),
+         bits=ipw.IntSlider(value=4, min=2, max=8))
 
 # %% [markdown]
 # ## Summary

@@ -191,6 +191,7 @@ want = quantize(torch.relu(y_fake), s_y, z_y, 0, 255)
 diff = (y_q.int() - want.int()).abs()
 print(f"integer codes vs fake-quant codes: {100 * (diff == 0).float().mean():.2f}% equal, largest difference "
       f"{diff.max().item()} code(s)")
+assert diff.max() <= 1  # the summary's claim: integer inference agrees with fake quantization to within a code
 
 # %% [markdown]
 # The integer layer reproduces the fake-quant layer: codes agree, up to an occasional one-code
@@ -232,8 +233,10 @@ with torch.no_grad():
     for layer in (snapped[i] for i in (0, 3, 7, 12)):
         grid = layer.input_fq.qparams()[0].double() * layer.weight_fq.qparams()[0].double()
         layer.bias.copy_((torch.round(layer.bias.double() / grid) * grid).float())
+snapped_agree, snapped_diff = agreement(snapped, x_agree)
 print("biases on the int32 grid: same prediction on %.1f%% of the digits, max |logit difference| %.3g"
-      % agreement(snapped, x_agree))
+      % (snapped_agree, snapped_diff))
+assert snapped_agree == 100 and snapped_diff < 1e-4  # the next paragraph: they agree to float rounding
 
 # %% [markdown]
 # With the biases on the integer grid, the two models agree to float rounding: the
@@ -296,7 +299,12 @@ for name, r in rows.items():
     agree = f"{r['agree']:9.1f}%" if "agree" in r else f"{'-':>10s}"
     size = f"{r['bytes']:13d}" if "bytes" in r else f"{'-':>13s}"
     print(f"{name:16s} {r['acc']:8.2f}% {agree} {size} {r['file']:11d}")
-print(f"\nfolded fp32 / integer W8A8 tensor bytes: {rows['fp32 (folded)']['bytes'] / rows['qlib W8A8']['bytes']:.2f}x smaller")
+size_ratio = rows["fp32 (folded)"]["bytes"] / rows["qlib W8A8"]["bytes"]
+print(f"\nfolded fp32 / integer W8A8 tensor bytes: {size_ratio:.2f}x smaller")
+# the summary's claim: at 8 bits PTQ is nearly free (within two test digits of fp32) and the
+# model about 4x smaller (less than 4x: scales and int32 biases)
+assert rows["qlib W8A8"]["acc"] >= rows["fp32 (folded)"]["acc"] - 2 * 100 / len(digits.test) - 1e-9
+assert 3 < size_ratio < 4
 print("\nlatency relative to fp32 (lower is faster):")
 for k, v in latency.items():
     print(f"  {k:22s} {v:6.2f}x")

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 import qlib
 from qlib import data, models, runtime
+from qlib.widgets import interact  # ipywidgets.interact, drawn without an Output widget
 from qlib.fold import fold_batchnorm
 from qlib.lsq import lsq_fake_quantize, lsq_gradients
 from qlib.modules import QuantConfig
@@ -383,8 +384,8 @@ def show_lsq(bits=3, scale=0.35):
     plt.show()
 
 
-ipw.interact(show_lsq, bits=ipw.IntSlider(value=3, min=2, max=6),
-             scale=ipw.FloatSlider(value=0.35, min=0.05, max=1.5, step=0.05));
+interact(show_lsq, bits=ipw.IntSlider(value=3, min=2, max=6),
+         scale=ipw.FloatSlider(value=0.35, min=0.05, max=1.5, step=0.05))
 
 # %% [markdown]
 # Now the step sizes of the W2A4 LSQ run, as they moved during training (`history["step_sizes"]`:

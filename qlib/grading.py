@@ -1,19 +1,129 @@
-"""nbgrader helpers for instructors: a submission that kills its kernel is still graded.
+"""Notebook execution for grading and tests: a dead kernel is graded, a widget never hangs.
 
-nbgrader interrupts a cell that runs past ``c.Execute.timeout`` and records an error in a
-cell that raises, so those submissions are graded as usual. A cell that kills the Python
-process itself (``os._exit``, a segfault, running out of memory) makes nbclient raise
-``DeadKernelError`` and nbgrader drops the whole submission. ``ResilientExecute`` records
-the death in that cell, marks the cells after it as not run, and hands the notebook on:
-tests that passed before the crash keep their points, the rest score zero, and the batch
-goes on. ``nbgrader_config.py`` installs it in place of nbgrader's ``Execute``.
+Two things go wrong when a machine executes notebooks unattended, and this module handles both.
+
+**A submission that kills its kernel.** nbgrader interrupts a cell that runs past
+``c.Execute.timeout`` and records an error in a cell that raises, so those submissions are
+graded as usual. A cell that kills the Python process itself (``os._exit``, a segfault, running
+out of memory) makes nbclient raise ``DeadKernelError`` and nbgrader drops the whole
+submission. :class:`ResilientExecute` records the death in that cell, marks the cells after it
+as not run, and hands the notebook on: tests that passed before the crash keep their points,
+the rest score zero, and the batch goes on. ``nbgrader_config.py`` installs it in place of
+nbgrader's ``Execute``.
+
+**A cell that never finishes although the kernel is idle** (jupyter/nbclient#312). nbclient
+waits for a cell's ``execute_reply`` with ``await shell_channel.get_msg(timeout)``, an asyncio
+poll on the zmq socket that wakes on the socket's file descriptor. The same client *sends* on
+that socket while it waits: its stand-in for the browser's Output widget
+(``nbclient.output_widget.OutputWidget.sync_state``) sends a ``comm_msg`` to the kernel for
+every output an Output widget captures (``ipywidgets.interact`` captures its function's
+output in one). The upstream report (nbclient#312 and its pull request #311) traces the hang
+to this send-while-waiting. Our reading of the mechanism: zmq's descriptor is edge-triggered,
+so a send can swallow the wake-up that announced the reply, and the poll then sleeps with the
+reply unread in the socket, forever when the timeout is ``None`` (nbconvert's default). The race is rare (3 hangs in 33 runs of lesson
+00 were reported; none reproduced here in several hundred widget cells), so the defence is
+structural rather than a fix of a reproduced case. :class:`NeverHangs` makes every wait on the
+shell channel a series of short polls (``POLL_SLICE_S``): each new poll first checks the
+socket without waiting, so a missed wake-up costs at most one slice. The lessons' widgets
+also avoid the trigger altogether (:func:`qlib.widgets.interact` draws without an Output
+widget), and every execution in tests and grading has a per-cell timeout
+(:func:`config_timeout` reads the course's one value from ``nbgrader_config.py``).
 """
 
 from __future__ import annotations
 
+import inspect
+import os
+import time
+from pathlib import Path
+from queue import Empty
+
+from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
+from nbclient.util import run_sync
 from nbformat import NotebookNode
 from nbgrader.preprocessors import Execute
+
+__all__ = ["POLL_SLICE_S", "sliced_get_msg", "NeverHangs", "NotebookRunner", "ResilientExecute",
+           "config_timeout", "execute_notebook", "error_output"]
+
+POLL_SLICE_S = 0.5
+"""Longest single wait on the shell channel, in seconds; a missed wake-up costs at most this."""
+
+
+def sliced_get_msg(get_msg, slice_s: float = POLL_SLICE_S):
+    """Wrap a channel's ``get_msg(timeout=...)`` so that it never waits more than ``slice_s`` at once.
+
+    The wrapper keeps the contract: it returns the next message, or raises ``queue.Empty``
+    once ``timeout`` seconds have passed (``None``: wait as long as it takes). Works for the
+    blocking and the asyncio clients (returns a coroutine; nbclient awaits either).
+    """
+    if slice_s <= 0:
+        raise ValueError(f"slice_s must be a positive number of seconds, got {slice_s}")
+
+    async def get(timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = slice_s if deadline is None else max(0.0, min(slice_s, deadline - time.monotonic()))
+            try:
+                msg = get_msg(timeout=left)
+                return await msg if inspect.isawaitable(msg) else msg
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    return get
+
+
+class NeverHangs:
+    """Mixin for an nbclient ``NotebookClient`` (or nbgrader ``Execute``): sliced shell polls."""
+
+    async def async_start_new_kernel_client(self):
+        kc = await super().async_start_new_kernel_client()
+        kc.shell_channel.get_msg = sliced_get_msg(kc.shell_channel.get_msg)
+        return kc
+
+    def start_new_kernel_client(self):
+        # nbclient binds its sync twin to its own coroutine: dispatch to the override instead
+        return run_sync(self.async_start_new_kernel_client)()
+
+
+class NotebookRunner(NeverHangs, NotebookClient):
+    """nbclient's ``NotebookClient`` with sliced shell polls; use it with a per-cell ``timeout``."""
+
+
+def config_timeout(course_dir: str | os.PathLike) -> int:
+    """The per-cell execution timeout in seconds, ``c.Execute.timeout`` of ``nbgrader_config.py``.
+
+    One value for grading and for every notebook execution in the tests.
+    """
+    from traitlets.config.loader import PyFileConfigLoader
+
+    config = PyFileConfigLoader("nbgrader_config.py", path=str(course_dir)).load_config()
+    timeout = config.Execute.timeout
+    if not isinstance(timeout, int) or timeout <= 0:
+        raise ValueError(f"nbgrader_config.py must set c.Execute.timeout to a positive number of "
+                         f"seconds, got {timeout!r}")
+    return timeout
+
+
+def execute_notebook(nb: NotebookNode, cwd: str | os.PathLike, timeout: int, **env: str) -> float:
+    """Execute ``nb`` in place (outputs filled in) with a per-cell ``timeout``; returns seconds.
+
+    ``env`` entries are set for the kernel's process only while it starts (for example
+    ``QLIB_FAST="1"``). A cell past its timeout raises ``nbclient.exceptions.CellTimeoutError``.
+    """
+    before = dict(os.environ)
+    os.environ.update(env)
+    try:
+        client = NotebookRunner(nb, timeout=timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(Path(cwd))}})
+        start = time.perf_counter()
+        client.execute()
+        return time.perf_counter() - start
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 def error_output(ename: str, evalue: str) -> NotebookNode:
@@ -21,7 +131,7 @@ def error_output(ename: str, evalue: str) -> NotebookNode:
                         traceback=[f"{ename}: {evalue}"])
 
 
-class ResilientExecute(Execute):
+class ResilientExecute(NeverHangs, Execute):
     """nbgrader's Execute, except that a dead kernel fails the remaining cells, not the grading."""
 
     def preprocess(self, nb, resources=None, km=None):

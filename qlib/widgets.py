@@ -5,6 +5,15 @@
   the levels, and reports the error.
 - :func:`float_format_explorer` shows how one number is stored in float32, bfloat16,
   float16 and the two float8 formats: the bits of each field and the rounding error.
+- :func:`interact` is ``ipywidgets.interact`` for the lessons: controls for a function's
+  arguments, its printed text and figures shown below them.
+
+No widget here writes through an ``ipywidgets.Output``: text goes to an ``HTML`` widget and
+figures to ``Image`` widgets (PNG). An Output widget makes a headless executor (nbclient,
+nbconvert, nbgrader) send a message back to the kernel for every captured output while it
+waits for the cell's reply, which can leave it waiting forever on an idle kernel
+(jupyter/nbclient#312; the mechanism is described in :mod:`qlib.grading`). Without Output
+widgets the executor only listens, and lessons execute the same in JupyterLab and in CI.
 
 The drawing and the numbers come from plain functions (:func:`clipped_qparams`,
 :func:`explorer_figure`, :func:`float_bits`) that run without a browser, so tests and
@@ -13,8 +22,12 @@ lessons can call them directly; the widgets only wire sliders to them.
 
 from __future__ import annotations
 
+import contextlib
+import html
+import io
 import math
-from typing import Mapping
+import traceback
+from typing import Callable, Mapping
 
 import matplotlib.pyplot as plt
 import torch
@@ -24,7 +37,7 @@ from .quantize import dequantize, fake_quantize
 from .viz import plot_histogram_with_range, plot_staircase
 
 __all__ = ["clipped_qparams", "error_stats", "explorer_figure", "quantization_explorer",
-           "float_bits", "float_format_explorer", "FLOAT_FORMATS"]
+           "float_bits", "float_format_explorer", "FLOAT_FORMATS", "figure_png", "render", "interact"]
 
 FLOAT_FORMATS = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -94,7 +107,6 @@ def quantization_explorer(x, bits: int = 4, clip: float = 1.0, symmetric: bool =
     (display it, or make it the last expression of a cell).
     """
     import ipywidgets as w
-    from IPython.display import display
 
     tensors: Mapping[str, torch.Tensor] = x if isinstance(x, Mapping) else {"x": x}
     data = w.Dropdown(options=list(tensors), description="data")
@@ -102,15 +114,12 @@ def quantization_explorer(x, bits: int = 4, clip: float = 1.0, symmetric: bool =
     clip_w = w.FloatSlider(value=clip, min=0.05, max=1.0, step=0.01, description="clip",
                            readout_format=".2f")
     mode = w.ToggleButtons(options=["symmetric", "affine"], value="symmetric" if symmetric else "affine")
-    out = w.Output()
+    out = w.Image(format="png")  # not an Output widget: see the module docstring
 
     def update(*_):
         fig, _stats = explorer_figure(tensors[data.value], bits_w.value, clip_w.value,
                                       mode.value == "symmetric", name=data.value)
-        with out:
-            out.clear_output(wait=True)
-            display(fig)
-        plt.close(fig)
+        out.value = figure_png(fig)  # closes the figure
 
     for control in (data, bits_w, clip_w, mode):
         control.observe(update, names="value")
@@ -157,3 +166,76 @@ def float_format_explorer(value: float = 0.1):
     box.observe(update, names="value")
     update()
     return w.VBox([box, table])
+
+
+def figure_png(fig) -> bytes:
+    """The PNG bytes of a matplotlib figure (for an ``ipywidgets.Image``); closes the figure."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png")
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()
+
+
+def render(function: Callable, **kwargs) -> tuple[str, list[bytes]]:
+    """Call ``function(**kwargs)``; return what it printed and the PNGs of the figures it drew.
+
+    Figures are those opened during the call (``plt.show()`` inside it shows nothing, the
+    figures are collected instead) plus a returned figure; all are closed afterwards. An
+    exception becomes its traceback in the text, as ``ipywidgets.interact`` shows it.
+    """
+    before = set(plt.get_fignums())
+    text = io.StringIO()
+    show, plt.show = plt.show, lambda *args, **kw: None
+    result = None
+    try:
+        with contextlib.redirect_stdout(text):
+            result = function(**kwargs)
+    except Exception:  # shown to the student, like interact does
+        text.write(traceback.format_exc())
+    finally:
+        plt.show = show
+    figures = [plt.figure(n) for n in plt.get_fignums() if n not in before]
+    if isinstance(result, plt.Figure) and result not in figures:
+        figures.append(result)
+    return text.getvalue(), [figure_png(fig) for fig in figures]
+
+
+def interact(function: Callable, **controls):
+    """Controls for ``function``'s arguments; its printout and figures redrawn on every change.
+
+    ``controls`` map argument names to ipywidgets (``bits=IntSlider(...)``) or to the
+    abbreviations ``ipywidgets.interact`` accepts (``(2, 8)``, a list of choices, a value).
+    Same call as ``ipywidgets.interact(function, **controls)``, drawn without an Output widget
+    (module docstring). Returns the widget box: make it the last expression of a cell.
+    """
+    import ipywidgets as w
+    from ipywidgets.widgets.interaction import interactive
+
+    if not callable(function):
+        raise TypeError(f"interact needs a function, got {type(function).__name__}")
+    widgets = {name: c if isinstance(c, w.ValueWidget) else interactive.widget_from_abbrev(c)
+               for name, c in controls.items()}
+    for name, widget in widgets.items():
+        if widget is None:
+            raise ValueError(f"cannot make a control for {name}={controls[name]!r}")
+        if not widget.description:
+            widget.description = name
+    text = w.HTML()
+    pictures = w.VBox()
+    pool: list = []  # Image widgets, reused from one redraw to the next
+
+    def update(*_):
+        printed, pngs = render(function, **{name: c.value for name, c in widgets.items()})
+        text.value = f"<pre>{html.escape(printed)}</pre>" if printed else ""
+        while len(pool) < len(pngs):
+            pool.append(w.Image(format="png"))
+        for image, png in zip(pool, pngs):
+            image.value = png
+        pictures.children = tuple(pool[:len(pngs)])
+
+    for widget in widgets.values():
+        widget.observe(update, names="value")
+    update()
+    return w.VBox([w.HBox(list(widgets.values())), pictures, text])

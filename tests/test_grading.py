@@ -1,13 +1,20 @@
 """The instructor workflow end to end, with real nbgrader on a temporary course directory.
 
-Reference: nbgrader 0.9 (generate_assignment, autograde, generate_feedback, export).
-Every lab: the solution gets full marks and the untouched release no marks. Lab 00 also:
-a wrong answer (partial marks), an infinite loop and two kinds of crash (graded, not lost).
+Reference: nbgrader 0.9 (generate_assignment, autograde, generate_feedback, export) and its
+gradebook (``nbgrader.api.Gradebook``), read per question. One real nbgrader run per lab:
+every lab's solution gets full marks on every question and its untouched release none. Lab 00
+also grades a wrong answer, an infinite loop, two kinds of crash (graded, not lost), and a
+submission that passes every visible check but not the hidden ones, which proves that the
+hidden tests run. Feedback HTML is read: each question and the failing check's message appear.
+The release must hold no hidden-test code at all (the hidden check calls' text, not only the
+markers); that test reads the committed ``labs/`` and runs without nbgrader.
 """
 
 from __future__ import annotations
 
 import csv
+import html
+import re
 import shutil
 import subprocess
 import sys
@@ -19,10 +26,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NBGRADER = str(Path(sys.executable).parent / "nbgrader")
 LAB = "lab00_warmup"
-FULL = 5.0
 LABS = sorted(p.name for p in (ROOT / "solutions").iterdir() if p.name.startswith("lab"))
+LOOP_TIMEOUT = 20  # seconds per cell for lab 00's autograde, so the looping submission is quick
 
-pytestmark = pytest.mark.grading
+grading = pytest.mark.grading
+
+# Lab 00 answers that pass the visible checks only: a table of the worked cases (Q1) and a
+# threshold that forgets float16 rounds 65504 < |x| < 65520 down to 65504 (Q3).
+VISIBLE_ONLY = {
+    "q1-answer": "def size_in_bytes(num_params, bits):\n"
+                 "    return {(1000, 32): 4000, (1000, 8): 1000, (1000, 4): 500, (3, 4): 2}[num_params, bits]\n",
+    "q3-answer": "def fits_in_float16(x):\n    return x.abs() <= 65504\n",
+}
+WRONG_Q2 = "def fp16_cast_error(w):\n    return 0.0\n"
 
 
 def nbgrader(course: Path, *args: str) -> subprocess.CompletedProcess:
@@ -37,6 +53,21 @@ def answers(nb) -> dict[str, str]:
             if c.metadata.get("nbgrader", {}).get("solution")}
 
 
+def points(nb) -> dict[str, float]:
+    """{grade_id: points} of the graded cells, read from the notebook's nbgrader metadata."""
+    return {c.metadata["nbgrader"]["grade_id"]: float(c.metadata["nbgrader"]["points"])
+            for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade")}
+
+
+def hidden_lines(nb) -> list[str]:
+    """The code lines between ``### BEGIN HIDDEN TESTS`` and ``### END HIDDEN TESTS``."""
+    lines = []
+    for cell in nb.cells:
+        for block in re.findall(r"### BEGIN HIDDEN TESTS\n(.*?)### END HIDDEN TESTS", cell.source, re.S):
+            lines += [line.strip() for line in block.splitlines() if line.strip()]
+    return lines
+
+
 def submission(release_nb, replace: dict[str, str]):
     nb = nbformat.from_dict(release_nb)
     for cell in nb.cells:
@@ -46,21 +77,39 @@ def submission(release_nb, replace: dict[str, str]):
     return nb
 
 
-def scores(course: Path, lab: str = LAB) -> dict[str, float]:
+def totals(course: Path, lab: str = LAB) -> dict[str, float]:
     with open(course / "grades.csv") as f:
         return {row["student_id"]: float(row["score"]) for row in csv.DictReader(f)
                 if row["assignment"] == lab}
 
 
-def max_score(course: Path, lab: str) -> float:
-    with open(course / "grades.csv") as f:
-        return next(float(row["max_score"]) for row in csv.DictReader(f) if row["assignment"] == lab)
+def question_scores(course: Path, lab: str, student: str) -> dict[str, float]:
+    """{grade_id: score} of one submission, from nbgrader's gradebook."""
+    from nbgrader.api import Gradebook
+
+    with Gradebook("sqlite:///" + str(course / "gradebook.db")) as gb:
+        nb = gb.find_submission_notebook(lab, lab, student)
+        return {grade.name: grade.score for grade in nb.grades}
 
 
 def write_submission(course: Path, student: str, lab: str, nb) -> None:
     target = course / "submitted" / student / lab
     target.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, target / f"{lab}.ipynb")
+
+
+def feedback_text(course: Path, student: str, lab: str = LAB) -> str:
+    """The feedback page's text, tags dropped and entities decoded."""
+    page = (course / "feedback" / student / lab / f"{lab}.html").read_text()
+    return html.unescape(re.sub(r"<[^>]+>", "", page))
+
+
+def release_nb(lab: str):
+    return nbformat.read(ROOT / "labs" / lab / f"{lab}.ipynb", as_version=4)
+
+
+def solution_nb(lab: str):
+    return nbformat.read(ROOT / "solutions" / lab / f"{lab}.ipynb", as_version=4)
 
 
 @pytest.fixture(scope="module")
@@ -73,24 +122,22 @@ def graded_course(tmp_path_factory):
         nbgrader(course, "generate_assignment", lab, "--force")
         if lab != LAB:  # every other lab: its solution and its untouched release
             rel = nbformat.read(course / "labs" / lab / f"{lab}.ipynb", as_version=4)
-            sol = nbformat.read(ROOT / "solutions" / lab / f"{lab}.ipynb", as_version=4)
-            write_submission(course, "perfect", lab, submission(rel, answers(sol)))
+            write_submission(course, "perfect", lab, submission(rel, answers(solution_nb(lab))))
             write_submission(course, "blank", lab, rel)
     release = nbformat.read(course / "labs" / LAB / f"{LAB}.ipynb", as_version=4)
-    solution = nbformat.read(ROOT / "solutions" / LAB / f"{LAB}.ipynb", as_version=4)
-    good = answers(solution)
-    wrong_q2 = "def fp16_cast_error(w):\n    return 0.0\n"
+    good = answers(solution_nb(LAB))
     submissions = {
         "perfect": submission(release, good),
         "blank": submission(release, {}),
-        "partial": submission(release, {**good, "q2-answer": wrong_q2}),
+        "partial": submission(release, {**good, "q2-answer": WRONG_Q2}),
+        "visible_only": submission(release, {**good, **VISIBLE_ONLY}),
         "loops": submission(release, {**good, "q1-answer": "while True:\n    pass\n"}),
         "raises": submission(release, {**good, "q3-answer": "raise RuntimeError('oops')\n"}),
         "kills_kernel": submission(release, {**good, "q2-answer": "import os\nos._exit(1)\n"}),
     }
     for student, nb in submissions.items():
         write_submission(course, student, LAB, nb)
-    nbgrader(course, "autograde", LAB, "--create", "--Execute.timeout=20")
+    nbgrader(course, "autograde", LAB, "--create", f"--Execute.timeout={LOOP_TIMEOUT}")
     for lab in LABS:
         if lab != LAB:
             nbgrader(course, "autograde", lab, "--create")
@@ -99,48 +146,125 @@ def graded_course(tmp_path_factory):
     return course
 
 
-def test_release_hides_solutions_and_hidden_tests(graded_course):
-    text = (graded_course / "labs" / LAB / f"{LAB}.ipynb").read_text()
+@pytest.fixture(scope="module")
+def lab00_points():
+    return points(release_nb(LAB))
+
+
+def expected(points: dict[str, float], zero: set[str]) -> dict[str, float]:
+    return {gid: 0.0 if gid in zero else p for gid, p in points.items()}
+
+
+# -------------------------------------------------------------- without nbgrader (fast)
+
+@pytest.mark.parametrize("lab", LABS)
+def test_release_holds_no_hidden_test_code(lab):
+    """Not only the markers: no line of any hidden test block appears in the release."""
+    hidden = hidden_lines(solution_nb(lab))
+    assert hidden, f"{lab}: the solution has no hidden tests"
+    release = "\n".join(c.source for c in release_nb(lab).cells)
+    leaked = [line for line in hidden if line in release]
+    assert not leaked, f"{lab}: hidden test code in the release: {leaked}"
+    assert "HIDDEN TESTS" not in release and "BEGIN SOLUTION" not in release
+
+
+def test_hidden_line_finder_sees_a_leak():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "check.a(f)\n### BEGIN HIDDEN TESTS\ncheck.a_hidden(f)\n### END HIDDEN TESTS")])
+    assert hidden_lines(nb) == ["check.a_hidden(f)"]
+
+
+def test_visible_only_answers_pass_visible_checks_and_fail_hidden_ones():
+    """The premise of the visible-only submission, checked directly with qlib.check."""
+    from qlib import check
+
+    scope: dict = {}
+    for source in VISIBLE_ONLY.values():
+        exec(source, scope)
+    check.lab00.size_in_bytes(scope["size_in_bytes"])
+    check.lab00.fits_fp16(scope["fits_in_float16"])
+    with pytest.raises(AssertionError):
+        check.lab00.size_in_bytes_hidden(scope["size_in_bytes"])
+    with pytest.raises(AssertionError):
+        check.lab00.fits_fp16_hidden(scope["fits_in_float16"])
+
+
+# -------------------------------------------------------------- one real nbgrader run per lab
+
+@grading
+def test_generated_release_hides_solutions_and_hidden_tests(graded_course):
+    nb = nbformat.read(graded_course / "labs" / LAB / f"{LAB}.ipynb", as_version=4)
+    text = "\n".join(c.source for c in nb.cells)
     assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text
+    assert not [line for line in hidden_lines(solution_nb(LAB)) if line in text]
     assert "raise NotImplementedError()" in text
     assert not list((graded_course / "labs" / LAB).glob("*.py"))
 
 
-def test_solution_gets_full_marks(graded_course):
-    assert scores(graded_course)["perfect"] == FULL
+@grading
+def test_solution_gets_full_marks_on_every_question(graded_course, lab00_points):
+    assert question_scores(graded_course, LAB, "perfect") == lab00_points
+    assert totals(graded_course)["perfect"] == sum(lab00_points.values())
 
 
-def test_untouched_release_gets_no_marks(graded_course):
-    assert scores(graded_course)["blank"] == 0.0
+@grading
+def test_untouched_release_gets_no_marks(graded_course, lab00_points):
+    assert question_scores(graded_course, LAB, "blank") == expected(lab00_points, set(lab00_points))
 
 
-def test_wrong_answer_gets_partial_marks(graded_course):
-    assert scores(graded_course)["partial"] == FULL - 2  # Q2 is worth 2 points
+@grading
+def test_wrong_answer_loses_exactly_its_question(graded_course, lab00_points):
+    assert question_scores(graded_course, LAB, "partial") == expected(lab00_points, {"q2-test"})
 
 
-def test_infinite_loop_is_graded_not_lost(graded_course):
+@grading
+def test_visible_only_submission_loses_the_hidden_tests(graded_course, lab00_points):
+    got = question_scores(graded_course, LAB, "visible_only")
+    assert got == expected(lab00_points, {"q1-test", "q3-test"})
+    assert totals(graded_course)["visible_only"] < sum(lab00_points.values())
+
+
+@grading
+def test_infinite_loop_is_graded_not_lost(graded_course, lab00_points):
     # Q1's cell is interrupted after the timeout; Q1 scores 0, Q2 and Q3 still count.
-    assert scores(graded_course)["loops"] == FULL - 2
+    assert question_scores(graded_course, LAB, "loops") == expected(lab00_points, {"q1-test"})
 
 
-def test_crashing_cell_is_graded_not_lost(graded_course):
-    assert scores(graded_course)["raises"] == FULL - 1  # Q3 is worth 1 point
+@grading
+def test_crashing_cell_is_graded_not_lost(graded_course, lab00_points):
+    assert question_scores(graded_course, LAB, "raises") == expected(lab00_points, {"q3-test"})
 
 
-def test_dead_kernel_submission_is_graded_not_lost(graded_course):
-    # The kernel dies in Q2's answer cell; the submission stays in the gradebook.
-    assert "kills_kernel" in scores(graded_course)
-    assert scores(graded_course)["kills_kernel"] < FULL
+@grading
+def test_dead_kernel_submission_is_graded_not_lost(graded_course, lab00_points):
+    # The kernel dies in Q2's answer cell: Q1 (passed before) keeps its points, the rest score 0.
+    assert question_scores(graded_course, LAB, "kills_kernel") == expected(lab00_points, {"q2-test", "q3-test"})
 
 
-def test_feedback_is_written_for_every_submission(graded_course):
-    for student in ["perfect", "blank", "partial", "loops", "raises"]:
-        assert (graded_course / "feedback" / student / LAB / f"{LAB}.html").exists()
+@grading
+def test_feedback_names_each_question_and_the_failing_message(graded_course, lab00_points):
+    for student in ["perfect", "blank", "partial", "visible_only", "loops", "raises", "kills_kernel"]:
+        text = feedback_text(graded_course, student)
+        for gid in lab00_points:
+            assert gid in text, (student, gid)
+    assert "PASS" in feedback_text(graded_course, "perfect")
+    assert "FAIL" not in feedback_text(graded_course, "perfect")
+    partial = feedback_text(graded_course, "partial")
+    assert "FAIL  fp16_cast_error: worked case" in partial and "got 0.0" in partial
+    visible_only = feedback_text(graded_course, "visible_only")
+    assert "PASS  size_in_bytes: worked cases" in visible_only
+    assert "PASS  fits_in_float16: worked case" in visible_only
+    assert "FAIL  fits_in_float16: random and edge values" in visible_only
+    assert "RuntimeError" in feedback_text(graded_course, "raises")
+    assert "KernelDied" in feedback_text(graded_course, "kills_kernel")
 
 
+@grading
 @pytest.mark.parametrize("lab", LABS)
 def test_every_lab_solution_full_marks_release_none(graded_course, lab):
-    got = scores(graded_course, lab)
-    assert max_score(graded_course, lab) > 0
-    assert got["perfect"] == max_score(graded_course, lab)
-    assert got["blank"] == 0.0
+    want = points(release_nb(lab))
+    assert want and all(p > 0 for p in want.values())
+    assert question_scores(graded_course, lab, "perfect") == want
+    assert question_scores(graded_course, lab, "blank") == expected(want, set(want))
+    got = totals(graded_course, lab)
+    assert (got["perfect"], got["blank"]) == (sum(want.values()), 0.0)

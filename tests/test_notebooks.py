@@ -1,50 +1,67 @@
-"""Every lesson and every solution notebook executes top to bottom in fast mode.
+"""Every lesson and every solution notebook executes top to bottom in fast mode, in budget.
 
-Reference: nbclient (the executor JupyterLab and nbgrader use). Each notebook's wall time is
-printed (run pytest with -s to see it, or read the durations table).
+Reference: nbclient (the executor JupyterLab and nbgrader use), with qlib.grading's sliced shell
+polls (jupyter/nbclient#312). Each cell gets the grading timeout, ``c.Execute.timeout`` of
+``nbgrader_config.py`` (one value for grading and tests), so a hang fails in minutes, not never.
+The course promises about a minute per notebook on a 2-core CPU in fast mode
+(``PROMISED_SECONDS``); a notebook fails above ``BUDGET_SECONDS``, twice that, the headroom a
+loaded CI machine needs. Each notebook's time is printed in pytest's summary (conftest).
+The lessons assert the quantitative claims their text makes, so executing them checks those.
 """
 
 from __future__ import annotations
 
-import os
-import time
+import warnings
 from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
+
+from qlib.grading import config_timeout, execute_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(ROOT.glob("lessons/*.ipynb")) + sorted(ROOT.glob("solutions/*/*.ipynb"))
-TIMEOUT_PER_CELL = 600
+CELL_TIMEOUT = config_timeout(ROOT)
+PROMISED_SECONDS = 60
+BUDGET_SECONDS = 2 * PROMISED_SECONDS
 
 
 def execute(path: Path) -> float:
     nb = nbformat.read(path, as_version=4)
-    env_before = dict(os.environ)
-    os.environ.update(QLIB_FAST="1", QLIB_QUIET="1", MPLBACKEND="Agg")
-    try:
-        client = NotebookClient(nb, timeout=TIMEOUT_PER_CELL, kernel_name="python3",
-                                resources={"metadata": {"path": str(path.parent)}})
-        start = time.perf_counter()
-        client.execute()
-        return time.perf_counter() - start
-    finally:
-        os.environ.clear()
-        os.environ.update(env_before)
+    return execute_notebook(nb, path.parent, CELL_TIMEOUT, QLIB_FAST="1", QLIB_QUIET="1",
+                            MPLBACKEND="Agg")
 
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.relative_to(ROOT).as_posix() for p in NOTEBOOKS])
-def test_notebook_executes(path: Path, request):
+def test_notebook_executes_in_budget(path: Path, request):
     seconds = execute(path)
     rel = path.relative_to(ROOT).as_posix()
     print(f"\n[notebook time] {rel}: {seconds:.1f} s")
     if not hasattr(request.config, "notebook_times"):
         request.config.notebook_times = {}
     request.config.notebook_times[rel] = seconds  # printed at the end by conftest
+    if seconds > PROMISED_SECONDS:
+        warnings.warn(f"{rel} took {seconds:.0f} s in fast mode, over the course's promise of "
+                      f"{PROMISED_SECONDS} s (a loaded machine? the budget is {BUDGET_SECONDS} s)")
+    assert seconds <= BUDGET_SECONDS, f"{rel}: {seconds:.0f} s in fast mode, budget {BUDGET_SECONDS} s"
 
 
 def test_every_notebook_is_found():
     assert any("lessons" in str(p) for p in NOTEBOOKS)
     assert any("solutions" in str(p) for p in NOTEBOOKS)
+
+
+def test_cell_timeout_is_the_grading_timeout_and_bounded():
+    text = (ROOT / "nbgrader_config.py").read_text()
+    assert f"c.Execute.timeout = {CELL_TIMEOUT}\n" in text
+    assert 0 < CELL_TIMEOUT <= BUDGET_SECONDS
+
+
+@pytest.mark.notebook
+def test_a_cell_past_its_timeout_fails_fast(tmp_path):
+    from nbclient.exceptions import CellTimeoutError
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import time\ntime.sleep(60)")])
+    with pytest.raises(CellTimeoutError):
+        execute_notebook(nb, tmp_path, 2)
