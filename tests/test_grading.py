@@ -59,6 +59,14 @@ def points(nb) -> dict[str, float]:
             for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade")}
 
 
+def manual(nb) -> set[str]:
+    """grade_ids of the answers an instructor grades by hand (nbgrader: grade and solution both
+    set, a markdown cell): autograding leaves them at 0 until the Formgrader scores them."""
+    return {c.metadata["nbgrader"]["grade_id"] for c in nb.cells
+            if c.cell_type == "markdown" and c.metadata.get("nbgrader", {}).get("grade")
+            and c.metadata["nbgrader"].get("solution")}
+
+
 def hidden_lines(nb) -> list[str]:
     """The code lines between ``### BEGIN HIDDEN TESTS`` and ``### END HIDDEN TESTS``."""
     lines = []
@@ -264,7 +272,9 @@ def test_feedback_names_each_question_and_the_failing_message(graded_course, lab
 def test_every_lab_solution_full_marks_release_none(graded_course, lab):
     want = points(release_nb(lab))
     assert want and all(p > 0 for p in want.values())
-    assert question_scores(graded_course, lab, "perfect") == want
+    by_hand = manual(release_nb(lab))  # written answers: 0 until an instructor grades them
+    auto = expected(want, by_hand)
+    assert question_scores(graded_course, lab, "perfect") == auto
     assert question_scores(graded_course, lab, "blank") == expected(want, set(want))
     got = totals(graded_course, lab)
-    assert (got["perfect"], got["blank"]) == (sum(want.values()), 0.0)
+    assert (got["perfect"], got["blank"]) == (sum(auto.values()), 0.0)
