@@ -19,3 +19,5 @@ from . import codec, partition  # noqa: F401
 from .codec import (ErrorFeedback, EncodedTensor, decode, decode_update, encode, encode_update,  # noqa: F401
                     payload_bytes, update_bytes)
 from .partition import client_datasets, dirichlet_partition, iid_partition, label_histogram  # noqa: F401
+from .fedavg import FedConfig, aggregate, client_update, run_rounds  # noqa: F401
+from .server import calibration_sets, quantize_global  # noqa: F401
