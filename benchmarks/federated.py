@@ -9,9 +9,9 @@ noise all follow the seed); accuracy on the 360 test digits as mean and min-max.
    8/4/2-bit updates (per-channel scales) with stochastic vs nearest rounding, plus 2-bit
    nearest with error feedback; IID and non-IID; accuracy after every round for the
    accuracy-vs-bytes plot of lesson 14.
-2. ``qat_vs_ptq``: non-IID, 8-bit stochastic updates; clients train in float or with 3-bit
+2. ``qat_vs_ptq``: non-IID, 8-bit stochastic updates; clients train in float or with 2-bit
    weight QAT; the server then quantizes the global model (static PTQ, per-channel
-   weights, 99.9th-percentile activations) at W8A8, W4A8, W3A8 and W3A3, calibrated on
+   weights, 99.9th-percentile activations) at W8A8, W4A4, W3A3 and W2A8, calibrated on
    BN-statistics synthetic data (what a data-less server can do), Gaussian noise, or 128
    real training digits (which it could not have had).
 3. ``flower``: the wall time of one 2-client, 2-round Flower simulation (Ray) of the same
@@ -49,7 +49,7 @@ UPDATES = {  # name: (bits, rounding, error_feedback)
     "2bit-nearest-ef": (2, "nearest", True),
 }
 SPLITS = {"iid": None, "noniid": 0.3}
-PTQ_CONFIGS = ((8, 8), (4, 8), (3, 8), (3, 3))
+PTQ_CONFIGS = ((8, 8), (4, 4), (3, 3), (2, 8))
 NUM_CLIENTS = 4
 
 
@@ -95,7 +95,7 @@ def run(fast: bool = False, log=print) -> dict:
     result["update_seconds"] = time.perf_counter() - t0
 
     qat: dict = {}
-    for kind, qat_bits in (("float_clients", None), ("qat3_clients", 3)):
+    for kind, qat_bits in (("float_clients", None), ("qat2_clients", 2)):
         rows: dict = {}
         for s in seeds:
             model = models.create("mlp", seed=s)
@@ -118,7 +118,12 @@ def run(fast: bool = False, log=print) -> dict:
         cl = clients_for(d, "noniid", 0)[:2]
         cfg = fedavg.FedConfig(rounds=2, bits=4, rounding="stochastic", seed=0)
         a, b = models.create("mlp", seed=0), models.create("mlp", seed=0)
-        h = flower.simulate(a, cl, cfg, evaluate=acc)
+        try:
+            h = flower.simulate(a, cl, cfg, evaluate=acc)
+        except RuntimeError as e:  # Ray can time out starting on an overloaded machine
+            result["flower"] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"Flower simulation failed: {e}")
+            return result
         ref = fedavg.run_rounds(b, cl, cfg, evaluate=acc)
         t = time.perf_counter()
         fedavg.run_rounds(models.create("mlp", seed=0), cl, cfg)
