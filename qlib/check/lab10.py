@@ -105,6 +105,8 @@ def update_bytes(update_bytes_fn) -> None:
             n = math.prod(shape)
             want = math.ceil(n * bits / 8) + 4
             got = call(update_bytes_fn, shape, bits)
+            if got == want and not isinstance(got, bool):
+                continue
             if got == n * bits / 8 + 4 or got == math.floor(n * bits / 8) + 4:
                 raise CheckFailed(f"shape {shape}, {bits} bits: a partly filled last byte is still a whole byte "
                                   f"(ceil), expected {want}, got {got}")
@@ -126,6 +128,7 @@ def _fedavg_case(fedavg_round, k):
     for name in shapes:
         want = before[name] + avg[name]
         plain = before[name] + sum(u[name] for u in ups) / k
+        expect(isinstance(got[name], torch.Tensor), f"new {name} should be a tensor, got {type(got[name]).__name__}")
         if torch.allclose(got[name], plain, atol=1e-6) and not torch.allclose(plain, want, atol=1e-6):
             raise CheckFailed("clients must be weighted by their number of examples n_k / n, not equally")
         if torch.allclose(got[name], avg[name], atol=1e-6):
