@@ -125,3 +125,12 @@ def test_zero_update_and_bad_inputs():
         codec.encode(torch.ones(3), 8, "per_channel", "nearest")
     with pytest.raises(TypeError, match="dict"):
         codec.encode_update([torch.ones(3)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_codec_stays_on_device():
+    d = _fresh(8, 5).cuda()
+    for rounding in ("nearest", "stochastic"):
+        e = codec.encode(d, 4, PerChannel(0), rounding, torch.Generator(device="cuda").manual_seed(0))
+        assert e.codes.is_cuda and e.scale.is_cuda and codec.decode(e).is_cuda
+        assert codec.unpack_codes(codec.pack_codes(e.codes, 4), 4, d.shape).is_cuda

@@ -95,3 +95,10 @@ def test_bad_config():
         fedavg.FedConfig(rounds=0)
     with pytest.raises(ValueError, match="qat_bits"):
         fedavg.FedConfig(qat_bits=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_round(digits):
+    m = models.create("mlp", seed=0).cuda()
+    h = fedavg.run_rounds(m, _clients(digits, k=2), fedavg.FedConfig(rounds=1, bits=4))
+    assert next(m.parameters()).is_cuda and h["bytes"][0] > 0
