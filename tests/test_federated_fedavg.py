@@ -102,3 +102,12 @@ def test_cuda_round(digits):
     m = models.create("mlp", seed=0).cuda()
     h = fedavg.run_rounds(m, _clients(digits, k=2), fedavg.FedConfig(rounds=1, bits=4))
     assert next(m.parameters()).is_cuda and h["bytes"][0] > 0
+
+
+def test_bn_buffers_travel_in_fp32(digits):
+    # regression: 2-bit running-variance updates drove a variance below zero (NaN logits)
+    m = models.create("mlp", seed=0)
+    enc, n = fedavg.client_update(m, _clients(digits, k=2)[0], fedavg.FedConfig(bits=2), 0, 0)
+    assert isinstance(enc["2.running_var"], torch.Tensor) and isinstance(enc["1.weight"], codec.EncodedTensor)
+    fedavg.run_rounds(m, _clients(digits, k=4, alpha=0.3), fedavg.FedConfig(rounds=3, bits=2))
+    assert all((b.running_var >= 0).all() for b in m if isinstance(b, torch.nn.BatchNorm1d))

@@ -19,8 +19,10 @@ Given the same seeds it produces exactly the global model of :func:`.fedavg.run_
 test checks it). Error feedback needs per-client memory between rounds, which the in-process
 driver keeps; ``simulate`` refuses it rather than silently dropping it.
 
-Cost on 2 CPU cores: Ray starts in a few seconds; a 2-client, 2-round run of the digits MLP
-takes about 10-15 s in all (measured in the tests and ``benchmarks/federated.py``).
+Cost: almost all of it is starting Ray. A 2-client, 2-round run of the digits MLP took
+26-54 s of wall time on a shared 2-core machine (load 3 to 8; the rounds themselves take
+0.1 s in process), and under heavy load Ray's node can time out starting
+(``RuntimeError``); ``benchmarks/federated.py`` records the time of its run.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ Shapes: ``labels`` int64 ``(N,)``; each function returns ``K`` int64 index tenso
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.data import Subset, TensorDataset
 
@@ -89,18 +91,13 @@ def _gamma(conc: torch.Tensor, g: torch.Generator) -> torch.Tensor:
             if v <= 0:
                 continue
             u = torch.rand((), generator=g, dtype=torch.float64).item()
-            if u < 1 - 0.0331 * x ** 4 or (u > 0 and _log(u) < 0.5 * x * x + d * (1 - v + _log(v))):
+            if u < 1 - 0.0331 * x ** 4 or (u > 0 and math.log(u) < 0.5 * x * x + d * (1 - v + math.log(v))):
                 break
         val = d * v
         if boost:
             val *= torch.rand((), generator=g, dtype=torch.float64).item() ** (1 / a)
         out[i] = val
     return out
-
-
-def _log(v: float) -> float:
-    import math
-    return math.log(v)
 
 
 def label_histogram(labels: torch.Tensor, parts: list[torch.Tensor], num_classes: int) -> torch.Tensor:
