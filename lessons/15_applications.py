@@ -31,7 +31,6 @@ if "google.colab" in sys.modules:
 
 # %%
 import time
-from dataclasses import replace
 
 import matplotlib.pyplot as plt
 import torch
@@ -97,6 +96,15 @@ for bits in (8, 4, 3, 2):
 qat_model, _ = quantization_aware_training(net, (train_set, val_set), QuantConfig(weight_bits=3, act_bits=3),
                                            epochs=runtime.pick(15, 6), lr=1e-3, seed=SEED, progress=False)
 rows["QAT W3A3"] = report("QAT W3A3", qat_model)
+
+fig, ax = plt.subplots(figsize=(8, 3))
+names = list(rows)
+xs = range(len(names))
+ax.bar([i - 0.27 for i in xs], [rows[n]["acc"] for n in names], 0.27, label="accuracy")
+ax.bar(list(xs), [rows[n]["malignant"] for n in names], 0.27, label="recall malignant")
+ax.bar([i + 0.27 for i in xs], [rows[n]["benign"] for n in names], 0.27, label="recall benign")
+ax.set_xticks(list(xs)); ax.set_xticklabels(names, fontsize=8); ax.set_ylabel("%"); ax.legend(fontsize=7)
+plt.tight_layout(); plt.show()
 
 # %% [markdown]
 # Read the recall of the *malignant* class, not the accuracy: a missed cancer costs far more

@@ -21,3 +21,8 @@ from .codec import (ErrorFeedback, EncodedTensor, decode, decode_update, encode,
 from .partition import client_datasets, dirichlet_partition, iid_partition, label_histogram  # noqa: F401
 from .fedavg import FedConfig, aggregate, client_update, run_rounds  # noqa: F401
 from .server import calibration_sets, quantize_global  # noqa: F401
+
+__all__ = ["codec", "partition", "ErrorFeedback", "EncodedTensor", "decode", "decode_update", "encode",
+           "encode_update", "payload_bytes", "update_bytes", "client_datasets", "dirichlet_partition",
+           "iid_partition", "label_histogram", "FedConfig", "aggregate", "client_update", "run_rounds",
+           "calibration_sets", "quantize_global"]
