@@ -55,11 +55,19 @@ release: setup
 course: sync release
 	$(BIN)/python tools/sync.py
 
-# Instructor: autograde every submission of LAB in submitted/, write feedback and grades.csv.
+# Instructor: autograde every submission of LAB in submitted/, write feedback, and export
+# grades_LAB.csv (this lab only) and grades.csv (every lab in the gradebook).
+# Works on a fresh clone: the lab is first registered in gradebook.db from solutions/ (its
+# notebooks, grade cells and hidden tests), generated into a scratch folder so the committed
+# labs/ is left as it is.
 grade: setup
+	@scratch=$$(mktemp -d) && \
+	$(BIN)/nbgrader generate_assignment $(LAB) --force --log-level=WARN \
+		--CourseDirectory.release_directory=$$scratch; rc=$$?; rm -rf $$scratch; exit $$rc
 	$(BIN)/nbgrader autograde $(LAB) --create
 	$(BIN)/nbgrader generate_feedback $(LAB)
+	$(BIN)/nbgrader export --to grades_$(LAB).csv --assignment=$(LAB)
 	$(BIN)/nbgrader export --to grades.csv
 
 clean-grading:
-	rm -rf autograded feedback gradebook.db grades.csv
+	rm -rf autograded feedback gradebook.db grades.csv grades_lab*.csv
