@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 # nbgrader calls `alembic` as a subprocess: the venv's bin must be on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup lab test test-fast doctor sync release course grade clean-grading
+.PHONY: setup lab test test-fast doctor sync release course grade proxy clean-grading
 
 setup: $(STAMP)
 
@@ -28,7 +28,10 @@ $(STAMP): pyproject.toml constraints.txt
 		-c constraints.txt -e '.[course,test]'
 	@touch $(STAMP)
 
+# deploy/local on JUPYTER_CONFIG_PATH: nbgrader's exchange is a folder of this checkout, so
+# the Assignment List works without root (no "Error fetching courses!").
 lab: setup
+	JUPYTER_CONFIG_PATH=$(CURDIR)/deploy/local$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH} \
 	$(BIN)/jupyter lab --notebook-dir=$(CURDIR) --port=$(PORT) $(ROOT_ARGS) $(LAB_ARGS)
 
 # One torch thread per process: tests and notebook kernels share two cores, and
@@ -68,6 +71,14 @@ grade: setup
 	$(BIN)/nbgrader generate_feedback $(LAB)
 	$(BIN)/nbgrader export --to grades_$(LAB).csv --assignment=$(LAB)
 	$(BIN)/nbgrader export --to grades.csv
+
+# configurable-http-proxy (JupyterHub's proxy) from npm, into deploy/jupyterhub/.proxy
+# (project-local, ignored by git): the JupyterHub test and a local hub use it.
+CHP_VERSION ?= 4.6.3
+proxy: deploy/jupyterhub/.proxy/node_modules/.bin/configurable-http-proxy
+
+deploy/jupyterhub/.proxy/node_modules/.bin/configurable-http-proxy:
+	npm install --no-audit --no-fund --prefix deploy/jupyterhub/.proxy configurable-http-proxy@$(CHP_VERSION)
 
 clean-grading:
 	rm -rf autograded feedback gradebook.db grades.csv grades_lab*.csv
