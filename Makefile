@@ -47,8 +47,10 @@ doctor: setup
 	$(BIN)/python -m qlib doctor
 
 # Notebooks from their .py sources, Colab setup cells, README course map.
+# A fork for Colab: `make sync REPO=owner/name` points every badge and setup cell at it.
+REPO ?=
 sync: setup
-	$(BIN)/python tools/sync.py
+	$(BIN)/python tools/sync.py $(if $(REPO),--repo $(REPO))
 
 # Regenerate the student release labs/ from solutions/ (nbgrader generate_assignment).
 release: setup
