@@ -207,3 +207,16 @@ c.JupyterHub.load_roles = [{{"name": "course-test", "services": ["course-test"],
                 os.killpg(proc.pid, signal.SIGKILL)
         log.close()
         print((tmp_path / "hub.log").read_text()[-3000:])
+
+
+def test_zero_to_jupyterhub_values_are_valid():
+    """deploy/kubernetes/values.yaml parses, its hub hook is valid Python, and the role folders
+    it points the pods at exist in the repository (the Helm chart itself is not run here)."""
+    yaml = pytest.importorskip("yaml")
+    values = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "values.yaml").read_text())
+    hook = values["hub"]["extraConfig"]["per-role"]
+    compile(hook, "per-role", "exec")
+    for role in ("instructor", "student"):
+        assert f"deploy/jupyterhub/{{role}}" in hook
+        assert (DEPLOY / role / "nbgrader_config.py").exists()
+    assert values["singleuser"]["extraEnv"]["NBGRADER_EXCHANGE"] == "/srv/nbgrader/exchange"

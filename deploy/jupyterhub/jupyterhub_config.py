@@ -58,7 +58,8 @@ def per_role(spawner):
     """
     name = spawner.user.name
     role = "instructor" if name in INSTRUCTORS else "student"
-    spawner.environment["JUPYTER_CONFIG_PATH"] = str(HERE / role)
+    # A new dict: the configured one may be shared by every user's spawner.
+    spawner.environment = {**spawner.environment, "JUPYTER_CONFIG_PATH": str(HERE / role)}
     if role == "instructor":
         spawner.notebook_dir = COURSE_DIR
 
