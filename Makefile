@@ -18,17 +18,20 @@ PYTEST_ARGS ?=
 # nbgrader calls `alembic` as a subprocess: the venv's bin must be on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup lab test test-fast test-seeds doctor sync release course grade clean-grading
+.PHONY: setup lab test test-fast test-seeds doctor sync release course grade proxy clean-grading
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
-		-c constraints.txt -e '.[course,test,federated]'
+		-c constraints.txt -e '.[course,test,federated,hub]'
 	@touch $(STAMP)
 
+# deploy/local on JUPYTER_CONFIG_PATH: nbgrader's exchange is a folder of this checkout, so
+# the Assignment List works without root (no "Error fetching courses!").
 lab: setup
+	JUPYTER_CONFIG_PATH=$(CURDIR)/deploy/local$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH} \
 	$(BIN)/jupyter lab --notebook-dir=$(CURDIR) --port=$(PORT) $(ROOT_ARGS) $(LAB_ARGS)
 
 # One torch thread per process: tests and notebook kernels share two cores, and
@@ -52,8 +55,10 @@ doctor: setup
 	$(BIN)/python -m qlib doctor
 
 # Notebooks from their .py sources, Colab setup cells, README course map.
+# A fork for Colab: `make sync REPO=owner/name` points every badge and setup cell at it.
+REPO ?=
 sync: setup
-	$(BIN)/python tools/sync.py
+	$(BIN)/python tools/sync.py $(if $(REPO),--repo $(REPO))
 
 # Regenerate the student release labs/ from solutions/ (nbgrader generate_assignment).
 release: setup
@@ -63,11 +68,27 @@ release: setup
 course: sync release
 	$(BIN)/python tools/sync.py
 
-# Instructor: autograde every submission of LAB in submitted/, write feedback and grades.csv.
+# Instructor: autograde every submission of LAB in submitted/, write feedback, and export
+# grades_LAB.csv (this lab only) and grades.csv (every lab in the gradebook).
+# Works on a fresh clone: the lab is first registered in gradebook.db from solutions/ (its
+# notebooks, grade cells and hidden tests), generated into a scratch folder so the committed
+# labs/ is left as it is.
 grade: setup
+	@scratch=$$(mktemp -d) && \
+	$(BIN)/nbgrader generate_assignment $(LAB) --force --log-level=WARN \
+		--CourseDirectory.release_directory=$$scratch; rc=$$?; rm -rf $$scratch; exit $$rc
 	$(BIN)/nbgrader autograde $(LAB) --create
 	$(BIN)/nbgrader generate_feedback $(LAB)
+	$(BIN)/nbgrader export --to grades_$(LAB).csv --assignment=$(LAB)
 	$(BIN)/nbgrader export --to grades.csv
 
+# configurable-http-proxy (JupyterHub's proxy) from npm, into deploy/jupyterhub/.proxy
+# (project-local, ignored by git): the JupyterHub test and a local hub use it.
+CHP_VERSION ?= 4.6.3
+proxy: deploy/jupyterhub/.proxy/node_modules/.bin/configurable-http-proxy
+
+deploy/jupyterhub/.proxy/node_modules/.bin/configurable-http-proxy:
+	npm install --no-audit --no-fund --prefix deploy/jupyterhub/.proxy configurable-http-proxy@$(CHP_VERSION)
+
 clean-grading:
-	rm -rf autograded feedback gradebook.db grades.csv
+	rm -rf autograded feedback gradebook.db grades.csv grades_lab*.csv

@@ -144,3 +144,19 @@ def test_model_inspection_helpers():
 def test_unknown_lab_is_a_clear_attribute_error():
     with pytest.raises(AttributeError, match=r"no checks for lab99 \(expected qlib/check/lab99.py\)"):
         check.lab99  # noqa: B018
+
+
+def test_a_failing_check_shows_its_message_not_a_traceback():
+    """Reference: IPython's set_custom_exc; the cell must still end in an error (nbgrader: no points)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from qlib import check
+
+    shell = InteractiveShell.instance()
+    shown = []
+    shell._showtraceback = lambda etype, value, stb: shown.append(stb)
+    assert check.friendly_failures(shell)
+    result = shell.run_cell("from qlib.check import CheckFailed\nraise CheckFailed('expected 3, got 4')")
+    assert isinstance(result.error_in_exec, check.CheckFailed)  # still an error
+    assert shown == [["FAIL  expected 3, got 4", check.RUN_ALL_NOTE]]
+    InteractiveShell.clear_instance()

@@ -24,7 +24,7 @@ def env_pip_section() -> list[str]:
 
 def test_environment_yml_matches_pyproject():
     project = pyproject()["project"]
-    wanted = project["dependencies"] + [d for extra in ("course", "test", "federated")
+    wanted = project["dependencies"] + [d for extra in ("course", "test", "federated", "hub")
                                         for d in project["optional-dependencies"][extra]]
     got = [d for d in env_pip_section() if not d.startswith("-e")]
     assert sorted(got) == sorted(wanted)

@@ -52,3 +52,12 @@ def test_release_has_no_answers():
         if path.suffix == ".ipynb":
             text = path.read_text()
             assert "BEGIN SOLUTION" not in text and "BEGIN HIDDEN TESTS" not in text
+
+
+def test_release_is_not_paired_with_jupytext():
+    """A release notebook with jupytext pairing metadata makes every student's save write a
+    ``.py`` twin holding the answers; tools/release.py strips it (the sources keep it)."""
+    for path in sorted((ROOT / "labs").rglob("*.ipynb")):
+        assert "jupytext" not in json.loads(path.read_text())["metadata"], path
+    for path in sorted((ROOT / "solutions").rglob("*.ipynb")):
+        assert "jupytext" in json.loads(path.read_text())["metadata"], path

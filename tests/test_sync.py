@@ -1,10 +1,13 @@
 """Generated course files are in step with their sources; notebooks are committed clean.
 
-Reference: tools/sync.py (jupytext pairs, Colab setup cell, README course map).
+Reference: tools/sync.py (jupytext pairs, Colab setup cell, README course map, ``--repo`` for
+a fork).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +57,49 @@ def test_readme_links_every_notebook_with_a_colab_badge():
     for path in sorted(ROOT.glob("lessons/*.ipynb")) + sorted(ROOT.glob("labs/*/*.ipynb")):
         rel = path.relative_to(ROOT).as_posix()
         assert runtime.colab_url(rel) in readme, rel
+
+
+def _copy_course(dest: Path) -> Path:
+    skip = shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints", "*.pt")
+    for part in ("lessons", "solutions", "labs", "qlib", "tools"):
+        shutil.copytree(ROOT / part, dest / part, ignore=skip)
+    shutil.copy(ROOT / "README.md", dest)
+    return dest
+
+
+def test_sync_repo_points_every_badge_and_setup_cell_at_a_fork(tmp_path):
+    """``make sync REPO=owner/name``: one setting (``REPO_URL`` in qlib/runtime.py, rewritten)
+    and every notebook's setup cell, the released labs' included, and every README badge
+    follow it; afterwards ``--check`` finds nothing stale."""
+    course = _copy_course(tmp_path / "course")
+    env = dict(os.environ, PYTHONPATH=str(course))
+    out = subprocess.run([sys.executable, "tools/sync.py", "--repo", "alice/q-fork"], cwd=course,
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    fork = "https://github.com/alice/q-fork"
+    assert f'REPO_URL = "{fork}"' in (course / "qlib" / "runtime.py").read_text()
+    old = runtime.REPO_URL.split("//")[1]
+    notebooks = sorted(course.glob("lessons/*.ipynb")) + sorted(course.glob("solutions/*/*.ipynb")) \
+        + sorted(course.glob("labs/*/*.ipynb"))
+    assert len(notebooks) == len(NOTEBOOKS)
+    for path in notebooks:
+        first = nbformat.read(path, as_version=4).cells[0].source
+        assert f"git+{fork}@" in first, path
+        assert old not in path.read_text(), path
+    readme = (course / "README.md").read_text()
+    assert old not in readme.split("<!-- course-map -->")[1]
+    assert readme.count("colab.research.google.com/github/alice/q-fork/blob/") == \
+        len(list(course.glob("lessons/*.ipynb"))) + len(list(course.glob("labs/*/*.ipynb")))
+    again = subprocess.run([sys.executable, "tools/sync.py", "--check"], cwd=course, env=env,
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_sync_repo_rejects_what_is_not_owner_slash_name(tmp_path):
+    course = _copy_course(tmp_path / "course")
+    before = (course / "qlib" / "runtime.py").read_text()
+    out = subprocess.run([sys.executable, "tools/sync.py", "--repo", "https://github.com/alice"],
+                         cwd=course, env=dict(os.environ, PYTHONPATH=str(course)),
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "expected a GitHub repository as owner/name" in out.stderr
+    assert (course / "qlib" / "runtime.py").read_text() == before

@@ -9,6 +9,11 @@
 
 ``python tools/sync.py --check`` changes nothing and exits 1 when something is out of date
 (``tests/test_sync.py`` runs it).
+
+A fork that students open on Colab: ``python tools/sync.py --repo owner/name`` (``make sync
+REPO=owner/name``) first rewrites ``REPO_URL`` in ``qlib/runtime.py`` (the one place the
+address lives), then every setup cell (lessons, solutions and the released ``labs/``) and
+every Colab badge of the README points at ``github.com/owner/name``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,25 @@ from qlib import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUP_TAG = "colab-setup"
+
+
+REPO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,38}/[A-Za-z0-9._-]{1,100}")
+REPO_LINE = re.compile(r'^REPO_URL = "[^"]*"$', re.M)
+
+
+def set_repo(repo: str, root: Path = ROOT) -> None:
+    """Point the course at the GitHub repository ``owner/name``: rewrite ``REPO_URL`` in
+    ``qlib/runtime.py`` (and in the loaded module, so this run generates with it)."""
+    if not isinstance(repo, str) or not REPO_NAME.fullmatch(repo):
+        raise ValueError(f"expected a GitHub repository as owner/name (e.g. alice/quantization-course), "
+                         f"got {repo!r}")
+    url = f"https://github.com/{repo}"
+    path = root / "qlib" / "runtime.py"
+    text = path.read_text()
+    if len(REPO_LINE.findall(text)) != 1:
+        raise ValueError(f"expected one line `REPO_URL = \"...\"` in {path}")
+    path.write_text(REPO_LINE.sub(f'REPO_URL = "{url}"', text))
+    runtime.REPO_URL = url
 
 
 def sources() -> list[Path]:
@@ -73,7 +97,23 @@ def readme_text() -> str:
                   readme, flags=re.S)
 
 
-def main(check: bool) -> int:
+def release_setup_stale(path: Path) -> nbformat.NotebookNode | None:
+    """A released lab whose setup cell is not the current one, updated (None when in step).
+
+    ``make release`` would write the same cell from ``solutions/``; only this cell changes.
+    """
+    nb = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+    if not nb.cells or SETUP_TAG not in nb.cells[0].metadata.get("tags", []):
+        return None
+    if nb.cells[0].source == runtime.setup_cell():
+        return None
+    nb.cells[0].source = runtime.setup_cell()
+    return nb
+
+
+def main(check: bool, repo: str | None = None) -> int:
+    if repo is not None and not check:
+        set_repo(repo)
     stale = []
     for py in sources():
         target = py.with_suffix(".ipynb")
@@ -82,6 +122,12 @@ def main(check: bool) -> int:
             stale.append(target)
             if not check:
                 target.write_text(text)
+    for target in sorted(ROOT.glob("labs/*/*.ipynb")):
+        updated = release_setup_stale(target)
+        if updated is not None:
+            stale.append(target)
+            if not check:
+                nbformat.write(updated, target)
     readme = ROOT / "README.md"
     text = readme_text()
     if readme.read_text() != text:
@@ -95,5 +141,21 @@ def main(check: bool) -> int:
     return 1 if check and stale else 0
 
 
+def parse(argv: list[str]) -> tuple[bool, str | None]:
+    """``[--check] [--repo owner/name]`` (``--repo=owner/name`` too)."""
+    check, repo, args = False, None, list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--check":
+            check = True
+        elif arg == "--repo" and args:
+            repo = args.pop(0)
+        elif arg.startswith("--repo="):
+            repo = arg.split("=", 1)[1]
+        else:
+            raise SystemExit(f"usage: tools/sync.py [--check] [--repo owner/name]; got {arg!r}")
+    return check, repo
+
+
 if __name__ == "__main__":
-    sys.exit(main(check="--check" in sys.argv))
+    sys.exit(main(*parse(sys.argv[1:])))

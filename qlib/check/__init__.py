@@ -45,3 +45,34 @@ def __getattr__(name: str):
                 raise  # a missing import inside an existing lab module: show it
             raise AttributeError(f"there are no checks for {name} (expected qlib/check/{name}.py)") from None
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+RUN_ALL_NOTE = ("(Run All stops at the first failing check: fix this answer and run its cell again, "
+                "or run the cells below one by one.)")
+
+
+def friendly_failures(shell=None) -> bool:
+    """In a notebook, show a failing check as its message, not as a traceback into qlib.
+
+    IPython's ``set_custom_exc`` hands ``CheckFailed`` to a handler that still reports an
+    *error* (so nbgrader still gives the cell no points and Run All still stops), but whose
+    traceback is two lines: the check's message and a note on Run All. Returns whether it was
+    installed (False outside IPython). Called once at import.
+    """
+    if shell is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return False
+        shell = get_ipython()
+    if shell is None or not hasattr(shell, "set_custom_exc"):
+        return False
+
+    def show(sh, etype, value, tb, tb_offset=None):
+        sh._showtraceback(etype, value, [f"FAIL  {value}", RUN_ALL_NOTE])
+
+    shell.set_custom_exc((CheckFailed,), show)
+    return True
+
+
+friendly_failures()

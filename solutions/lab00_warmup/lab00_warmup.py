@@ -24,6 +24,9 @@ if "google.colab" in sys.modules:
 # - Fill in every cell that says `# YOUR CODE HERE` (delete the `raise NotImplementedError()`).
 # - The cell after each answer runs a **self-check**: it prints `PASS` or says what was expected.
 #   When your instructor grades the lab, hidden checks on fresh random inputs run as well.
+# - **Run All stops at the first failing self-check** (or the first answer not written yet):
+#   that is expected while you work. Fix that answer, or run the cells below it one by one
+#   (Shift+Enter) to see the other checks.
 # - Do not rename the functions. Run the notebook top to bottom before you submit.
 
 # %% nbgrader={"grade": false, "grade_id": "imports", "locked": true, "schema_version": 3, "solution": false, "task": false}

@@ -36,6 +36,9 @@ if "google.colab" in sys.modules:
 # - Use torch operations on float32 tensors, in the order the formulas are written (Python
 #   floats are float64 and can round differently). Do not call qlib's or PyTorch's quantization
 #   functions in your answers: the point is to write them.
+# - **Run All stops at the first failing self-check** (or the first answer not written yet):
+#   that is expected while you work. Fix that answer, or run the cells below it one by one
+#   (Shift+Enter) to see the other checks.
 # - Do not rename the functions. Run the notebook top to bottom before you submit.
 
 # %% nbgrader={"grade": false, "grade_id": "imports", "locked": true, "schema_version": 3, "solution": false, "task": false}

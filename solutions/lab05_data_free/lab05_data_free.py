@@ -32,6 +32,10 @@ if "google.colab" in sys.modules:
 # Fill in every cell that says `# YOUR CODE HERE` (delete the `raise NotImplementedError()`).
 # Each test cell prints `PASS` or says what was expected; hidden checks on fresh random models
 # run when your instructor grades the lab. Do not rename the functions.
+#
+# **Run All stops at the first failing self-check** (or the first answer not written yet):
+# that is expected while you work. Fix that answer, or run the cells below it one by one
+# (Shift+Enter) to see the other checks.
 
 # %% nbgrader={"grade": false, "grade_id": "imports", "locked": true, "schema_version": 3, "solution": false, "task": false}
 import torch

@@ -32,6 +32,9 @@ if "google.colab" in sys.modules:
 # - Fill in every cell that says `# YOUR CODE HERE` (delete the `raise NotImplementedError()`).
 # - The cell after each answer runs a **self-check**: it prints `PASS` or says what was expected.
 #   When your instructor grades the lab, hidden checks on fresh random shapes and values run as well.
+# - **Run All stops at the first failing self-check** (or the first answer not written yet):
+#   that is expected while you work. Fix that answer, or run the cells below it one by one
+#   (Shift+Enter) to see the other checks.
 # - Do not rename the functions. Run the notebook top to bottom before you submit: after you
 #   change a kernel, re-run the cells below it that use it.
 
