@@ -1,12 +1,18 @@
 """What every benchmark JSON starts with: the machine, the versions, the seeds, the mode.
 
-``header(seeds, fast)`` returns that dict; ``write(result, path)`` saves a result as JSON
+``header(name, seeds, fast)`` returns that dict; ``write(result, path)`` saves a result as JSON
 (creating the folder). Speed numbers are only comparable inside one run (ratios); the header
 says where and with what they were measured.
+
+Every benchmark ends the same way, written here once: ``arguments(name, doc, fast_help)``
+parses ``--fast``, ``--out`` (default ``results/NAME.json``) and ``--threads``;
+``target_lines(targets)`` prints each target as ``target MET`` or ``target MISSED``; and
+``main(name, run, table, doc, fast_help)`` runs, prints the table, writes the JSON.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -52,3 +58,35 @@ def write(result: dict, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def arguments(name: str, doc: str, fast_help: str, threads: int | None = 1,
+              threads_help: str = "torch CPU threads (default 1: stable timings on a shared machine)",
+              argv=None) -> argparse.Namespace:
+    """Parse a benchmark's command line: ``--fast``, ``--out`` (a ``Path``, default
+    ``results/NAME.json``), ``--threads`` (default ``threads``; ``None`` keeps torch's own)."""
+    default = RESULTS_DIR / f"{name}.json"
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--fast", action="store_true", help=fast_help)
+    parser.add_argument("--out", type=Path, default=default, help=f"where to write the JSON (default {default})")
+    parser.add_argument("--threads", type=int, default=threads, help=threads_help)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def target_lines(targets) -> list[str]:
+    """One line per target dict (``name``, ``value``, ``threshold``, ``met``): MET or MISSED."""
+    return [f"target {'MET ' if t['met'] else 'MISSED'}: {t['name']}: {t['value']:.3g} (threshold {t['threshold']})"
+            for t in targets]
+
+
+def main(name: str, run, table, doc: str, fast_help: str, argv=None) -> int:
+    """The whole ``main`` of a benchmark: parse, ``run(fast=, log=)``, print ``table(result)``, write."""
+    args = arguments(name, doc, fast_help, argv=argv)
+    result = run(fast=args.fast, log=lambda s: print(s, flush=True))
+    print()
+    print(table(result))
+    print(f"\nwrote {write(result, args.out)}")
+    return 0

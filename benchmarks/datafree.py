@@ -29,7 +29,6 @@ original per-channel W8A8; distillation raises W4A4 accuracy and agreement with 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import replace
@@ -39,7 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, header, write  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import header, target_lines  # noqa: E402
 from qlib import data, models  # noqa: E402
 from qlib.datafree import (Generator, bn_preactivation_stats, bn_statistics_loss, correct_bias,  # noqa: E402
                            cross_layer_equalize, expected_inputs, gaussian_batches, generator_batches,
@@ -48,7 +48,7 @@ from qlib.distill import agreement, distill  # noqa: E402
 from qlib.modules import QuantConfig  # noqa: E402
 from qlib.ptq import quantize_static  # noqa: E402
 from qlib.qparams import PerTensor  # noqa: E402
-from qlib.train import accuracy_over_seeds, evaluate  # noqa: E402
+from qlib.train import accuracy_over_seeds, evaluate, format_spread  # noqa: E402
 
 MODEL = "cnn16"
 CONFIGS = {"W8A8": 8, "W6A6": 6, "W4A4": 4}
@@ -219,7 +219,7 @@ def run(fast: bool = False, log=print) -> dict:
 def table(result: dict) -> str:
     """The result as text tables (what ``main`` prints)."""
     def acc(s):
-        return f"{s['mean']:6.2f} [{s['min']:.1f}, {s['max']:.1f}]"
+        return format_spread(s, digits=2, width=6, bounds_digits=1, bounds_width=0)
 
     observers = list(result["settings"]["observers"])
     lines = [f"Data-free quantization: {result['settings']['model']} on digits, seeds {result['seeds']}"
@@ -247,24 +247,12 @@ def table(result: dict) -> str:
                      f"{acc(d['agreement_with_teacher'][k])}")
     lines += ["", "seconds per seed (mean): " + ", ".join(f"{k} {v['mean']:.1f}" for k, v in result["method_seconds"].items())
               + f"; total {result['seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU", ""]
-    for t in result["targets"]:
-        lines.append(f"target {'MET ' if t['met'] else 'MISSED'}: {t['name']}: {t['value']:.3g} (threshold {t['threshold']})")
+    lines += target_lines(result["targets"])
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--fast", action="store_true", help="seed 0, 64 images, 20-step loops: a smoke test")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "datafree.json"), help="where to write the JSON")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machine)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    result = run(fast=args.fast, log=lambda s: print(s, flush=True))
-    print()
-    print(table(result))
-    path = write(result, args.out)
-    print(f"\nwrote {path}")
-    return 0
+    return common.main("datafree", run, table, __doc__, "seed 0, 64 images, 20-step loops: a smoke test", argv)
 
 
 if __name__ == "__main__":

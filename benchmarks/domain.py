@@ -30,7 +30,6 @@ Five studies, each reported as mean [min, max] over the three shipped seeds (0, 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -40,14 +39,15 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, header, write  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import header  # noqa: E402
 from qlib import data, models  # noqa: E402
 from qlib.datafree import synthesize_bn  # noqa: E402
 from qlib.domain import adapt, generalization, transfer  # noqa: E402
 from qlib.domain import evaluate as ev  # noqa: E402
 from qlib.domain.printed import load_printed  # noqa: E402
 from qlib.domain.shifts import SEVERITIES, SHIFTS, corrupt_dataset  # noqa: E402
-from qlib.train import evaluate  # noqa: E402
+from qlib.train import evaluate, format_spread  # noqa: E402
 
 SEEDS = (0, 1, 2)
 ADAPT_TARGETS = (("printed", None), ("gaussian_noise", 5), ("contrast", 5), ("blur", 5))
@@ -232,7 +232,7 @@ def run(fast: bool, log=print) -> dict:
 
 
 def acc(s: dict, width: int = 21, digits: int = 1) -> str:
-    return f"{s['mean']:6.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]".rjust(width)
+    return format_spread(s, digits, width=6, bounds_width=0).rjust(width)
 
 
 def table(result: dict) -> str:
@@ -270,17 +270,7 @@ def table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--fast", action="store_true", help="seed 0, two shifts, two severities, short training")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "domain.json"), help="where to write the JSON")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    result = run(fast=args.fast, log=lambda s: print(s, flush=True))
-    print()
-    print(table(result))
-    print(f"\nwrote {write(result, args.out)}")
-    return 0
+    return common.main("domain", run, table, __doc__, "seed 0, two shifts, two severities, short training", argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ one Ray start costs tens of seconds on a busy 2-core machine, 96 of them would n
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -36,10 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, header, write  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import header  # noqa: E402
 from qlib import data, models  # noqa: E402
 from qlib.federated import fedavg, flower, partition, server  # noqa: E402
-from qlib.train import accuracy_over_seeds, evaluate  # noqa: E402
+from qlib.train import accuracy_over_seeds, evaluate, format_spread  # noqa: E402
 
 UPDATES = {  # name: (bits, rounding, error_feedback)
     "fp32": (None, "stochastic", False),
@@ -145,30 +145,19 @@ def table(result: dict) -> str:
         fp = rows["fp32"]["total_bytes"]
         for name, r in rows.items():
             a = r["accuracy"]
-            lines.append(f"{split:7s} {name:16s} {a['mean']:12.1f} [{a['min']:5.1f}, {a['max']:5.1f}]   "
+            lines.append(f"{split:7s} {name:16s} {format_spread(a, width=12, bounds_width=5)}   "
                          f"{r['total_bytes']:>12,d} {fp / r['total_bytes']:6.1f}x")
     lines.append("")
     lines.append(f"{'clients':13s} {'server PTQ':18s} accuracy")
     for kind, rows in result["qat_vs_ptq"].items():
         for k, v in rows.items():
             a = v["accuracy"]
-            lines.append(f"{kind:13s} {k:18s} {a['mean']:5.1f} [{a['min']:.1f}, {a['max']:.1f}]")
+            lines.append(f"{kind:13s} {k:18s} {format_spread(a, bounds_width=0)}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--fast", action="store_true", help="1 seed, 2 rounds, 3 update kinds: a smoke test")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "federated.json"), help="where to write the JSON")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machine)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    result = run(fast=args.fast, log=lambda s: print(s, flush=True))
-    print()
-    print(table(result))
-    path = write(result, args.out)
-    print(f"\nwrote {path}")
-    return 0
+    return common.main("federated", run, table, __doc__, "1 seed, 2 rounds, 3 update kinds: a smoke test", argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ comparison only: ``torch._int_mm`` (exact int8) vs fp32 matmul vs the int64 emul
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -37,7 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, header, write  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import header, target_lines  # noqa: E402
 from qlib.kernels import Int8Linear, int8_matmul, int8_matmul_scaled, triton_status  # noqa: E402
 from qlib.kernels.reference import scaled_epilogue_reference  # noqa: E402
 
@@ -246,23 +246,12 @@ def table(result: dict) -> str:
         lines.append(f"  fused epilogue {r['shape'][0]}: {r['fused_vs_unfused']:.2f}x the unfused pair")
     if "int8_linear" in gpu:
         lines.append(f"  Int8Linear vs bf16 nn.Linear: {gpu['int8_linear']['int8_vs_float']:.2f}x")
-    for t in result["targets"]:
-        lines.append(f"target {'MET ' if t['met'] else 'MISSED'}: {t['name']}: {t['value']:.3g} (threshold {t['threshold']})")
+    lines += target_lines(result["targets"])
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--fast", action="store_true", help="small shapes, few repeats")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "int8_gemm.json"), help="where to write the JSON")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: stable timings)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    result = run(fast=args.fast, log=lambda s: print(s, flush=True))
-    print()
-    print(table(result))
-    print(f"\nwrote {write(result, args.out)}")
-    return 0
+    return common.main("int8_gemm", run, table, __doc__, "small shapes, few repeats", argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ median latency at batch 1 and 64 (measured interleaved, so read the ratios).
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import tempfile
@@ -36,16 +35,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import header, write  # noqa: E402
+from benchmarks.common import arguments, header, write  # noqa: E402
 from qlib import convert_to_integer, data, export, models  # noqa: E402
 from qlib.engines import compare_latency, torch_x86_quantize  # noqa: E402
 from qlib.mixed import (allocation_bits, greedy_allocate, hawq_sensitivity, hessian_traces, ilp_allocate,  # noqa: E402
                         layer_sizes, one_at_a_time, spearman, sqnr_sensitivity, to_per_layer, uniform_allocate)
 from qlib.ptq import quantize_static  # noqa: E402
 from qlib.qat import quantization_aware_training  # noqa: E402
-from qlib.train import accuracy_over_seeds, evaluate  # noqa: E402
+from qlib.train import accuracy_over_seeds, evaluate, format_spread  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "mixed.json"
 BITS = (2, 3, 4, 6, 8)
 UNIFORM = (8, 6, 4, 3, 2)
 BUDGETS = {"W6": 6, "W4": 4, "W3": 3, "W2.5": 2.5}  # ILP budgets: the size of uniform W<b>
@@ -109,14 +107,10 @@ def pareto(names, seeds, qat_epochs) -> dict:
         result[name] = {"fp32": fp32, "weights": sum(layer_sizes(models.create(name)).values()), "rows": rows,
                         "spearman_at_3_bits": [r["spearman_at_3_bits"] for r in per_seed],
                         "sensitivity_cost_s": [r["sensitivity_cost_s"] for r in per_seed]}
-        print(f"\n{name}: fp32 {_fmt(fp32)}")
+        print(f"\n{name}: fp32 {format_spread(fp32)}")
         for row in rows:
-            print(f"  {row['config']:24} {row['size_bits'] / 8 / 1024:7.2f} KiB  {_fmt(row['accuracy'])}")
+            print(f"  {row['config']:24} {row['size_bits'] / 8 / 1024:7.2f} KiB  {format_spread(row['accuracy'])}")
     return result
-
-
-def _fmt(s: dict) -> str:
-    return f"{s['mean']:5.1f} [{s['min']:5.1f}, {s['max']:5.1f}]"
 
 
 def _state_bytes(module) -> int:
@@ -183,12 +177,7 @@ def targets(par: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", action="store_true", help="cnn16, seed 0, 1 QAT epoch, 5 latency repeats")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = arguments("mixed", __doc__, "cnn16, seed 0, 1 QAT epoch, 5 latency repeats", argv=argv)
     names, seeds = (["cnn16"], [0]) if args.fast else (["cnn16", "res16"], list(models.SEEDS))
     start = time.perf_counter()
     par = pareto(names, seeds, 1 if args.fast else QAT_EPOCHS)

@@ -26,7 +26,6 @@ the (folded) fp32 model; the integer model (int8 kernels) within 1.5x of fp32's 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
@@ -36,14 +35,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, header, write  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import header, target_lines  # noqa: E402
 from qlib import data, measure, models  # noqa: E402
 from qlib.engines import compare_latency, torch_x86_quantize  # noqa: E402
 from qlib.fold import fold_batchnorm  # noqa: E402
 from qlib.intmodel import convert_to_integer  # noqa: E402
 from qlib.modules import QuantConfig  # noqa: E402
 from qlib.ptq import quantize_static  # noqa: E402
-from qlib.train import accuracy_over_seeds, evaluate  # noqa: E402
+from qlib.train import accuracy_over_seeds, evaluate, format_spread  # noqa: E402
 
 MODEL = "cnn16"
 CONFIGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
@@ -188,7 +188,7 @@ def run(fast: bool = False, log=print) -> dict:
 def table(result: dict) -> str:
     """The result as text tables (what ``main`` prints)."""
     def acc(s):
-        return f"{s['mean']:6.2f} [{s['min']:.2f}, {s['max']:.2f}]"
+        return format_spread(s, digits=2, width=6, bounds_width=0)
 
     lines = [f"PTQ benchmark: {result['settings']['model']} on digits, seeds {result['seeds']}"
              f"{' (fast)' if result['fast'] else ''}; accuracy % mean [min, max]",
@@ -213,25 +213,12 @@ def table(result: dict) -> str:
     lines.append(f"  integer backends (int8 kernels, int64 reference) give equal outputs: "
                  f"{result['latency']['integer_backends_equal']}")
     lines.append("")
-    for t in result["targets"]:
-        lines.append(f"target {'MET ' if t['met'] else 'MISSED'}: {t['name']}: {t['value']:.3g} (threshold {t['threshold']})")
+    lines += target_lines(result["targets"])
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--fast", action="store_true", help="seed 0, min-max weights only, short timing")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "ptq.json"), help="where to write the JSON")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: stable timings on a shared machine)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    result = run(fast=args.fast, log=lambda s: print(s, flush=True))
-    print()
-    print(table(result))
-    path = write(result, args.out)
-    print(f"\nwrote {path}")
-    return 0
+    return common.main("ptq", run, table, __doc__, "seed 0, min-max weights only, short timing", argv)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,6 @@ weight scales (the STE keeps the MSE clipping ratio; LSQ starts from it). No ear
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,14 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, versions  # noqa: E402
+from benchmarks.common import arguments, machine, versions, write  # noqa: E402
 from qlib import data, models  # noqa: E402
 from qlib.modules import QuantConfig  # noqa: E402
 from qlib.ptq import quantize_static  # noqa: E402
 from qlib.qat import quantization_aware_training  # noqa: E402
-from qlib.train import accuracy_over_seeds, evaluate  # noqa: E402
+from qlib.train import accuracy_over_seeds, evaluate, format_spread  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "qat.json"
 CONFIGS = {
     "W4A4": (QuantConfig(weight_bits=4, act_bits=4), 15, 5e-4),
     "W2A4": (QuantConfig(weight_bits=2, act_bits=4, weight_observer="mse"), 30, 2e-3),
@@ -76,7 +72,7 @@ def run(model_names, seeds, epochs_override=None, train_samples=None) -> list[di
 
 
 def _fmt(stats: dict, digits: int = 1) -> str:
-    return f"{stats['mean']:.{digits}f} [{stats['min']:.{digits}f}, {stats['max']:.{digits}f}]"
+    return format_spread(stats, digits, width=0)
 
 
 HEADER = (f"{'model':6} {'config':6} {'method':6} {'fp32':>18} {'PTQ':>18} {'QAT':>18} "
@@ -90,13 +86,8 @@ def format_row(row: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", action="store_true", help="cnn8, seed 0, 1 epoch on 320 digits")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = arguments("qat", __doc__, "cnn8, seed 0, 1 epoch on 320 digits", threads=None,
+                     threads_help="torch threads (default: torch's)", argv=argv)
     names, seeds = (["cnn8"], [0]) if args.fast else (["cnn16", "cnn8"], list(models.SEEDS))
     start = time.perf_counter()
     print(HEADER)
@@ -105,8 +96,7 @@ def main(argv=None) -> dict:
               "data": "digits test split (360 images; one image = 0.28 points)",
               "calibration": "256 training digits, seed 0", "rows": rows,
               "total_time_s": time.perf_counter() - start}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write(result, args.out)
     print(f"wrote {args.out} in {result['total_time_s']:.0f} s")
     return result
 

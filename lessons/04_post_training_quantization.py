@@ -33,9 +33,7 @@ if "google.colab" in sys.modules:
 
 # %%
 import copy
-import json
 import warnings
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -49,7 +47,7 @@ from qlib.intops import int_conv2d, quantize_multiplier, requantize
 from qlib.modules import QuantConfig
 from qlib.ptq import calibrate, convert, prepare, quantize_dynamic, quantize_static
 from qlib.quantize import quantize
-from qlib.train import evaluate
+from qlib.train import evaluate, format_spread
 
 digits = data.load_digits(16)
 calib = data.calibration_batches(digits.train, num_samples=256, batch_size=64, seed=0)
@@ -323,12 +321,11 @@ for k, v in latency.items():
 # `benchmarks/results/ptq.json`; if that file is here, we show its table.
 
 # %%
-RESULT = Path("..") / "benchmarks" / "results" / "ptq.json"
-if RESULT.exists():
-    bench = json.loads(RESULT.read_text())
+bench = runtime.benchmark_result("ptq")
+if bench is not None:
 
     def fmt(s):
-        return f"{s['mean']:6.2f} [{s['min']:.2f}, {s['max']:.2f}]"
+        return format_spread(s, digits=2, width=6, bounds_width=0)
 
     print(f"benchmark of {bench['created']}, seeds {bench['seeds']}{' (fast mode)' if bench['fast'] else ''}, "
           f"torch {bench['versions']['torch']}, {bench['machine']['torch_threads']} thread(s)")
@@ -343,8 +340,6 @@ if RESULT.exists():
     print("  latency / fp32: " + ", ".join(f"{k} {v:.2f}" for k, v in bench["latency"]["time_ratio_vs_fp32"].items()))
     for t in bench["targets"]:
         print(f"  target {'met' if t['met'] else 'MISSED'}: {t['name']} ({t['value']:.3g})")
-else:
-    print(f"{RESULT} not found: run `python benchmarks/ptq.py` from the repository root (a few minutes)")
 
 # %% [markdown]
 # ## 5. Look

@@ -35,15 +35,11 @@ if "google.colab" in sys.modules:
 # you write the STE and LSQ's step-size gradient yourself, and train a 2-bit network.
 
 # %%
-import json
-from pathlib import Path
-
 import ipywidgets as ipw
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-import qlib
 from qlib import data, models, runtime
 from qlib.widgets import interact  # ipywidgets.interact, drawn without an Output widget
 from qlib.fold import fold_batchnorm
@@ -52,7 +48,7 @@ from qlib.modules import QuantConfig
 from qlib.ptq import quantize_static
 from qlib.qat import quantization_aware_training, ste_staircase, to_integer
 from qlib.quantize import fake_quantize
-from qlib.train import evaluate
+from qlib.train import evaluate, format_spread
 
 torch.set_num_threads(1)  # tiny models: extra threads gain little here, and one is steadier on a busy machine
 MODEL = runtime.pick("cnn16", "cnn8")  # the default teaching model; the small one in fast mode
@@ -445,17 +441,9 @@ for layer in layer_names:
 # `benchmarks/results/qat.json`. Test accuracy, mean [min, max] over the seeds:
 
 # %%
-candidates = [Path.cwd().parent / "benchmarks" / "results" / "qat.json",
-              Path(qlib.__file__).resolve().parents[1] / "benchmarks" / "results" / "qat.json"]
-found = next((p for p in candidates if p.exists()), None)
-if found is None:
-    print("benchmarks/results/qat.json not found: run `python benchmarks/qat.py` from the repository root")
-else:
-    bench = json.loads(found.read_text())
-
-    def fmt(stats):
-        return f"{stats['mean']:5.1f} [{stats['min']:5.1f}, {stats['max']:5.1f}]"
-
+bench = runtime.benchmark_result("qat")
+if bench is not None:
+    fmt = format_spread  # mean [min, max], one decimal
     print(f"seeds {bench['seeds']}{' (fast mode)' if bench['fast'] else ''}, torch {bench['versions']['torch']}, "
           f"{bench['machine']['cpu_count']} CPUs; {bench['data']}\n")
     print(f"{'model':6s} {'config':6s} {'method':6s} {'epochs':>6s} {'lr':>7s} {'w-scales':>8s} "

@@ -49,9 +49,7 @@ if "google.colab" in sys.modules:
 # the model. We will turn it back into inputs.
 
 # %%
-import json
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -62,7 +60,7 @@ from qlib.datafree import (Generator, bn_statistics_loss, gaussian_batches, gene
                            synthesize_bn, train_generator)
 from qlib.modules import QuantConfig
 from qlib.ptq import quantize_static
-from qlib.train import evaluate
+from qlib.train import evaluate, format_spread
 
 MODEL, SEED = "cnn16", 0
 N_IMAGES = runtime.pick(256, 64)        # calibration images per source
@@ -244,9 +242,8 @@ plt.show()
 # images (mean [min, max] over seeds); the table below is read from its JSON.
 
 # %%
-RESULT = Path("..") / "benchmarks" / "results" / "datafree.json"
-if RESULT.exists():
-    bench = json.loads(RESULT.read_text())
+bench = runtime.benchmark_result("datafree")
+if bench is not None:
     print(f"{bench['settings']['model']}, seeds {bench['seeds']}{' (fast run)' if bench['fast'] else ''}; "
           f"fp32 {bench['fp32']['mean']:.1f} %")
     for obs in bench["settings"]["observers"]:
@@ -254,12 +251,10 @@ if RESULT.exists():
         print(f"\n{obs} activations      " + "".join(f"{c:>22s}" for c in cols))
         for src, per in bench["accuracy"].items():
             print(f"  {src:18s}" + "".join(
-                f"{per[c][obs]['mean']:8.1f} [{per[c][obs]['min']:5.1f}, {per[c][obs]['max']:5.1f}]" for c in cols))
+                format_spread(per[c][obs], width=8, bounds_width=5) for c in cols))
     print()
     for tgt in bench.get("targets", []):
         print(("MET    " if tgt["met"] else "MISSED ") + tgt["name"])
-else:
-    print(f"{RESULT} is not here yet: run `python benchmarks/datafree.py` (a few minutes) to create it.")
 
 # %% [markdown]
 # ## Summary

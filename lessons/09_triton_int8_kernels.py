@@ -37,9 +37,6 @@ if "google.colab" in sys.modules:
 # epilogue yourself.
 
 # %%
-import json
-from pathlib import Path
-
 import ipywidgets as ipw
 import matplotlib.pyplot as plt
 import torch
@@ -383,9 +380,8 @@ print(f"W8A8 vs float: max |error| {err.max():.4f}, mean {err.mean():.5f}, outpu
 # `benchmarks/results/int8_gemm.json`, are read here (nothing is typed in).
 
 # %%
-RESULT = Path("..") / "benchmarks" / "results" / "int8_gemm.json"
-if RESULT.exists():
-    bench = json.loads(RESULT.read_text())
+bench = runtime.benchmark_result("int8_gemm")
+if bench is not None:
     print(f"benchmark of {bench['created']}{' (fast mode)' if bench['fast'] else ''}, torch "
           f"{bench['versions']['torch']}, {bench['cpu']['threads']} CPU thread(s)")
     for row in bench["cpu"]["shapes"]:
@@ -406,8 +402,6 @@ if RESULT.exists():
             print(f"  target {'met' if t['met'] else 'MISSED'}: {t['name']}: {t['value']:.2f} (>= {t['threshold']})")
     else:
         print(f"No GPU numbers were measured: {gpu['reason']}.")
-else:
-    print("benchmarks/results/int8_gemm.json is not here (e.g. on Colab): run benchmarks/int8_gemm.py")
 
 # %% [markdown]
 # ## Summary

@@ -39,19 +39,15 @@ if "google.colab" in sys.modules:
 # faster than the float model's. Whether they do is a measurement, not a belief.
 
 # %%
-import json
-from pathlib import Path
-
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import torch
 from IPython.display import display
 
-import qlib
 from qlib import data, models, runtime
 from qlib.domain import adapt, evaluate as ev, shifts
 from qlib.domain.printed import load_printed
-from qlib.train import evaluate
+from qlib.train import evaluate, format_spread
 
 MODEL, SEED = "cnn16", 0
 digits = data.load_digits(16)                   # the source: handwritten digits
@@ -168,21 +164,8 @@ for name in some:
 # spread, mean [min, max] over seeds, averaged over shifts at each severity:
 
 # %%
-def load_benchmark(name="domain.json"):
-    candidates = [Path.cwd().parent / "benchmarks" / "results" / name,
-                  Path(qlib.__file__).resolve().parents[1] / "benchmarks" / "results" / name]
-    found = next((p for p in candidates if p.exists()), None)
-    if found is None:
-        print(f"benchmarks/results/{name} not found: run `python benchmarks/domain.py` from the repository root")
-        return None
-    return json.loads(found.read_text())
-
-
-def fmt(s):
-    return f"{s['mean']:5.1f} [{s['min']:5.1f}, {s['max']:5.1f}]"
-
-
-bench = load_benchmark()
+fmt = format_spread  # mean [min, max], one decimal
+bench = runtime.benchmark_result("domain")
 if bench is not None:
     g, d = bench["grid"]["accuracy"], bench["grid"]["drop"]
     print(f"seeds {bench['seeds']}{' (fast mode)' if bench['fast'] else ''}; drop = fp32 - quantized, points\n")

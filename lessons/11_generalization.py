@@ -38,17 +38,14 @@ if "google.colab" in sys.modules:
 # estimator trains the *float* weights behind it. Whether it regularizes must be measured.
 
 # %%
-import json
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import torch
 
-import qlib
 from qlib import data, models, runtime
 from qlib.domain import generalization as G
 from qlib.qparams import qparams_for, quant_range
 from qlib.quantize import fake_quantize
+from qlib.train import format_spread
 
 w = models.pretrained("cnn8", 0)[3].weight.detach().flatten()
 for bits in (8, 4, 2):
@@ -116,21 +113,11 @@ plt.show()
 # `benchmarks/results/domain.json`: mean [min, max] over seeds.
 
 # %%
-def load_benchmark(name="domain.json"):
-    candidates = [Path.cwd().parent / "benchmarks" / "results" / name,
-                  Path(qlib.__file__).resolve().parents[1] / "benchmarks" / "results" / name]
-    found = next((p for p in candidates if p.exists()), None)
-    if found is None:
-        print(f"benchmarks/results/{name} not found: run `python benchmarks/domain.py` from the repository root")
-        return None
-    return json.loads(found.read_text())
-
-
 def fmt(s):
-    return f"{s['mean']:7.3f} [{s['min']:7.3f}, {s['max']:7.3f}]"
+    return format_spread(s, digits=3, width=7)
 
 
-bench = load_benchmark()
+bench = runtime.benchmark_result("domain")
 if bench is not None:
     print(f"seeds {bench['seeds']}{' (fast mode)' if bench['fast'] else ''}, "
           f"{bench['settings']['generalization_epochs']} epochs, {bench['settings']['generalization_model']}")

@@ -37,18 +37,14 @@ if "google.colab" in sys.modules:
 # **printed** digits (`qlib.domain.load_printed`), where it scores about 55 % out of the box.
 
 # %%
-import json
-from pathlib import Path
-
 import torch
 
-import qlib
 from qlib import data, models, runtime
 from qlib.domain import adapt, transfer as T
 from qlib.domain.evaluate import ptq_config, quantize
 from qlib.domain.printed import load_printed
 from qlib.modules import fake_quantizers
-from qlib.train import evaluate
+from qlib.train import evaluate, format_spread
 
 hand, printed = data.load_digits(16), load_printed(16)
 model = models.pretrained("cnn16", seed=0)
@@ -150,23 +146,13 @@ print(f"W4A4 after on-device AdaBN only:   {evaluate(on_device, printed.test):5.
 # 200 head steps) and saves `benchmarks/results/domain.json`:
 
 # %%
-def load_benchmark(name="domain.json"):
-    candidates = [Path.cwd().parent / "benchmarks" / "results" / name,
-                  Path(qlib.__file__).resolve().parents[1] / "benchmarks" / "results" / name]
-    found = next((p for p in candidates if p.exists()), None)
-    if found is None:
-        print(f"benchmarks/results/{name} not found: run `python benchmarks/domain.py` from the repository root")
-        return None
-    return json.loads(found.read_text())
-
-
-bench = load_benchmark()
+bench = runtime.benchmark_result("domain")
 if bench is not None:
     print(f"seeds {bench['seeds']}{' (fast mode)' if bench['fast'] else ''}: printed-digit test accuracy, "
           "mean [min, max]\n")
     rows = bench["transfer"]
     for name, s in rows.items():
-        print(f"  {name:50s} {s['mean']:5.1f} [{s['min']:5.1f}, {s['max']:5.1f}]")
+        print(f"  {name:50s} {format_spread(s)}")
     best = max(rows, key=lambda k: rows[k]["mean"])
     print(f"\nbest on average: {best}")
 

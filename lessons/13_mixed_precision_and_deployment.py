@@ -37,7 +37,6 @@ if "google.colab" in sys.modules:
 # verify an exported model.
 
 # %%
-import json
 import itertools
 import tempfile
 import time
@@ -49,14 +48,13 @@ import numpy as np
 import torch
 from IPython.display import display
 
-import qlib
 from qlib import data, export, models, runtime
 from qlib.intmodel import convert_to_integer
 from qlib.mixed import (allocation_bits, greedy_allocate, hawq_sensitivity, hessian_traces, ilp_allocate,
                         layer_sizes, one_at_a_time, ranking, spearman, sqnr_sensitivity, to_per_layer,
                         uniform_allocate)
 from qlib.ptq import quantize_static
-from qlib.train import evaluate
+from qlib.train import evaluate, format_spread
 
 torch.set_num_threads(1)
 MODEL = "cnn16"  # the default teaching model (the mixed-precision benchmark also covers res16)
@@ -208,13 +206,8 @@ show_budget()
 # with seeds 0-2, and saves `benchmarks/results/mixed.json`. Mean [min, max] test accuracy:
 
 # %%
-candidates = [Path.cwd().parent / "benchmarks" / "results" / "mixed.json",
-              Path(qlib.__file__).resolve().parents[1] / "benchmarks" / "results" / "mixed.json"]
-found = next((p for p in candidates if p.exists()), None)
-bench = json.loads(found.read_text()) if found else None
-if bench is None:
-    print("benchmarks/results/mixed.json not found: run `python benchmarks/mixed.py` from the repository root")
-else:
+bench = runtime.benchmark_result("mixed")
+if bench is not None:
     fig, axes = plt.subplots(1, len(bench["pareto"]), figsize=(10, 3.5))
     for ax, (name, res) in zip(np.atleast_1d(axes), bench["pareto"].items()):
         print(f"\n{name}: fp32 {res['fp32']['mean']:.1f}")
@@ -231,7 +224,7 @@ else:
         ax.set_ylim(max(0, ax.get_ylim()[0]), 100.5)
         for r in res["rows"]:
             a = r["accuracy"]
-            print(f"  {r['config']:22s} {r['size_bits'] / 8192:6.2f} KiB  {a['mean']:5.1f} [{a['min']:5.1f}, {a['max']:5.1f}]")
+            print(f"  {r['config']:22s} {r['size_bits'] / 8192:6.2f} KiB  {format_spread(a)}")
     np.atleast_1d(axes)[0].set_ylabel("test accuracy (%)")
     np.atleast_1d(axes)[0].legend(fontsize=7)
     plt.show()

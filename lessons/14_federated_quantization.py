@@ -36,19 +36,15 @@ if "google.colab" in sys.modules:
 # server sets $w \leftarrow w + \sum_k \frac{n_k}{n} \hat d_k$ where $\hat d_k$ is what arrived.
 
 # %%
-import json
-from pathlib import Path
-
 import ipywidgets as ipw
 import matplotlib.pyplot as plt
 import torch
 from IPython.display import display
 
-import qlib
 from qlib import data, models, runtime
 from qlib.federated import codec, fedavg, flower, partition, server
 from qlib.qparams import PerChannel, PerTensor
-from qlib.train import evaluate
+from qlib.train import evaluate, format_spread
 
 torch.set_num_threads(2)
 SEED = 0
@@ -160,13 +156,8 @@ for r, (a, b) in enumerate(zip(hist["acc"], hist["bytes"]), 1):
 # against the cumulative uplink bytes:
 
 # %%
-candidates = [Path.cwd().parent / "benchmarks" / "results" / "federated.json",
-              Path(qlib.__file__).resolve().parents[1] / "benchmarks" / "results" / "federated.json"]
-found = next((p for p in candidates if p.exists()), None)
-if found is None:
-    print("benchmarks/results/federated.json not found: run `python benchmarks/federated.py` from the repository root")
-else:
-    bench = json.loads(found.read_text())
+bench = runtime.benchmark_result("federated")
+if bench is not None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     for ax, split in zip(axes, ("iid", "noniid")):
         for name, r in bench["updates"][split].items():
@@ -180,7 +171,7 @@ else:
     for split, rows in bench["updates"].items():
         for name, r in rows.items():
             a = r["accuracy"]
-            print(f"{split:7s} {name:16s} {a['mean']:12.1f} [{a['min']:.1f}, {a['max']:.1f}] {r['total_bytes']:>11,}")
+            print(f"{split:7s} {name:16s} {format_spread(a, width=12, bounds_width=0)} {r['total_bytes']:>11,}")
     if bench.get("flower"):
         print(f"\nFlower simulation (2 clients, 2 rounds): {bench['flower']['wall_s']:.1f} s wall, "
               f"same model as in process: {bench['flower']['same_model_as_in_process']}")
@@ -195,12 +186,12 @@ else:
 # 3-bit weight QAT:
 
 # %%
-if found is not None:
+if bench is not None:
     for kind, rows in bench["qat_vs_ptq"].items():
         print(kind)
         for k, v in rows.items():
             a = v["accuracy"]
-            print(f"   {k:18s} {a['mean']:5.1f} [{a['min']:.1f}, {a['max']:.1f}]")
+            print(f"   {k:18s} {format_spread(a, bounds_width=0)}")
 
 # %% [markdown]
 # The same on the model we just trained, live:

@@ -165,3 +165,20 @@ def accuracy_over_seeds(values: Iterable[float]) -> dict[str, float]:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise ValueError(f"accuracies must be finite numbers, got {v!r}")
     return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def format_spread(stats: dict, digits: int = 1, width: int = 5,
+                  bounds_digits: int | None = None, bounds_width: int | None = None) -> str:
+    """``"mean [min, max]"`` of an ``accuracy_over_seeds`` dict, as the lessons and benchmarks print it.
+
+    ``format_spread({"mean": 91.25, "min": 90.0, "max": 92.5})`` gives ``" 91.2 [ 90.0,  92.5]"``:
+    the mean in ``width`` characters with ``digits`` decimals, then the bounds with
+    ``bounds_digits`` decimals (default ``digits``) in ``bounds_width`` characters (default
+    ``width``; 0 means as narrow as possible). Columns of these line up in a table.
+    """
+    if not isinstance(stats, dict) or not {"mean", "min", "max"} <= stats.keys():
+        raise TypeError(f"stats must be a dict with 'mean', 'min' and 'max' (from accuracy_over_seeds), got {stats!r}")
+    bd = digits if bounds_digits is None else bounds_digits
+    bw = width if bounds_width is None else bounds_width
+    return (f"{stats['mean']:{width}.{digits}f} "
+            f"[{stats['min']:{bw}.{bd}f}, {stats['max']:{bw}.{bd}f}]")

@@ -15,7 +15,7 @@ import shutil
 import nbformat
 import pytest
 
-from test_grading import ROOT, answers, max_score, nbgrader, scores, submission, write_submission
+from test_grading import ROOT, answers, nbgrader, points, solution_nb, submission, totals, write_submission
 
 LAB = "lab07_triton_int8"
 FULL = 8.0
@@ -42,7 +42,7 @@ def course(tmp_path_factory):
                     ignore=shutil.ignore_patterns("*.py", ".ipynb_checkpoints"))
     nbgrader(course, "generate_assignment", LAB, "--force")
     release = nbformat.read(course / "labs" / LAB / f"{LAB}.ipynb", as_version=4)
-    good = answers(nbformat.read(ROOT / "solutions" / LAB / f"{LAB}.ipynb", as_version=4))
+    good = answers(solution_nb(LAB))
     write_submission(course, "no_bias", LAB, submission(release, {**good, "q2-answer": NO_BIAS}))
     write_submission(course, "divisor", LAB, submission(release, {**good, "q3-answer": DIVISOR_127_5}))
     nbgrader(course, "autograde", LAB, "--create")
@@ -51,18 +51,18 @@ def course(tmp_path_factory):
 
 
 @pytest.mark.grading
-def test_max_score(course):
-    assert max_score(course, LAB) == FULL
+def test_max_score():
+    assert sum(points(solution_nb(LAB)).values()) == FULL
 
 
 @pytest.mark.grading
 def test_epilogue_without_bias_loses_q2_only(course):
-    assert scores(course, LAB)["no_bias"] == FULL - 3
+    assert totals(course, LAB)["no_bias"] == FULL - 3
 
 
 @pytest.mark.grading
 def test_wrong_divisor_loses_q3_only(course):
-    assert scores(course, LAB)["divisor"] == FULL - 2
+    assert totals(course, LAB)["divisor"] == FULL - 2
 
 
 # ------------------------------------------------------------------ the checks themselves

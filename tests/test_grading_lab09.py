@@ -7,21 +7,16 @@ Reference: nbgrader 0.9 (generate_assignment, autograde, export), qlib.check.lab
 
 from __future__ import annotations
 
-import csv
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import nbformat
 import pytest
 import torch
+from test_grading import ROOT, answers, nbgrader, points, solution_nb, submission, totals, write_submission
 
 from qlib.check import CheckFailed, lab09
 from qlib.mixed import greedy_allocate, ilp_allocate
 
-ROOT = Path(__file__).resolve().parents[1]
-NBGRADER = str(Path(sys.executable).parent / "nbgrader")
 LAB = "lab09_mixed_precision"
 MANUAL = 2.0  # Q4, the written answer
 
@@ -63,25 +58,6 @@ def test_wrong_answers_fail_with_a_message():
 
 
 # ------------------------------------------------------------------ nbgrader end to end
-def nbgrader(course: Path, *args: str) -> None:
-    out = subprocess.run([NBGRADER, *args], cwd=course, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, f"nbgrader {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
-
-
-def answers(nb) -> dict[str, str]:
-    return {c.metadata["nbgrader"]["grade_id"]: c.source for c in nb.cells
-            if c.metadata.get("nbgrader", {}).get("solution")}
-
-
-def submission(release_nb, replace: dict[str, str]):
-    nb = nbformat.from_dict(release_nb)
-    for cell in nb.cells:
-        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if gid in replace:
-            cell.source = replace[gid]
-    return nb
-
-
 @pytest.mark.grading
 def test_wrong_allocation_gets_partial_marks(tmp_path):
     course = tmp_path
@@ -89,18 +65,13 @@ def test_wrong_allocation_gets_partial_marks(tmp_path):
     shutil.copytree(ROOT / "solutions" / LAB, course / "solutions" / LAB, ignore=shutil.ignore_patterns("*.py"))
     nbgrader(course, "generate_assignment", LAB, "--force")
     release = nbformat.read(course / "labs" / LAB / f"{LAB}.ipynb", as_version=4)
-    good = answers(nbformat.read(ROOT / "solutions" / LAB / f"{LAB}.ipynb", as_version=4))
-    for student, nb in {"perfect": submission(release, good),
-                        "greedy": submission(release, {**good, "q2-answer": GREEDY})}.items():
-        target = course / "submitted" / student / LAB
-        target.mkdir(parents=True)
-        nbformat.write(nb, target / f"{LAB}.ipynb")
+    good = answers(solution_nb(LAB))
+    write_submission(course, "perfect", LAB, submission(release, good))
+    write_submission(course, "greedy", LAB, submission(release, {**good, "q2-answer": GREEDY}))
     nbgrader(course, "autograde", LAB, "--create")
     nbgrader(course, "export", "--to", "grades.csv")
-    with open(course / "grades.csv") as f:
-        rows = {r["student_id"]: r for r in csv.DictReader(f) if r["assignment"] == LAB}
-    full = float(rows["perfect"]["max_score"])
+    full = sum(points(solution_nb(LAB)).values())
     assert full == 2 + 3 + 2 + MANUAL
-    perfect, greedy = float(rows["perfect"]["score"]), float(rows["greedy"]["score"])
+    perfect, greedy = totals(course, LAB)["perfect"], totals(course, LAB)["greedy"]
     assert greedy == perfect - 3  # Q2 is worth 3 points; the hidden case defeats greedy
     assert perfect == full - MANUAL  # every autograded point; the written answer waits for the instructor

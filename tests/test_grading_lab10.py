@@ -14,7 +14,7 @@ import shutil
 
 import nbformat
 import pytest
-from test_grading import ROOT, answers, max_score, nbgrader, scores, submission, write_submission
+from test_grading import ROOT, answers, nbgrader, points, solution_nb, submission, totals, write_submission
 
 LAB = "lab10_federated"
 MANUAL = 2.0
@@ -37,7 +37,7 @@ def course(tmp_path_factory):
                     ignore=shutil.ignore_patterns("*.py", ".ipynb_checkpoints"))
     nbgrader(course, "generate_assignment", LAB, "--force")
     rel = nbformat.read(course / "labs" / LAB / f"{LAB}.ipynb", as_version=4)
-    good = answers(nbformat.read(ROOT / "solutions" / LAB / f"{LAB}.ipynb", as_version=4))
+    good = answers(solution_nb(LAB))
     write_submission(course, "perfect", LAB, submission(rel, good))
     write_submission(course, "wrong", LAB, submission(rel, {**good, "q1-answer": WRONG_Q1}))
     nbgrader(course, "autograde", LAB, "--create")
@@ -46,8 +46,8 @@ def course(tmp_path_factory):
 
 
 def test_wrong_answer_gets_partial_marks(course):
-    got = scores(course, LAB)
-    top = max_score(course, LAB)
+    got = totals(course, LAB)
+    top = sum(points(solution_nb(LAB)).values())
     assert top == 10.0
     assert got["perfect"] == top - MANUAL  # everything but the written answer, which waits
     assert got["wrong"] == got["perfect"] - 3.0
