@@ -57,9 +57,14 @@ def setup_cell() -> str:
         "# Setup: on Google Colab this installs qlib from the course repository;\n"
         "# anywhere else (JupyterLab from `make lab`) it does nothing.\n"
         "import subprocess, sys\n"
+        f"REPO = \"{REPO_URL}@{REPO_BRANCH}\"\n"
         "if \"google.colab\" in sys.modules:\n"
-        "    subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"-q\",\n"
-        f"                    \"qlib @ git+{REPO_URL}@{REPO_BRANCH}\"], check=True)"
+        "    r = subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", \"qlib @ git+\" + REPO],\n"
+        "                       capture_output=True, text=True)\n"
+        "    if r.returncode != 0:\n"
+        "        raise RuntimeError(\"Could not install qlib from \" + REPO + \" (is the repository public, and is \"\n"
+        "                           \"this its address?). For a fork: run `make sync REPO=owner/name` and commit, \"\n"
+        "                           \"or edit REPO in this cell.\\n\" + r.stderr[-800:])"
     )
 
 

@@ -84,7 +84,7 @@ def test_sync_repo_points_every_badge_and_setup_cell_at_a_fork(tmp_path):
     assert len(notebooks) == len(NOTEBOOKS)
     for path in notebooks:
         first = nbformat.read(path, as_version=4).cells[0].source
-        assert f"git+{fork}@" in first, path
+        assert f'REPO = "{fork}@' in first, path
         assert old not in path.read_text(), path
     readme = (course / "README.md").read_text()
     assert old not in readme.split("<!-- course-map -->")[1]
@@ -103,3 +103,13 @@ def test_sync_repo_rejects_what_is_not_owner_slash_name(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode != 0 and "expected a GitHub repository as owner/name" in out.stderr
     assert (course / "qlib" / "runtime.py").read_text() == before
+
+
+def test_setup_cell_says_what_to_change_when_the_repository_cannot_be_installed(monkeypatch):
+    """On "Colab" (a stand-in google.colab module), an address pip cannot reach: a clear error."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    src = runtime.setup_cell().replace(runtime.REPO_URL, "https://127.0.0.1:9/nobody/nothing")
+    with pytest.raises(RuntimeError, match=r"make sync REPO=owner/name"):
+        exec(src, {})
