@@ -263,8 +263,11 @@ def _check_compare(fn, x: torch.Tensor, bits: int, what: str) -> dict:
         expect(_close(lo, w[0], span) and _close(hi, w[1], span),
                f"{what}[{name!r}]: expected range ({w[0]:.6g}, {w[1]:.6g}), got ({lo:.6g}, {hi:.6g})"
                + (f" (percentile is p = {PERCENTILE})" if name == "percentile" else ""))
-        expect(_close(err, w[2], 1e-12), f"{what}[{name!r}]: expected MSE {w[2]:.6g} for that range "
-                                         f"at {bits} bits, got {err:.6g}")
+        # the MSE of the student's own range: a range equal up to float rounding (torch.quantile
+        # vs a sort) can flip a few roundings at low bits, so its MSE is not the reference's
+        own = reference_quant_mse(x, lo, hi, bits)
+        expect(_close(err, own, 1e-12), f"{what}[{name!r}]: expected MSE {own:.6g} for that range "
+                                        f"at {bits} bits, got {err:.6g}")
     g = got["mse"]
     expect(isinstance(g, (tuple, list)) and len(g) == 3, f"{what}['mse']: expected (lo, hi, mse), got {g!r}"[:300])
     lo, hi, err = (as_number(v, f"{what}['mse']") for v in g)
