@@ -130,6 +130,7 @@ with torch.no_grad():
     loss_noise = bn_statistics_loss(model, noise, input_mean=0.0, input_std=1.0).item()
     loss_real = bn_statistics_loss(model, real, input_mean=0.0, input_std=1.0).item()
 print(f"BN-statistics loss: Gaussian noise {loss_noise:.4f}, real digits {loss_real:.4f}")
+assert loss_real < loss_noise, "real digits should match the BN statistics better than noise"
 
 # %% [markdown]
 # ## 2. Three synthetic calibration sets
@@ -157,6 +158,7 @@ t_gen = time.perf_counter() - t
 with torch.no_grad():
     loss_gen = bn_statistics_loss(model, gen_images, input_mean=0.0, input_std=1.0).item()
 print(f"BN synthesis: {t_bn:.1f} s, loss {synth.history[0]:.4f} -> {synth.history[-1]:.4f}")
+assert synth.history[-1] < synth.history[0], "the optimization should lower the BN-statistics loss"
 print(f"generator:    {t_gen:.1f} s, loss of its images {loss_gen:.4f}")
 
 # %% [markdown]
