@@ -7,7 +7,7 @@ estimator (``ste``) and with learned step sizes (``lsq``), plus the QAT wall tim
 min-max over the three shipped pretrained seeds (0, 1, 2). Target: W4A4 QAT within one point
 of fp32.
 
-Recipes (FINDINGS.md): W4A4 15 epochs, lr 5e-4; W2A4 30 epochs, lr 2e-3 with MSE-searched
+Recipes: W4A4 15 epochs, lr 5e-4; W2A4 30 epochs, lr 2e-3 with MSE-searched
 weight scales (the STE keeps the MSE clipping ratio; LSQ starts from it). No early stopping.
 
     python benchmarks/qat.py            # full study, writes benchmarks/results/qat.json

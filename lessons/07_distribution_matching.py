@@ -148,7 +148,8 @@ for key in ("MMD inputs", "MMD features", "KL features"):
 # per-tensor min-max observer uses) need not agree, and neither has to rank the sets as the
 # W4A4 accuracy does: min-max calibration depends on the extremes, which neither distance
 # weighs much. The cell below prints which ranking agrees with the accuracy on this run.
-# One model, one seed, few synthesis steps in fast mode: see FINDINGS.md for the spread.
+# One model, one seed, few synthesis steps in fast mode: benchmarks/results/datafree.json has
+# the spread over three training seeds.
 #
 # ## 3. Cross-layer equalization
 #

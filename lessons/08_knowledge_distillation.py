@@ -242,8 +242,9 @@ plt.show()
 
 # %% [markdown]
 # One model, one seed, 360 test digits (one image = 0.28 points): differences of a point or
-# two are noise. FINDINGS.md measured W4A4 PTQ on `cnn16` from 47 to 78% with noise
-# calibration over three training seeds; average seeds before concluding (exercise 3).
+# two are noise. The course's data-free benchmark (benchmarks/results/datafree.json) reports
+# each configuration as mean [min, max] over three training seeds because single seeds spread
+# widely at W4A4; average seeds before concluding (exercise 3).
 #
 # ## Summary
 # - Distillation trains a quantized student to match its fp32 teacher's softened outputs;

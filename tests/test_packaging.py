@@ -6,6 +6,7 @@ Reference: the README's quick start and DESIGN.md's layout.
 from __future__ import annotations
 
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -66,3 +67,13 @@ def test_makefile_setup_is_a_stamp_on_its_inputs():
 def test_weights_ship_as_package_data():
     data = pyproject()["tool"]["setuptools"]["package-data"]["qlib"]
     assert "weights/*.pt" in data and "weights/*.json" in data
+
+
+def test_nothing_points_outside_the_repository():
+    """The course is self-contained: no lesson, lab, module or benchmark cites planning files
+    that live beside the repository (a planning folder, FINDINGS.md) instead of its own results."""
+    tracked = subprocess.run(["git", "ls-files", "lessons", "solutions", "labs", "qlib", "benchmarks",
+                              "README.md"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    bad = [f for f in tracked if f.endswith((".py", ".ipynb", ".md"))
+           and re.search(r"FINDINGS\.md|\.\./shared", (ROOT / f).read_text(errors="ignore"))]
+    assert not bad, bad

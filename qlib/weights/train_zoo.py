@@ -3,7 +3,7 @@
     python -m qlib.weights.train_zoo            # all models, seeds 0 1 2 (about a minute)
     python -m qlib.weights.train_zoo cnn16      # one model
 
-Settings (FINDINGS.md): AdamW, one-cycle lr 3e-3, weight decay 1e-4, batch 64, 40 epochs.
+Settings: AdamW, one-cycle lr 3e-3, weight decay 1e-4, batch 64, 40 epochs.
 Writes ``<name>_digits_s<seed>.pt`` (float32 state dict) and ``zoo.json`` with the test
 accuracy each model reached, which ``tests/test_models.py`` checks against the shipped files.
 """
