@@ -106,6 +106,25 @@ def write_submission(course: Path, student: str, lab: str, nb) -> None:
     nbformat.write(nb, target / f"{lab}.ipynb")
 
 
+def graded_lab(course: Path, lab: str, students: dict[str, dict[str, str]], feedback: bool = False) -> Path:
+    """A course with one lab: each student's submission is the solution with some answers replaced
+    (``{student: {grade_id: source}}``), autograded (with feedback if asked) and exported."""
+    shutil.copy(ROOT / "nbgrader_config.py", course)
+    (course / "solutions").mkdir()
+    shutil.copytree(ROOT / "solutions" / lab, course / "solutions" / lab,
+                    ignore=shutil.ignore_patterns("*.py", ".ipynb_checkpoints"))
+    nbgrader(course, "generate_assignment", lab, "--force")
+    release = nbformat.read(course / "labs" / lab / f"{lab}.ipynb", as_version=4)
+    good = answers(solution_nb(lab))
+    for student, replace in students.items():
+        write_submission(course, student, lab, submission(release, {**good, **replace}))
+    nbgrader(course, "autograde", lab, "--create")
+    if feedback:
+        nbgrader(course, "generate_feedback", lab)
+    nbgrader(course, "export", "--to", "grades.csv")
+    return course
+
+
 def feedback_text(course: Path, student: str, lab: str = LAB) -> str:
     """The feedback page's text, tags dropped and entities decoded."""
     page = (course / "feedback" / student / lab / f"{lab}.html").read_text()

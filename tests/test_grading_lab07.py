@@ -10,12 +10,10 @@ the reference answers (PASS) and on typical mistakes (a failed check with the ri
 
 from __future__ import annotations
 
-import shutil
 
-import nbformat
 import pytest
 
-from test_grading import ROOT, answers, nbgrader, points, solution_nb, submission, totals, write_submission
+from test_grading import ROOT, graded_lab, points, solution_nb, totals
 
 LAB = "lab07_triton_int8"
 FULL = 8.0
@@ -35,19 +33,8 @@ DIVISOR_127_5 = '''def quantize_per_token(x):
 
 @pytest.fixture(scope="module")
 def course(tmp_path_factory):
-    course = tmp_path_factory.mktemp("course07")
-    shutil.copy(ROOT / "nbgrader_config.py", course)
-    (course / "solutions").mkdir()
-    shutil.copytree(ROOT / "solutions" / LAB, course / "solutions" / LAB,
-                    ignore=shutil.ignore_patterns("*.py", ".ipynb_checkpoints"))
-    nbgrader(course, "generate_assignment", LAB, "--force")
-    release = nbformat.read(course / "labs" / LAB / f"{LAB}.ipynb", as_version=4)
-    good = answers(solution_nb(LAB))
-    write_submission(course, "no_bias", LAB, submission(release, {**good, "q2-answer": NO_BIAS}))
-    write_submission(course, "divisor", LAB, submission(release, {**good, "q3-answer": DIVISOR_127_5}))
-    nbgrader(course, "autograde", LAB, "--create")
-    nbgrader(course, "export", "--to", "grades.csv")
-    return course
+    return graded_lab(tmp_path_factory.mktemp("course07"), LAB,
+                      {"no_bias": {"q2-answer": NO_BIAS}, "divisor": {"q3-answer": DIVISOR_127_5}})
 
 
 @pytest.mark.grading

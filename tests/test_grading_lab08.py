@@ -14,12 +14,9 @@ solution's full marks and the untouched release's zero are checked for every lab
 
 from __future__ import annotations
 
-import shutil
 
-import nbformat
 import pytest
-from test_grading import (ROOT, answers, feedback_text, nbgrader, points, solution_nb, submission, totals,
-                          write_submission)
+from test_grading import feedback_text, graded_lab, nbgrader, points, solution_nb, totals
 
 LAB = "lab08_domain_shift"
 AUTO_POINTS = 7.0     # Q1 2 + Q2 3 + Q3 2
@@ -41,20 +38,8 @@ WRONG_Q2 = """def adabn_then_quantize(model, target, config):
 
 @pytest.fixture(scope="module")
 def course(tmp_path_factory):
-    course = tmp_path_factory.mktemp("course08")
-    shutil.copy(ROOT / "nbgrader_config.py", course)
-    (course / "solutions").mkdir()
-    shutil.copytree(ROOT / "solutions" / LAB, course / "solutions" / LAB,
-                    ignore=shutil.ignore_patterns("*.py", ".ipynb_checkpoints"))
-    nbgrader(course, "generate_assignment", LAB, "--force")
-    release = nbformat.read(course / "labs" / LAB / f"{LAB}.ipynb", as_version=4)
-    good = answers(solution_nb(LAB))
-    write_submission(course, "wrong_q1", LAB, submission(release, {**good, "q1-answer": WRONG_Q1}))
-    write_submission(course, "wrong_q2", LAB, submission(release, {**good, "q2-answer": WRONG_Q2}))
-    nbgrader(course, "autograde", LAB, "--create")
-    nbgrader(course, "generate_feedback", LAB)
-    nbgrader(course, "export", "--to", "grades.csv")
-    return course
+    return graded_lab(tmp_path_factory.mktemp("course08"), LAB,
+                      {"wrong_q1": {"q1-answer": WRONG_Q1}, "wrong_q2": {"q2-answer": WRONG_Q2}}, feedback=True)
 
 
 def test_max_score_counts_the_written_answer():

@@ -10,11 +10,9 @@ scores the maximum minus 2 until the instructor grades it.
 
 from __future__ import annotations
 
-import shutil
 
-import nbformat
 import pytest
-from test_grading import ROOT, answers, nbgrader, points, solution_nb, submission, totals, write_submission
+from test_grading import graded_lab, points, solution_nb, totals
 
 LAB = "lab10_federated"
 MANUAL = 2.0
@@ -30,19 +28,8 @@ WRONG_Q1 = """def encode_stochastic(d, bits, generator):
 
 @pytest.fixture(scope="module")
 def course(tmp_path_factory):
-    course = tmp_path_factory.mktemp("course10")
-    shutil.copy(ROOT / "nbgrader_config.py", course)
-    (course / "solutions").mkdir()
-    shutil.copytree(ROOT / "solutions" / LAB, course / "solutions" / LAB,
-                    ignore=shutil.ignore_patterns("*.py", ".ipynb_checkpoints"))
-    nbgrader(course, "generate_assignment", LAB, "--force")
-    rel = nbformat.read(course / "labs" / LAB / f"{LAB}.ipynb", as_version=4)
-    good = answers(solution_nb(LAB))
-    write_submission(course, "perfect", LAB, submission(rel, good))
-    write_submission(course, "wrong", LAB, submission(rel, {**good, "q1-answer": WRONG_Q1}))
-    nbgrader(course, "autograde", LAB, "--create")
-    nbgrader(course, "export", "--to", "grades.csv")
-    return course
+    return graded_lab(tmp_path_factory.mktemp("course10"), LAB,
+                      {"perfect": {}, "wrong": {"q1-answer": WRONG_Q1}})
 
 
 def test_wrong_answer_gets_partial_marks(course):

@@ -107,10 +107,8 @@ def calibrate_qat(model: nn.Module, data, batches: int = 4) -> nn.Module:
     seen = 0
     try:
         with eval_mode(model), torch.no_grad():
-            for x in itertools.islice(input_batches(data, device=model_device(model), dtype=model_dtype(model)),
-                                            batches):
-                if x.is_floating_point() and not torch.isfinite(x).all():
-                    raise ValueError(f"calibration batch {seen} contains NaN or infinite values")
+            for x in itertools.islice(input_batches(data, device=model_device(model), dtype=model_dtype(model),
+                                                    finite=True), batches):
                 model(x)
                 seen += 1
     finally:
