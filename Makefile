@@ -35,9 +35,13 @@ lab: setup
 	$(BIN)/jupyter lab --notebook-dir=$(CURDIR) --port=$(PORT) $(ROOT_ARGS) $(LAB_ARGS)
 
 # One torch thread per process: tests and notebook kernels share two cores, and
-# oversubscribed threads made small tensor ops 5-10x slower there.
+# oversubscribed threads made small tensor ops 5-10x slower there. Instead, TEST_WORKERS
+# pytest processes (pytest-xdist, one per core) run test modules side by side; a module's tests
+# stay on one worker (tests/conftest.py) so its module fixtures run once. TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadgroup)
 test: setup
-	OMP_NUM_THREADS=1 QLIB_FAST=1 QLIB_QUIET=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 QLIB_FAST=1 QLIB_QUIET=1 $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Library tests only (no notebooks, no grading): seconds, for quick iteration.
 test-fast: setup

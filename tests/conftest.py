@@ -128,3 +128,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         for name, seconds in sorted(times.items()):
             terminalreporter.write_line(f"{seconds:7.1f} s  {name}")
         terminalreporter.write_line(f"{sum(times.values()):7.1f} s  total")
+
+
+# Modules whose tests are independent of each other and share no costly fixture: under
+# pytest-xdist (`make test`, --dist loadgroup) each of their tests may go to any worker.
+UNGROUPED = {"test_notebooks.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keep each test module on one xdist worker, so a module-scoped fixture (a graded course, a
+    running JupyterHub) is built once, not once per worker; notebook runs spread freely."""
+    for item in items:
+        if item.path.name not in UNGROUPED and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
