@@ -7,6 +7,8 @@ estimator (``ste``), with learned step sizes (``lsq``), with learned activation 
 (``pact``, Choi et al. 2018) and with the STE plus distillation from the float model
 (``ste+kd``: loss 0.5 CE + 0.5 KD at T = 4), plus the QAT wall time. Mean and min-max over
 the three shipped pretrained seeds (0, 1, 2). Target: W4A4 QAT within one point of fp32.
+The JSON keeps the STE and LSQ rows (the main study) in ``rows`` and the other methods'
+rows in ``method_rows``.
 
 Recipes: W4A4 15 epochs, lr 5e-4; W2A4 30 epochs, lr 2e-3 with MSE-searched
 weight scales (the STE keeps the MSE clipping ratio; LSQ starts from it). No early stopping.
@@ -96,6 +98,18 @@ def format_row(row: dict) -> str:
             f"{_fmt(row['qat']):>18} {gap:>+10.1f} {_fmt(row['qat_time_s']):>18}")
 
 
+MAIN_METHODS = ("ste", "lsq")
+"""The main study's methods (``rows``); the others go to ``method_rows``."""
+
+
+def _merge(old_rows: list[dict], new_rows: list[dict]) -> list[dict]:
+    """``old_rows`` with rows of the same (model, config, method) replaced by ``new_rows``, others appended."""
+    key = lambda r: (r["model"], r["config"], r["method"])  # noqa: E731
+    fresh = {key(r): r for r in new_rows}
+    merged = [fresh.pop(key(r), r) for r in old_rows]
+    return merged + [r for r in new_rows if key(r) in fresh]
+
+
 def _selection(argv):
     """``--models``, ``--methods`` and ``--update``; the rest goes to ``benchmarks.common.arguments``."""
     parser = argparse.ArgumentParser(add_help=False)
@@ -119,24 +133,21 @@ def main(argv=None) -> dict:
                methods=methods)
     this_run = {"models": names, "methods": list(methods), "seeds": seeds, "machine": machine(),
                 "versions": versions(), "time_s": time.perf_counter() - start}
+    main_rows = [r for r in rows if r["method"] in MAIN_METHODS]
+    other_rows = [r for r in rows if r["method"] not in MAIN_METHODS]
     result = {"study": "qat", "fast": args.fast, "machine": machine(), "versions": versions(), "seeds": seeds,
               "data": "digits test split (360 images; one image = 0.28 points)",
-              "calibration": "256 training digits, seed 0", "rows": rows, "runs": [this_run],
-              "total_time_s": this_run["time_s"]}
+              "calibration": "256 training digits, seed 0", "rows": main_rows, "method_rows": other_rows,
+              "runs": [this_run], "total_time_s": this_run["time_s"]}
     if sel.update and args.out.exists():
         old = json.loads(args.out.read_text())
-        key = lambda r: (r["model"], r["config"], r["method"])  # noqa: E731
-        new_keys = {key(r) for r in rows}
-        order = [key(r) for r in old["rows"]]
-        merged = {key(r): r for r in old["rows"]}
-        merged.update({key(r): r for r in rows})
-        order += [k for k in (key(r) for r in rows) if k not in order]
-        old["runs"] = old.get("runs", [{"models": sorted({r["model"] for r in old["rows"]}),
-                                        "methods": sorted({r["method"] for r in old["rows"]} - new_keys),
-                                        "seeds": old["seeds"], "machine": old["machine"],
-                                        "versions": old["versions"], "time_s": old.get("total_time_s")}])
+        old.setdefault("runs", [{"models": sorted({r["model"] for r in old["rows"]}),
+                                 "methods": sorted({r["method"] for r in old["rows"]}), "seeds": old["seeds"],
+                                 "machine": old["machine"], "versions": old["versions"],
+                                 "time_s": old.get("total_time_s")}])
         old["runs"].append(this_run)
-        old["rows"] = [merged[k] for k in order]
+        old["rows"] = _merge(old.get("rows", []), main_rows)
+        old["method_rows"] = _merge(old.get("method_rows", []), other_rows)
         result = old
     write(result, args.out)
     print(f"wrote {args.out} in {this_run['time_s']:.0f} s")

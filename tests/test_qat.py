@@ -203,7 +203,8 @@ def test_benchmark_fast(tmp_path, root):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert {"machine", "versions", "seeds", "rows"} <= set(result)
-    rows = {(r["config"], r["method"]): r for r in result["rows"]}
+    assert {r["method"] for r in result["rows"]} == {"ste", "lsq"}            # the main study
+    rows = {(r["config"], r["method"]): r for r in result["rows"] + result["method_rows"]}
     assert set(rows) == {(c, m) for c in ("W4A4", "W2A4") for m in ("ste", "lsq", "pact", "ste+kd")}
     assert all({"model", "config", "fp32", "ptq", "qat", "qat_time_s"} <= set(r) for r in rows.values())
     # The --fast run (cnn8, 1 epoch on 320 digits) measured over pretrained seeds 0-2 x training
