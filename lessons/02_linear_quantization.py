@@ -530,18 +530,23 @@ def gemm_shape(name, layer, batch=64):
 
 
 print(f"{'layer':6s} {'M x K x N':>18s} {'multiply-adds':>14s} {'direct z-ops':>13s} "
-      f"{'expanded z-ops':>15s} {'(z_w = 0)':>10s}")
+      f"{'expanded z-ops':>15s} {'(z_w = 0)':>10s}   expanded / multiply-adds")
 for name, layer in layers.items():
     m_, k_, n_ = gemm_shape(name, layer)
     c = zeropoint.operation_counts(m_, k_, n_)
     c0 = zeropoint.operation_counts(m_, k_, n_, weight_zero_point=False)
+    share = c["expanded_runtime_ops"] / c["multiply_adds"]
     print(f"{name:6s} {f'{m_} x {k_} x {n_}':>18s} {c['multiply_adds']:14,d} {c['direct_zero_point_ops']:13,d} "
-          f"{c['expanded_runtime_ops']:15,d} {c0['expanded_runtime_ops']:10,d}")
+          f"{c['expanded_runtime_ops']:15,d} {c0['expanded_runtime_ops']:10,d}   {100 * share:5.1f}%")
+    assert c["expanded_runtime_ops"] < c["direct_zero_point_ops"] / 4  # the next paragraph's claim
 
 # %% [markdown]
-# Subtracting zero points inside the loop would double the work; expanded, it costs a few
-# percent, and nothing beyond one add per output with symmetric weights. This is why integer
-# engines (and `qlib.intops`) use symmetric weights and affine activations.
+# Subtracting zero points inside the loop costs two operations per multiply-add (the
+# "direct" column: twice the multiply-adds). Expanded, the extra work is a fraction of the
+# multiply-adds that shrinks as the layer grows ($O(MK + MN)$ against $O(MNK)$): it is
+# largest for the first conv, whose dot products have only $K = 9$ terms, and a few percent
+# for the big ones; with symmetric weights only one add per output is left. This is why
+# integer engines (and `qlib.intops`) use symmetric weights and affine activations.
 #
 # **Adding two quantized tensors.** A residual connection adds two tensors that were quantized
 # with *different* qparams. Adding their codes is meaningless; the real sum is
@@ -571,7 +576,8 @@ print(f"integer add vs float reference: {100 * (diff == 0).float().mean():.2f}% 
 assert diff.max() <= 1
 
 # %% [markdown]
-# The integer add matches the float reference except for rare ties (one code). qlib's integer
+# The integer add matches the float reference, at most one code apart (where the fixed-point
+# roundings meet a tie). qlib's integer
 # engine (`qlib.intmodel`, lesson 04) adds residual branches on the int32 accumulators before
 # requantizing; `requantized_add` is the form for branches that arrive as int8 tensors.
 #
