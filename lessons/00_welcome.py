@@ -121,15 +121,30 @@ interact(show_size, bits=ipw.IntSlider(value=8, min=2, max=32, step=1))
 # energy than multiplying it. Horowitz (ISSCC 2014, 45 nm) estimated about 0.2 pJ for an 8-bit
 # integer multiply, 3.7 pJ for a 32-bit float multiply, and hundreds of pJ for a 32-bit DRAM
 # read. Below we measure one thing you can see on any laptop: a matrix product in float32 and
-# in bfloat16/float16 on this machine (integer kernels come in lesson 04 and with Triton).
+# in bfloat16 on this machine. Integer kernels come later: lesson 04 runs a whole network in
+# integer arithmetic (`qlib.intmodel`), and lesson 09 writes int8 matrix-product kernels in
+# Triton (`qlib.kernels`, run by Triton's interpreter when there is no GPU).
+#
+# Two rules for timing (lesson 01 explains them): time the **operation alone** (the casts to
+# bfloat16 happen once, before the clock starts: a cast inside the timed call adds two passes
+# over memory to the product), and time the candidates **side by side**, interleaved, on one
+# thread, reporting ratios of medians (`qlib.measure.side_by_side`). Lesson 01 measures the
+# same product with the same helper, so the two lessons agree.
 
 # %%
 n = runtime.pick(512, 256)
-a, b = torch.randn(n, n), torch.randn(n, n)
-t32 = measure.latency(lambda: a @ b, repeats=runtime.pick(20, 5))
-tbf = measure.latency(lambda: a.bfloat16() @ b.bfloat16(), repeats=runtime.pick(20, 5))
-print(f"{n}x{n} matmul: float32 {t32 * 1e3:.2f} ms, bfloat16 {tbf * 1e3:.2f} ms "
-      f"(ratio {t32 / tbf:.2f}; CPUs without bf16 units may even be slower: measure, don't assume)")
+gen = torch.Generator().manual_seed(0)
+a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+a16, b16 = a.bfloat16(), b.bfloat16()  # cast once, outside the timed calls
+times = measure.side_by_side({
+    "float32": lambda: a @ b,
+    "bfloat16": lambda: a16 @ b16,
+    "bfloat16, casts inside the call": lambda: a.bfloat16() @ b.bfloat16(),
+}, repeats=runtime.pick(10, 5))
+for name, t in times.items():
+    print(f"{n}x{n} matmul, {name:32s} {t * 1e3:7.2f} ms, speed-up over float32 {times['float32'] / t:5.2f}x")
+print("CPU capability:", torch.backends.cpu.get_cpu_capability(),
+      "(CPUs without bf16 units may even be slower in bfloat16: measure, don't assume)")
 
 # %% [markdown]
 # ## 5. A first taste: rounding the weights to 8 bits

@@ -27,18 +27,20 @@ if "google.colab" in sys.modules:
 # - why floats have a *relative* precision and integers an *absolute* one (the spacing of
 #   representable numbers), and why integers therefore need a **scale**;
 # - what casting a trained model's weights to each format costs in error and in accuracy;
-# - what fewer bits buy: bytes (measured) and time (measured side by side, as ratios).
+# - **non-uniform** grids for weights: k-means codebooks (Han et al. 2016) and NormalFloat
+#   (NF4, Dettmers et al. 2023), against the uniform grid, by error and by accuracy at 2-4 bits;
+# - what fewer bits buy: bytes (measured, with 2- and 4-bit codes packed into bytes) and time
+#   (measured side by side, as ratios).
 
 # %%
 import copy
 import math
 import statistics
-import time
 
 import matplotlib.pyplot as plt
 import torch
 
-from qlib import data, measure, models, runtime, viz, widgets
+from qlib import data, measure, models, nonuniform, packing, runtime, viz, widgets
 from qlib.qparams import qparams_for, quant_range
 from qlib.quantize import fake_quantize
 from qlib.train import evaluate
@@ -250,7 +252,10 @@ for dt in FLOATS:
 # A scaled integer grid is **uniform**: a constant absolute gap, fine near the top of its
 # range, useless far below it, and nothing beyond it. So an integer format needs a *scale*
 # that puts its grid where the data lives, which is what lesson 02 is about. Trained weights
-# live in a narrow range, which is why a uniform grid works for them:
+# live in a narrow range (below), so one scale per tensor covers them; but inside that range
+# they are **bell-shaped**, most of them near 0, and a uniform grid spends as many levels on
+# the sparse tails as on the crowded centre. At 8 bits that costs nothing; at 4 bits and
+# below it does, and section 5 builds grids whose levels follow the weights instead:
 
 # %%
 model = models.pretrained("cnn16", seed=0)
@@ -325,12 +330,155 @@ assert accuracy["float32"] - accuracy["int4"] > 2 * image
 # %% [markdown]
 # Down to 8 bits (floats or int8) the difference is at most a test image or two, which is
 # noise; int4 with one scale per tensor costs several points. The rest of the course is about
-# making 4 bits (and fewer) work.
+# making 4 bits (and fewer) work. A first lever is the *shape* of the grid.
 #
-# ## 5. Memory: bytes per format
+# ## 5. Non-uniform grids: k-means codebooks and NormalFloat
+#
+# A $b$-bit weight format does not have to be a uniform grid: store, per weight, the
+# **index** of one of $2^b$ levels, and the levels once per tensor (or per block). Which levels
+# minimize the mean squared error? For a value $w$ rounded to its nearest level $c_j$, the
+# best levels satisfy two conditions at once (Lloyd 1957; Max 1960): every value goes to its
+# nearest level, and every level is the **mean** of the values that go to it. Alternating the
+# two is **Lloyd's algorithm**, i.e. k-means in one dimension; each step can only lower the MSE.
+# For a bell-shaped distribution the fixed point has levels **denser near 0**. Two formats:
+#
+# - **k-means codebook** (Han et al. 2016, *Deep Compression*): $2^b$ levels per tensor found by
+#   k-means on the tensor's own weights (`nonuniform.kmeans_codebook`, started from a uniform
+#   grid over $[\min, \max]$, Han et al.'s best initialization);
+# - **NormalFloat** (Dettmers et al. 2023, *QLoRA*): fixed levels at quantiles of a normal
+#   distribution, with an exact 0, for blocks of 64 weights each scaled by its absmax
+#   (`nonuniform.normal_float_codebook`; NF4 is its 4-bit version, bit for bit bitsandbytes' table).
+#
+# **Build it**: Lloyd's algorithm in a few lines, checked against qlib's (which is the same
+# algorithm, made fast by sorting the values once and using prefix sums).
+
+# %%
+def my_kmeans(w, bits, rounds=1000):
+    """1-D k-means (Lloyd): levels start uniform over [min, max]; returns the sorted levels."""
+    v = w.flatten().double()
+    levels = torch.linspace(v.min().item(), v.max().item(), 2**bits, dtype=torch.float64)
+    for _ in range(rounds):
+        nearest = torch.bucketize(v, (levels[1:] + levels[:-1]) / 2)  # index of the nearest level
+        means = torch.zeros_like(levels).index_add_(0, nearest, v) / torch.bincount(nearest, minlength=2**bits)
+        new = torch.where(torch.isnan(means), levels, means).sort().values  # an empty level stays
+        if torch.equal(new, levels):
+            break
+        levels = new
+    return levels.float()
+
+
+w7 = layers["7"].weight.detach()
+for bits in (2, 3):
+    mine, ref = my_kmeans(w7, bits), nonuniform.kmeans_codebook(w7, bits)
+    assert torch.allclose(mine, ref, rtol=1e-5, atol=1e-7), (mine, ref)
+    print(f"{bits}-bit k-means levels of layer 7:", [round(c, 4) for c in ref.tolist()])
+print("NF4 levels (QLoRA):", [round(c, 4) for c in nonuniform.nf4_codebook().tolist()])
+
+# %% [markdown]
+# Look at the levels over the weights of layer 7 at 3 bits: the uniform grid (per tensor,
+# symmetric), the k-means levels and the NF3 levels (scaled here by the tensor's absmax; the
+# real format scales each block of 64).
+
+# %%
+bits = 3
+w_abs = w7.abs().max()
+grids = {"uniform (per tensor)": torch.arange(-4, 4) * qparams_for(w7, bits, symmetric=True)[0],
+         "k-means": nonuniform.kmeans_codebook(w7, bits),
+         "NF3 x absmax": nonuniform.normal_float_codebook(bits) * w_abs}
+fig, axes = plt.subplots(len(grids), 1, figsize=(10, 5), sharex=True)
+for ax, (name, levels) in zip(axes, grids.items()):
+    ax.hist(w7.flatten(), bins=120, color="tab:gray", alpha=0.5)
+    for c in levels:
+        ax.axvline(c, color="tab:red", lw=1)
+    ax.set_title(f"{name}: {len(levels)} levels", fontsize=9)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# **Measure** the relative error of all of cnn16's conv/linear weights at 2, 3 and 4 bits, four
+# ways: the uniform grid per tensor (section 4), the uniform grid with absmax blocks of 64 (the
+# same scales NF uses, so that only the *shape* of the grid differs), k-means per tensor and
+# NormalFloat with blocks of 64.
+
+# %%
+NONUNIFORM = {
+    "uniform, per tensor": int_round_trip,
+    "uniform, blocks of 64": lambda w, b: nonuniform.blockwise_fake_quantize(w, nonuniform.uniform_codebook(b), 64),
+    "k-means, per tensor": lambda w, b: nonuniform.codebook_quantize(w, nonuniform.kmeans_codebook(w, b)),
+    "NormalFloat, blocks of 64": lambda w, b: nonuniform.blockwise_fake_quantize(
+        w, nonuniform.normal_float_codebook(b), 64),
+}
+NU_BITS = (2, 3, 4)
+
+
+def model_rel_mse(model, method, bits):
+    """sum ||w - w_hat||^2 / sum ||w||^2 over all conv/linear weights of model."""
+    err = total = 0.0
+    for layer in model.modules():
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            w = layer.weight.detach()
+            err += (w - NONUNIFORM[method](w, bits)).pow(2).sum().item()
+            total += w.pow(2).sum().item()
+    return err / total
+
+
+rel_mse = {m: [model_rel_mse(model, m, b) for b in NU_BITS] for m in NONUNIFORM}
+print(f"{'relative MSE of the weights':28s} " + " ".join(f"{b:>9d} bits" for b in NU_BITS))
+for m, errs in rel_mse.items():
+    print(f"{m:28s} " + " ".join(f"{e:14.4f}" for e in errs))
+# the claims of the next paragraph, on this model
+for i, b in enumerate(NU_BITS):
+    assert rel_mse["k-means, per tensor"][i] < min(rel_mse[m][i] for m in NONUNIFORM if m != "k-means, per tensor")
+for i, b in enumerate((2, 3)):
+    assert rel_mse["NormalFloat, blocks of 64"][i] < rel_mse["uniform, blocks of 64"][i]
+
+# %% [markdown]
+# By the error of the weights, k-means levels win at every width: they are fitted to this
+# tensor. NormalFloat beats the uniform grid with the same block scales at 2 and 3 bits, where
+# the shape of the grid matters most; at 4 bits the two are close on these small layers (NF4 is
+# tuned for the near-normal weights of large language models, and a block of 64 values is a
+# rough sample of a bell). Now the accuracy: every conv/linear weight of cnn16 replaced by its
+# quantized version (activations stay float32), on the zoo's seeds (all three in full mode).
+
+# %%
+nu_seeds = runtime.pick([0, 1, 2], [0])
+nu_acc = {m: {b: [] for b in NU_BITS} for m in NONUNIFORM}
+for seed in nu_seeds:
+    net = models.pretrained("cnn16", seed=seed)
+    for m, quant in NONUNIFORM.items():
+        for b in NU_BITS:
+            nu_acc[m][b].append(evaluate(with_weights(net, lambda w, q=quant, b=b: q(w.detach(), b)), digits16.test))
+print(f"test accuracy of cnn16, mean [min, max] over seeds {nu_seeds} (float32: "
+      f"{statistics.mean(evaluate(models.pretrained('cnn16', seed=s), digits16.test) for s in nu_seeds):.1f}%)")
+print(f"{'':28s} " + " ".join(f"{b:>17d} bits" for b in NU_BITS))
+for m in NONUNIFORM:
+    print(f"{m:28s} " + " ".join(f"{statistics.mean(a):5.1f} [{min(a):5.1f}, {max(a):5.1f}]"
+                                 for a in (nu_acc[m][b] for b in NU_BITS)))
+# the claims of the next paragraph, seed by seed
+others = [m for m in NONUNIFORM if m != "k-means, per tensor"]
+assert any(nu_acc["k-means, per tensor"][4][i] < max(nu_acc[m][4][i] for m in others) for i in range(len(nu_seeds)))
+assert all(a < 50 for m in NONUNIFORM for a in nu_acc[m][2])
+assert all(b > a for a, b in zip(nu_acc["uniform, per tensor"][4], nu_acc["uniform, blocks of 64"][4]))
+
+# %% [markdown]
+# Read it with care. Accuracy follows the weight error only roughly: the error of the weights
+# is not the loss. k-means, the best by weight error, is not the most accurate at 4 bits (on
+# at least one seed): a codebook fitted per tensor has no exact 0 and no symmetry, so it can
+# shift a channel's mean, which the batch norm after it does not expect; and the seeds
+# disagree by many points at 3 bits. What holds on every seed here: at 2 bits nothing works
+# without retraining (lesson 05), and at 4 bits uniform blocks of 64 keep more accuracy than
+# one uniform scale per tensor: small blocks follow the weights' local range.
+#
+# Non-uniform weights cost something at run time: a level is a table lookup, so the product
+# runs in floats (or a lookup-table kernel) after decoding, not on integer units. That is why
+# they are used where **memory** is the bottleneck (weights of large language models, QLoRA),
+# while integer grids are used where arithmetic must be cheap (lessons 02-04).
+#
+# ## 6. Memory: bytes per format
 #
 # A tensor's bytes are `numel * element_size()`. torch has no 4-bit dtype: 4-bit codes are
-# **packed** two per byte. Build the packing and check that it round-trips:
+# **packed** two per byte. Build the packing and check that it round-trips, and that it writes
+# the same bytes as `qlib.packing` (first code in the low nibble, as bitsandbytes and GGUF do):
 
 # %%
 def pack_int4(q):
@@ -346,13 +494,15 @@ def unpack_int4(packed):
 
 q = torch.randint(-8, 8, (1000,), generator=gen, dtype=torch.int8)
 assert torch.equal(unpack_int4(pack_int4(q)), q)
+assert torch.equal(pack_int4(q), packing.pack(q, 4, signed=True))
 print(f"1000 int4 codes: {pack_int4(q).numel()} bytes packed "
       f"(measure.tensor_bytes says {measure.tensor_bytes(1000, 4)})")
 
 w = torch.cat([layer.weight.detach().flatten() for layer in layers.values()])
 sizes = {short(dt): w.to(dt).numel() * w.to(dt).element_size() for dt in FLOATS}
 sizes["int8"] = w.numel() * torch.int8.itemsize
-sizes["int4 (packed)"] = pack_int4(torch.zeros(w.numel() + w.numel() % 2, dtype=torch.int8)).numel()
+sizes["int4 (packed)"] = packing.pack(torch.zeros(w.numel(), dtype=torch.int8), 4, signed=True).numel()
+sizes["int2 (packed)"] = packing.pack(torch.zeros(w.numel(), dtype=torch.int8), 2, signed=True).numel()
 for k, nbytes in sizes.items():
     print(f"{k:14s} {nbytes:7d} bytes  ({sizes['float32'] / nbytes:.0f}x smaller than float32)")
 print("all parameters of cnn16 at 32 / 16 / 8 / 4 bits:",
@@ -360,9 +510,45 @@ print("all parameters of cnn16 at 32 / 16 / 8 / 4 bits:",
 
 # %% [markdown]
 # (A real int8 or int4 model also stores one scale per tensor or per channel: a few hundred
-# bytes here.)
-#
-# ## 6. Compute: time, measured side by side
+# bytes here.) The formats of section 5 store more beside the codes: k-means a codebook of $2^b$
+# float32 levels per tensor, NormalFloat one float32 absmax per block of 64 weights (0.5 bits
+# per weight; QLoRA quantizes those absmax values again to 8 bits, "double quantization"). The
+# indices are packed with `qlib.packing` (3-bit indices in 4-bit fields: 3 does not divide 8).
+# Bits per weight, everything included, for cnn16's conv/linear weights:
+
+# %%
+def packed_bytes(method, bits):
+    """(index bytes, side-information bytes) of all conv/linear weights of cnn16 in a format."""
+    field = 4 if bits == 3 else bits
+    index = side = 0
+    for layer in layers.values():
+        wl = layer.weight.detach()
+        if method.startswith("k-means"):
+            codes = nonuniform.codebook_encode(wl, nonuniform.kmeans_codebook(wl, bits))
+            side += 4 * 2**bits                                   # the float32 codebook
+        elif "blocks" in method:
+            cb = nonuniform.normal_float_codebook(bits) if "Normal" in method else nonuniform.uniform_codebook(bits)
+            codes, absmax = nonuniform.blockwise_quantize(wl, cb, 64)
+            side += 4 * absmax.numel()                            # one float32 absmax per block
+        else:
+            codes = torch.zeros(wl.numel(), dtype=torch.uint8)    # the codes' values do not change the size
+            side += 4                                             # one float32 scale
+        packed = packing.pack(codes, field)
+        assert torch.equal(packing.unpack(packed, field, codes.shape), codes.to(torch.uint8))
+        index += packed.numel()
+    return index, side
+
+
+n_w = w.numel()
+print(f"{'format':28s} " + " ".join(f"{b:>12d} bits" for b in NU_BITS) + "   (bits per weight; float32 = 32)")
+for m in NONUNIFORM:
+    cells = []
+    for b in NU_BITS:
+        index, side = packed_bytes(m, b)
+        cells.append(f"{8 * (index + side) / n_w:17.2f}")
+    print(f"{m:28s}" + "".join(cells))
+
+# ## 7. Compute: time, measured side by side
 #
 # Timings on a shared machine drift, so we time the candidates **interleaved** (one call of
 # each in turn, repeated), on **one thread** (a thread waiting for a busy core distorts
@@ -370,31 +556,19 @@ print("all parameters of cnn16 at 32 / 16 / 8 / 4 bits:",
 # operation (copying a tensor into a buffer: time follows the bytes moved), then a
 # compute-bound one (a matrix product, where only hardware with fast low-precision units gains).
 
+# %% [markdown]
+# `qlib.measure.side_by_side` does exactly that: warm-up calls, then rounds that call every
+# candidate once in turn, on one thread, and the median of each. Lesson 00 times its matrix
+# product with the same helper and the same sizes, with the casts done before the clock starts
+# (only the operation is timed), so the two lessons measure the same thing.
+
 # %%
-def side_by_side(fns, repeats):
-    """Median time of each function on one thread, calls interleaved so drift hits all alike."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        times = {k: [] for k in fns}
-        for f in fns.values():
-            f()  # warm-up
-        for _ in range(repeats):
-            for k, f in fns.items():
-                start = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 n = runtime.pick(2**24, 2**22)
 copies = {k: torch.ones(n, dtype=dt) for k, dt in
           [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16), ("int8", torch.int8)]}
 buffers = {k: torch.empty_like(t) for k, t in copies.items()}
-copy_times = side_by_side({k: (lambda k=k: buffers[k].copy_(copies[k])) for k in copies},
-                          repeats=runtime.pick(15, 9))
+copy_times = measure.side_by_side({k: (lambda k=k: buffers[k].copy_(copies[k])) for k in copies},
+                                  repeats=runtime.pick(15, 9))
 
 size = runtime.pick(512, 256)
 a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
@@ -408,7 +582,7 @@ try:
     matmuls["int8"] = lambda: torch._int_mm(a_i8, b_i8)
 except RuntimeError as err:
     print("no int8 matmul kernel here:", err)
-mm_times = side_by_side(matmuls, repeats=runtime.pick(10, 5))
+mm_times = measure.side_by_side(matmuls, repeats=runtime.pick(10, 5))
 
 print(f"{'':10s} {'copy of ' + str(n) + ' elements':>30s}   {'matmul ' + str(size) + 'x' + str(size):>30s}")
 for k in copies:
@@ -430,8 +604,9 @@ plt.show()
 # machine. Matrix products only speed up where the hardware has low-precision units
 # (GPU tensor cores, CPUs with AVX-512 VNNI/BF16 or AMX) *and* PyTorch has a kernel for them;
 # on a CPU without them, bfloat16, float16 and int8 products can be *slower* than float32,
-# because float32 has the most optimized kernels. Lesson 04 and the Triton kernels come
-# back to this with real integer inference.
+# because float32 has the most optimized kernels. Lesson 04 comes back to this with a whole
+# network in integer arithmetic, and lesson 09 writes the int8 matrix product in Triton
+# (`qlib.kernels`: on a GPU, or in Triton's interpreter on the CPU).
 #
 # ## Summary
 # - A float is sign, exponent (range) and mantissa (precision); `torch.finfo` gives
@@ -441,7 +616,12 @@ plt.show()
 #   integer format needs a scale that fits the data's range.
 # - On a trained CNN, 16-bit floats, float8 and int8 (one scale per tensor) cost next to no
 #   accuracy; int4 with that simple scale does.
-# - Fewer bits mean proportionally fewer bytes. Speed depends on the hardware: measure it,
+# - Trained weights are bell-shaped: at 4 bits and below a uniform grid is not MSE-optimal.
+#   k-means codebooks (Lloyd's algorithm) and NormalFloat levels put more levels near 0 and
+#   lower the weight error; accuracy follows only roughly, and the levels cost a table
+#   lookup at run time, so they serve memory-bound weights.
+# - Fewer bits mean proportionally fewer bytes once codes are packed (two 4-bit codes a
+#   byte), plus the scales or codebooks. Speed depends on the hardware: measure it,
 #   side by side, as ratios.
 #
 # **Exercises**
@@ -454,3 +634,9 @@ plt.show()
 # 4. In section 2, sum 4000 ones in bfloat16. Where does it stall, and why there?
 # 5. Time the matmul at 128, 256 and 1024 (change `size`). Does the float32/int8 ratio change
 #    with the size? Why might small products be dominated by overhead?
+# 6. In section 5, give NormalFloat blocks of 16, 64 and 256 weights (`blockwise_fake_quantize(w,
+#    cb, block_size)`): how do the weight error and the bits per weight change? Where is the
+#    best trade-off at 3 bits?
+# 7. Start k-means from `init="density"` and `init="random"` (several seeds) at 2 bits. Do
+#    they reach the same levels as the linear start? Lloyd's algorithm finds a local optimum:
+#    which start gives the lowest MSE?

@@ -29,6 +29,9 @@ if "google.colab" in sys.modules:
 # - granularity: one scale per tensor, per output channel or per group of weights, measured
 #   on a trained model;
 # - how the error and the accuracy change from 8 bits down to 2;
+# - how integer hardware computes with zero points: the **zero-point expansion** of a layer
+#   into one integer matrix product plus precomputed terms (Jacob et al. 2018), and how two
+#   tensors with different scales are **added** in integers (a residual connection, TFLite's ADD);
 # - and you get an interactive explorer to try it all.
 #
 # Lab 01 comes after this lesson: there you write these functions yourself.
@@ -42,10 +45,11 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from qlib import data, models, runtime, viz, widgets
+from qlib import data, intops, models, runtime, viz, widgets, zeropoint
 from qlib.qparams import (PerChannel, PerGroup, PerTensor, choose_qparams,
                           choose_qparams_symmetric_qmax, qparams_for, quant_range)
 from qlib.quantize import dequantize, fake_quantize, quantize, quantize_round_half_away
+from qlib.requant import add_multipliers, requantized_add
 from qlib.train import evaluate
 
 gen = torch.Generator().manual_seed(0)
@@ -160,7 +164,7 @@ for name, v in [("random values", random_x), ("near-ties", ties)]:
 #
 # **Symmetric** quantization fixes the zero point at 0 (signed codes) and centres the range:
 # $[-c, c]$ with $c = \max|x|$, $s = c / ((q_{max} - q_{min})/2)$ (PyTorch divides by 127.5
-# at 8 bits). No zero point makes integer arithmetic cheaper (lesson 04), so it is the usual
+# at 8 bits). No zero point makes integer arithmetic cheaper (section 6 shows why), so it is the usual
 # choice for **weights**. **Affine** quantization fits $[\min x, \max x]$ exactly: worth it when
 # the data is one-sided, like **activations after a ReLU**. We compare both on the real
 # tensors of a trained model: a conv layer's weights and the activations after a ReLU.
@@ -455,7 +459,130 @@ for i in range(len(BITS)):
 # granularity. Better ranges (lesson 03) and training with quantization (lesson 05) push
 # this boundary down.
 #
-# ## 6. Explore
+# ## 6. Integer arithmetic with zero points
+#
+# A quantized layer runs on the codes. With input codes $x_q$ (zero point $z_x$, scale $s_x$)
+# and weight codes $w_q$ ($z_w$, $s_w$), a dot product of length $K$ is
+#
+# $$ \sum_k x_k w_k \approx s_x s_w \underbrace{\sum_k (x_{q,k} - z_x)(w_{q,k} - z_w)}_{\text{int32 accumulator}} $$
+#
+# Written this way, every multiply needs the zero points subtracted first: operands of 9 bits
+# (a uint8 code minus its zero point) that the 8-bit multiply-add units cannot take, and
+# $2K$ subtractions per output. Jacob et al. (2018, section 2.3) multiply it out:
+#
+# $$ \sum_k (x_q - z_x)(w_q - z_w) = \underbrace{\sum_k x_q w_q}_{\text{8-bit GEMM}} - z_w \underbrace{\sum_k x_q}_{\text{row sums}}
+#    \underbrace{- z_x \sum_k w_q + K z_x z_w}_{\text{weights only: precomputed}} $$
+#
+# The $O(MNK)$ part runs on the raw codes; the row sums cost $O(MK)$ once per input, and the
+# last two terms depend on the weights alone, so a converter adds them to the bias once.
+# With symmetric weights ($z_w = 0$) the row sums vanish too. **Build it** on cnn16's first
+# convolution (a matrix product over 3x3 patches of the image, `qlib.intops.im2col`), with
+# affine 8-bit codes for both, so that both zero points are nonzero:
+
+# %%
+conv0 = layers["0"]
+images = data.calibration_batches(digits16.train, num_samples=64, seed=0)[0]
+patches = intops.im2col(images, 3, padding=1).reshape(-1, 9)          # (M, K): one row per output pixel
+w0 = conv0.weight.detach().reshape(16, 9)                             # (N, K)
+s_x, z_x = qparams_for(patches, 8, symmetric=False)                   # uint8 codes [0, 255]
+s_w, z_w = qparams_for(w0, 8, symmetric=False)
+x_q = quantize(patches, s_x, z_x, *quant_range(8, signed=False))
+w_q = quantize(w0, s_w, z_w, *quant_range(8, signed=False))
+print(f"input: scale {s_x.item():.4f}, zero point {z_x.item()} | weights: scale {s_w.item():.5f}, zero point {z_w.item()}")
+
+
+def my_expanded(x_q, w_q, z_x, z_w):
+    """sum_k (x_q - z_x)(w_q - z_w), multiplied out: one GEMM on the codes plus cheap terms (int64)."""
+    x, w = x_q.long(), w_q.long()
+    K = x.shape[1]
+    core = x @ w.T                                                     # the only M*N*K part
+    row = x.sum(1, keepdim=True)                                       # M*K adds
+    const = K * z_x * z_w - z_x * w.sum(1)                             # from the weights alone
+    return core - z_w * row + const
+
+
+direct = (x_q.long() - z_x) @ (w_q.long() - z_w).T                    # the formula as written
+mine = my_expanded(x_q, w_q, int(z_x), int(z_w))
+terms = zeropoint.precompute(w_q, int(z_w), int(z_x))                  # what a converter stores
+assert torch.equal(mine, direct)
+assert torch.equal(zeropoint.expanded_accumulate(x_q, terms), direct)
+assert torch.equal(intops.int_matmul(x_q, w_q.T, int(z_x), int(z_w)).long(), direct)  # qlib's int8 kernels
+real = direct.double() * s_x.double() * s_w.double()                  # the accumulator's real value
+print("expanded == direct, bit for bit; real value vs float conv: max |diff|",
+      f"{(real.float() - patches @ w0.T).abs().max():.4f} (rounding of x and w only)")
+
+# %% [markdown]
+# The same integers, and the same as PyTorch's quantized linear layer (`tests/test_zeropoint.py`
+# checks against `torch.ao.nn.quantized.functional.linear`). What the expansion saves, per
+# layer of cnn16 at a batch of 64 digits (`zeropoint.operation_counts`):
+
+# %%
+def gemm_shape(name, layer, batch=64):
+    """(M, K, N) of a layer as a matrix product, from the shapes of a forward pass."""
+    captured = {}
+    h = layer.register_forward_hook(lambda m, i, o: captured.update(out=o))
+    with torch.no_grad():
+        model(images[:batch])
+    h.remove()
+    out = captured["out"]
+    m = out.numel() // out.shape[1]
+    return m, layer.weight[0].numel(), out.shape[1]
+
+
+print(f"{'layer':6s} {'M x K x N':>18s} {'multiply-adds':>14s} {'direct z-ops':>13s} "
+      f"{'expanded z-ops':>15s} {'(z_w = 0)':>10s}   expanded / multiply-adds")
+for name, layer in layers.items():
+    m_, k_, n_ = gemm_shape(name, layer)
+    c = zeropoint.operation_counts(m_, k_, n_)
+    c0 = zeropoint.operation_counts(m_, k_, n_, weight_zero_point=False)
+    share = c["expanded_runtime_ops"] / c["multiply_adds"]
+    print(f"{name:6s} {f'{m_} x {k_} x {n_}':>18s} {c['multiply_adds']:14,d} {c['direct_zero_point_ops']:13,d} "
+          f"{c['expanded_runtime_ops']:15,d} {c0['expanded_runtime_ops']:10,d}   {100 * share:5.1f}%")
+    assert c["expanded_runtime_ops"] < c["direct_zero_point_ops"] / 4  # the next paragraph's claim
+
+# %% [markdown]
+# Subtracting zero points inside the loop costs two operations per multiply-add (the
+# "direct" column: twice the multiply-adds). Expanded, the extra work is a fraction of the
+# multiply-adds that shrinks as the layer grows ($O(MK + MN)$ against $O(MNK)$): it is
+# largest for the first conv, whose dot products have only $K = 9$ terms, and a few percent
+# for the big ones; with symmetric weights only one add per output is left. This is why
+# integer engines (and `qlib.intops`) use symmetric weights and affine activations.
+#
+# **Adding two quantized tensors.** A residual connection adds two tensors that were quantized
+# with *different* qparams. Adding their codes is meaningless; the real sum is
+# $s_a (a_q - z_a) + s_b (b_q - z_b)$, which must be re-expressed on the output's grid
+# $(s_y, z_y)$ with integers only. TFLite's ADD kernel (and `qlib.requant.requantized_add`):
+# shift both inputs left by 20 bits (room for fractional bits), multiply each by a fixed-point
+# multiplier $M_a = s_a / (2 \max(s_a, s_b))$ (resp. $M_b$), add, and requantize once with
+# $M_y = 2 \max(s_a, s_b) / (2^{20} s_y)$. Each multiplier is an int32 $m$ and a shift
+# (`quantize_multiplier`), so no float is involved at run time:
+
+# %%
+a_real = torch.randn(10_000, generator=gen) * 0.5
+b_real = torch.randn(10_000, generator=gen) * 3 + 1                  # a wider, shifted branch
+(s_a, z_a), (s_b, z_b) = (qparams_for(t, 8, signed=True) for t in (a_real, b_real))  # affine int8, own qparams
+s_y, z_y = qparams_for(a_real + b_real, 8, signed=True)
+a_q = quantize(a_real, s_a, z_a, -128, 127)
+b_q = quantize(b_real, s_b, z_b, -128, 127)
+args = (s_a.item(), s_b.item(), s_y.item())
+print("fixed-point multipliers (m, shift) for a, b and the output:", add_multipliers(*args))
+y_q = requantized_add(a_q, s_a.item(), int(z_a), b_q, s_b.item(), int(z_b), s_y.item(), int(z_y))
+exact = quantize(dequantize(a_q, s_a, z_a) + dequantize(b_q, s_b, z_b), s_y, z_y, -128, 127)  # float reference
+naive = torch.clamp(a_q.long() + b_q.long(), -128, 127)              # adding codes: wrong
+diff = (y_q.long() - exact.long()).abs()
+print(f"integer add vs float reference: {100 * (diff == 0).float().mean():.2f}% of codes equal, max difference "
+      f"{diff.max().item()} code; adding the codes directly is off by {(naive - exact.long()).abs().float().mean():.1f} "
+      "codes on average")
+assert diff.max() <= 1
+
+# %% [markdown]
+# The integer add matches the float reference, at most one code apart (where the fixed-point
+# roundings meet a tie). qlib's integer
+# engine (`qlib.intmodel`, lesson 04) adds residual branches on the int32 accumulators before
+# requantizing; `requantized_add` is the form for branches that arrive as int8 tensors.
+#
+# ## 7. Explore
+
 #
 # Move the sliders: bit width, clipping range (a fraction of the data's range), symmetric or
 # affine, and the data. Watch the staircase, which values get clipped, and the SQNR. Try
@@ -479,6 +606,10 @@ widgets.quantization_explorer({**tensors, "Gaussian noise": gaussian, "conv weig
 # - Per-channel and per-group scales follow the data more closely, for some storage.
 # - About 6 dB of SQNR per bit; on this CNN, weights are free down to 6 bits, and below 4
 #   bits min-max weights cost many points.
+# - Integer layers multiply out the zero points: one GEMM on the raw codes, row sums of the
+#   input (none with symmetric weights) and a per-channel constant precomputed from the
+#   weights. Tensors with different qparams are added with fixed-point multipliers onto a
+#   common grid, then requantized once.
 #
 # **Exercises**
 # 1. Repeat section 2 at 2 bits. What are the levels of a 2-bit symmetric and a 2-bit affine
@@ -489,3 +620,7 @@ widgets.quantization_explorer({**tensors, "Gaussian noise": gaussian, "conv weig
 # 4. Per-group with `group_size` 8, 16, 32, 64 for layer 7 at 3 bits: SQNR vs storage of the
 #    scales. Where would you stop?
 # 5. Find a float32 `x` and `scale` for which `round(x / scale)` and `round(x * (1 / scale))` differ.
+# 6. In section 6, make the weights symmetric (`qparams_for(w0, 8, symmetric=True)`, signed
+#    codes). Which terms of the expansion vanish? Check it with `zeropoint.precompute`.
+# 7. Repeat the residual add with `left_shift=0` in `requantized_add`. How many codes now
+#    differ from the float reference, and why does TFLite shift by 20 bits?

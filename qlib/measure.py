@@ -9,7 +9,11 @@ rule is ``qlib.qparams.check_bits`` (2 to 16).
 
 Time: ``latency`` runs a function several times after a warm-up and returns the **median**
 in seconds, waiting for the GPU (``torch.cuda.synchronize``) when the work is on CUDA. Only
-compare latencies measured side by side in one run, as ratios.
+compare latencies measured side by side in one run, as ratios: ``side_by_side`` times several
+functions interleaved (A, B, C, A, B, C, ...) so that background load hits them alike.
+What is inside the timed function is what gets measured: to time a bfloat16 matmul, cast the
+operands *before* (``a16 = a.bfloat16()``) and time ``lambda: a16 @ b16``; a cast inside the
+call adds two passes over memory to the product.
 """
 
 from __future__ import annotations
@@ -127,6 +131,45 @@ def latency(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, *, dev
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def side_by_side(fns: dict, repeats: int = 10, warmup: int = 1, *, threads: int | None = 1,
+                 device=None) -> dict:
+    """Median seconds of each function of ``fns`` (``{name: fn}``), timed **interleaved**.
+
+    Round ``r`` calls every function once, in order; ``repeats`` rounds after ``warmup``
+    untimed ones. Drift of a shared machine (another job starting, the clock changing) then
+    hits every candidate alike, so the *ratios* of the medians are meaningful where absolute
+    times are not. ``threads``: run on that many intra-op threads (default 1: a thread that
+    waits for a busy core distorts everything; restored afterwards; ``None`` keeps the
+    current setting). ``device``: as for ``latency`` (CUDA work is synchronized around each
+    call). Returns ``{name: median seconds}`` in the order of ``fns``.
+    ``qlib.engines.compare_latency`` does the same for models on one input batch.
+    """
+    if not isinstance(fns, dict) or not fns or not all(callable(f) for f in fns.values()):
+        raise TypeError("fns must be a non-empty dict of name -> function of no arguments")
+    check_repeats(repeats, warmup)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+    sync = synchronizer(device) if device is not None else synchronizer()
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        times: dict = {name: [] for name in fns}
+        for _ in range(warmup):
+            for f in fns.values():
+                f()
+        for _ in range(repeats):
+            for name, f in fns.items():
+                sync()
+                start = time.perf_counter()
+                f()
+                sync()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def cast_error(weight: torch.Tensor, dtype: torch.dtype = torch.float16) -> float:

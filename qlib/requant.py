@@ -32,6 +32,10 @@ real kernel keeps in an int32 register is checked to fit in int32.
 ``requantize`` applies ``M`` given as ``(m, shift)``; ``requantize_scaled`` is the one place
 where two real scales become that multiplier (the integer layers and ``qlib.intmodel`` both
 requantize through it).
+
+``requantized_add`` adds two code tensors of *different* qparams into a third (a residual
+connection between int8 tensors), as TFLite's ADD kernel does: both inputs are moved to a
+common finer grid with fixed-point multipliers, added in int32, and requantized once.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from .quantize import code_dtype
 __all__ = [
     "INT32_MIN", "INT32_MAX", "quantize_multiplier", "saturating_rounding_doubling_high_mul",
     "rounding_divide_by_pot", "multiply_by_quantized_multiplier", "requantize", "requantize_scaled",
+    "add_multipliers", "requantized_add",
 ]
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -217,3 +222,59 @@ def requantize_scaled(acc, acc_scale, out_scale, out_zero_point, quant_min: int,
         out_scale, device=acc.device).double()
     m, shift = quantize_multiplier(real)
     return requantize(acc, m, shift, out_zero_point, quant_min, quant_max, double_rounding)
+
+
+def add_multipliers(a_scale: float, b_scale: float, out_scale: float, left_shift: int = 20):
+    """The fixed-point parameters of ``requantized_add`` (TFLite's ``PrepareGeneralSubOp``).
+
+    With ``t = 2 * max(s_a, s_b)``: ``M_a = s_a / t`` and ``M_b = s_b / t`` (both <= 1/2) bring
+    each input onto the common grid of step ``t / 2**left_shift``; ``M_out = t / (2**left_shift * s_out)``
+    brings the sum to the output grid. Returns ``((m_a, shift_a), (m_b, shift_b), (m_out, shift_out))``
+    from ``quantize_multiplier`` (all shifts <= 0: every multiplier is below 1). Scales: positive
+    Python floats (a converter's offline arithmetic, in float64).
+    """
+    for name, v in (("a_scale", a_scale), ("b_scale", b_scale), ("out_scale", out_scale)):
+        v = float(v)
+        if not (v > 0 and v < float("inf")):
+            raise ValueError(f"{name} must be a finite float > 0, got {v!r}")
+    if isinstance(left_shift, bool) or not isinstance(left_shift, int) or not 0 <= left_shift <= 24:
+        raise ValueError(f"left_shift must be an int in [0, 24] (TFLite: 20 for int8, 15 for int16), got {left_shift!r}")
+    twice_max = 2 * max(float(a_scale), float(b_scale))
+    real_out = twice_max / (2**left_shift * float(out_scale))
+    if real_out >= 1:
+        raise ValueError(f"out_scale {float(out_scale):.3g} is too fine for left_shift {left_shift}: the output "
+                         f"multiplier {real_out:.3g} must be < 1 (use a smaller left_shift)")
+    return (quantize_multiplier(float(a_scale) / twice_max), quantize_multiplier(float(b_scale) / twice_max),
+            quantize_multiplier(real_out))
+
+
+def requantized_add(a_q, a_scale, a_zero_point, b_q, b_scale, b_zero_point, out_scale, out_zero_point,
+                    quant_min: int = -128, quant_max: int = 127, left_shift: int = 20,
+                    double_rounding: bool = False) -> torch.Tensor:
+    """``a + b`` for code tensors of different qparams, into codes of ``(out_scale, out_zero_point)``.
+
+    The real sum ``s_a (a_q - z_a) + s_b (b_q - z_b)`` in integers only (TFLite's ADD, the
+    reference ``AddElementwise``)::
+
+        a' = (a_q - z_a) << left_shift             (room for the fractional bits of the rescaling)
+        a'' = round(a' * M_a)                       M_a = s_a / (2 max(s_a, s_b)), fixed point
+        b'' = round(((b_q - z_b) << left_shift) * M_b)
+        out = clamp(round((a'' + b'') * M_out) + z_out, quant_min, quant_max)
+
+    ``a_q``/``b_q``: integer code tensors (broadcastable); scales positive floats; zero points
+    ints. ``left_shift``: 20 for 8-bit codes (TFLite), so that ``(a_q - z_a) << 20`` still fits
+    in int32. ``double_rounding``: gemmlowp's two roundings in each multiply (classic TFLite,
+    ``MultiplyByQuantizedMultiplierSmallerThanOneExp``) instead of single rounding
+    (``TFLITE_SINGLE_ROUNDING``, qlib's default). The result is within one code of the exactly
+    rounded real sum. Returns codes in the smallest dtype holding ``[quant_min, quant_max]``.
+    """
+    a = _check_int32(_require_int(torch.as_tensor(a_q), "a_q"), "a_q")
+    b = _check_int32(_require_int(torch.as_tensor(b_q, device=a.device), "b_q"), "b_q")
+    (ma, sa), (mb, sb), (mo, so) = add_multipliers(a_scale, b_scale, out_scale, left_shift)
+    a = (a.to(torch.int64) - int(a_zero_point)) * 2**left_shift
+    b = (b.to(torch.int64) - int(b_zero_point)) * 2**left_shift
+    _check_int32(a, "a_q - z_a shifted left"), _check_int32(b, "b_q - z_b shifted left")
+    total = (multiply_by_quantized_multiplier(a, ma, sa, double_rounding)
+             + multiply_by_quantized_multiplier(b, mb, sb, double_rounding))
+    out = multiply_by_quantized_multiplier(_check_int32(total, "a'' + b''"), mo, so, double_rounding)
+    return out.add_(int(out_zero_point)).clamp_(quant_min, quant_max).to(code_dtype(quant_min, quant_max))

@@ -110,6 +110,42 @@ def test_one_meaning_of_latency():
     assert not hasattr(engines, "latency") and callable(engines.model_latency)
 
 
+def test_side_by_side_interleaves_and_takes_the_median_of_each():
+    """Reference: round-robin calls (A, B, A, B, ...) after the warm-up rounds, the median of each.
+
+    Scripted sleeps: A's third call is a 0.2 s outlier (the median ignores it); the call
+    order is recorded and must alternate.
+    """
+    order = []
+    a_script = iter([0.0, 0.001, 0.001, 0.2, 0.001, 0.001])  # warm-up first, then 5 timed
+
+    def a():
+        order.append("a")
+        time.sleep(next(a_script))
+
+    def b():
+        order.append("b")
+        time.sleep(0.004)
+    before = torch.get_num_threads()
+    t = measure.side_by_side({"a": a, "b": b}, repeats=5, warmup=1)
+    assert order == ["a", "b"] * 6
+    assert list(t) == ["a", "b"]
+    assert t["a"] < 0.003 < t["b"] < 0.03
+    assert torch.get_num_threads() == before  # the thread setting is restored
+
+
+def test_side_by_side_runs_on_the_threads_asked_and_rejects_bad_input():
+    seen = []
+    measure.side_by_side({"f": lambda: seen.append(torch.get_num_threads())}, repeats=2, warmup=0)
+    assert seen == [1, 1]
+    with pytest.raises(TypeError, match="dict"):
+        measure.side_by_side([lambda: None])
+    with pytest.raises(ValueError, match="threads"):
+        measure.side_by_side({"f": lambda: None}, threads=0)
+    with pytest.raises(ValueError, match="repeats"):
+        measure.side_by_side({"f": lambda: None}, repeats=0)
+
+
 def test_cast_error():
     w = torch.tensor([1.0, 1.0 + 2 ** -12])
     assert measure.cast_error(w) == pytest.approx(2 ** -12)

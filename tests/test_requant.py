@@ -10,7 +10,10 @@ References, written out here in Python's exact integers:
 - gemmlowp's ``SaturatingRoundingDoublingHighMul`` and ``RoundingDivideByPOT``
   (gemmlowp/fixedpoint/fixedpoint.h), and classic TFLite's double-rounding
   ``MultiplyByQuantizedMultiplier`` built from them;
-- exact rational arithmetic (``fractions.Fraction``) for what the roundings approximate.
+- exact rational arithmetic (``fractions.Fraction``) for what the roundings approximate;
+- TFLite's int8 ADD (tensorflow/lite/kernels/add.cc ``PrepareGeneralSubOp`` and
+  reference_ops ``AddElementwise``), written out per element for ``requantized_add``,
+  and the float sum it approximates.
 
 Torch draws use generators seeded from ``QLIB_TEST_SEED`` (default 0).
 """
@@ -23,9 +26,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qlib.requant import (INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier, quantize_multiplier,
-                          requantize, requantize_scaled, rounding_divide_by_pot,
-                          saturating_rounding_doubling_high_mul)
+from qlib.requant import (INT32_MAX, INT32_MIN, add_multipliers, multiply_by_quantized_multiplier,
+                          quantize_multiplier, requantize, requantize_scaled, requantized_add,
+                          rounding_divide_by_pot, saturating_rounding_doubling_high_mul)
 
 SEED = int(os.environ.get("QLIB_TEST_SEED", "0"))
 int32s = st.integers(INT32_MIN, INT32_MAX)
@@ -243,3 +246,70 @@ def test_requantize_extreme_multipliers_and_zero_points(real, zp, qmin, qmax):
             acc = acc >> max(shift, 0)
         want = [max(qmin, min(qmax, max(INT32_MIN, min(INT32_MAX, f(int(a), m, shift))) + zp)) for a in acc]
         assert requantize(acc, m, shift, zp, qmin, qmax, double_rounding=dr).tolist() == want
+
+
+# ----------------------------------------------------------------- requantized add (TFLite ADD)
+def tflite_quantize_multiplier(real: float) -> tuple[int, int]:
+    """TFLite QuantizeMultiplier: frexp, Q31 mantissa, renormalize on a carry."""
+    import math
+    if real == 0:
+        return 0, 0
+    q, shift = math.frexp(real)
+    q_fixed = round(q * (1 << 31))  # TFRound: half away from zero; q > 0 here
+    if q_fixed == 1 << 31:
+        q_fixed //= 2
+        shift += 1
+    return q_fixed, shift
+
+
+def tflite_add(a: int, b: int, sa, za, sb, zb, so, zo, qmin, qmax, double_rounding, left_shift=20) -> int:
+    """One element of TFLite's int8 ADD, in Python integers."""
+    twice_max = 2 * max(sa, sb)
+    ma, sha = tflite_quantize_multiplier(sa / twice_max)
+    mb, shb = tflite_quantize_multiplier(sb / twice_max)
+    mo, sho = tflite_quantize_multiplier(twice_max / ((1 << left_shift) * so))
+    mul = tflite_double_rounding if double_rounding else tflite_single_rounding
+    scaled_a = mul((a - za) * (1 << left_shift), ma, sha)
+    scaled_b = mul((b - zb) * (1 << left_shift), mb, shb)
+    raw = mul(scaled_a + scaled_b, mo, sho) + zo
+    return min(qmax, max(qmin, raw))
+
+
+@pytest.mark.parametrize("double_rounding", [False, True])
+@pytest.mark.parametrize("case", range(4))
+def test_requantized_add_is_tflites_add_and_close_to_the_float_sum(double_rounding, case):
+    g = gen(300 + case)
+    sa, sb = (torch.rand(2, generator=g) * 0.2 + 0.005).tolist()
+    so = (sa + sb) * float(torch.rand(1, generator=g) * 0.6 + 0.7)
+    za, zb, zo = torch.randint(-20, 21, (3,), generator=g).tolist()
+    a = torch.randint(-128, 128, (300,), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (300,), generator=g, dtype=torch.int8)
+    out = requantized_add(a, sa, za, b, sb, zb, so, zo, -128, 127, double_rounding=double_rounding)
+    assert out.dtype == torch.int8
+    ref = [tflite_add(int(x), int(y), sa, za, sb, zb, so, zo, -128, 127, double_rounding)
+           for x, y in zip(a.tolist(), b.tolist())]
+    assert out.tolist() == ref
+    real = (sa * (a.double() - za) + sb * (b.double() - zb)) / so
+    exact = torch.clamp(torch.round(real) + zo, -128, 127)
+    diff = (out.double() - exact).abs()
+    assert diff.max() <= 1 and diff.mean() < 0.05  # a tie-breaking code at most, rarely
+
+
+def test_requantized_add_of_equal_qparams_is_the_plain_sum():
+    """Same scale in and out, zero points 0: a + b exactly (saturated)."""
+    a = torch.arange(-60, 60, dtype=torch.int8)
+    b = torch.flip(a, [0]) // 2
+    out = requantized_add(a, 0.05, 0, b, 0.05, 0, 0.05, 0)
+    assert torch.equal(out.long(), (a.long() + b.long()).clamp(-128, 127))
+
+
+def test_add_multipliers_match_tflite_and_reject_bad_scales():
+    (ma, sa), (mb, sb), (mo, so) = add_multipliers(0.1, 0.05, 0.12)
+    assert (ma, sa) == tflite_quantize_multiplier(0.5) and (mb, sb) == tflite_quantize_multiplier(0.25)
+    assert (mo, so) == tflite_quantize_multiplier(0.2 / (2**20 * 0.12))
+    with pytest.raises(ValueError, match="a_scale"):
+        add_multipliers(0.0, 0.1, 0.1)
+    with pytest.raises(ValueError, match="too fine"):
+        add_multipliers(1.0, 1.0, 1e-9)
+    with pytest.raises(ValueError, match="left_shift"):
+        add_multipliers(0.1, 0.1, 0.1, left_shift=40)

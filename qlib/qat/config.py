@@ -31,12 +31,18 @@ class QATConfig:
     - ``epochs`` (15; 0 only calibrates: static PTQ), ``lr`` (5e-4, the one-cycle peak),
       ``weight_decay`` (1e-4; never on LSQ step sizes), ``batch_size`` (64), ``seed`` (0: the
       shuffling order), ``loss_fn(model, x, y)`` (None: cross-entropy; distillation replaces it);
-    - ``method``: ``"ste"`` (observers pick the scales) or ``"lsq"`` (learned), ``lsq_init``
+    - ``method``: ``"ste"`` (observers pick the scales), ``"lsq"`` (learned step sizes) or
+      ``"pact"`` (learned activation clipping levels, STE weights: ``qlib.pact``), ``lsq_init``
       (None: the config's observers, or ``"lsq"``, or an observer name);
     - ``fold_bn`` (True), ``freeze_bn_epoch``, ``freeze_observer_epoch``, ``bits_schedule``
       (``qlib.qat.schedule``), ``per_layer`` (``{layer name: QuantConfig or None}``);
     - ``calibration_batches`` (4) before training, ``early_stop_margin`` (None, or accuracy
-      points: stop once validation is that close to fp32), ``progress`` (a tqdm bar).
+      points: stop once validation is that close to fp32), ``progress`` (a tqdm bar);
+    - ``kd_weight`` (0: plain cross-entropy; in (0, 1]: distillation from the float model,
+      ``qlib.qat.losses.kd_objective``) and ``kd_temperature`` (4.0);
+    - ``dampening`` (0: off; Nagel et al.'s oscillation dampening weight), ``freeze_threshold``
+      (None: off; iterative freezing of weights whose oscillation frequency exceeds it) and
+      ``freeze_momentum`` (0.01: the averaging constant of that frequency), ``qlib.qat.oscillation``.
     """
 
     epochs: int = 15
@@ -55,6 +61,11 @@ class QATConfig:
     loss_fn: object = None
     seed: int = 0
     progress: bool = True
+    kd_weight: float = 0.0
+    kd_temperature: float = 4.0
+    dampening: float = 0.0
+    freeze_threshold: float | None = None
+    freeze_momentum: float = 0.01
 
     def __post_init__(self):
         from .prepare import METHODS
@@ -89,6 +100,21 @@ class QATConfig:
             raise TypeError(f"lsq_init must be None, 'lsq' or an observer name, got {type(self.lsq_init).__name__}")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, x, y), got {type(self.loss_fn).__name__}")
+        for name, low, high in (("kd_weight", 0, 1), ("dampening", 0, math.inf), ("freeze_momentum", 0, 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not low <= value <= high or (name == "freeze_momentum" and value == 0):
+                raise ValueError(f"{name} must lie in [{low}, {high}]{' and be > 0' if name == 'freeze_momentum' else ''}, "
+                                 f"got {value!r}")
+        t = self.kd_temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
+            raise ValueError(f"kd_temperature must be a finite number > 0, got {t!r}")
+        f = self.freeze_threshold
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1):
+            raise ValueError(f"freeze_threshold must be None or a frequency in (0, 1], got {f!r}")
+        if self.kd_weight > 0 and self.loss_fn is not None:
+            raise ValueError("give either loss_fn or kd_weight > 0 (distillation builds its own loss), not both")
         if not isinstance(self.fold_bn, bool) or not isinstance(self.progress, bool):
             raise TypeError("fold_bn and progress must be True or False")
 

@@ -31,6 +31,7 @@ from ..fold import fold_bn
 from ..lsq import LSQFakeQuantize
 from ..modules import FakeQuantize, set_submodule
 from ..observers import ObserverBase
+from ..pact import PACTFakeQuantize
 from .prepare import qat_layers
 from .ste import TrackingWeightFakeQuantize
 
@@ -58,7 +59,7 @@ class FixedQParamsObserver(ObserverBase):
 
 def qparams_now(fq: nn.Module, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The ``(scale, zero_point)`` the quantizer ``fq`` of ``layer`` uses now; None before it has seen data."""
-    if isinstance(fq, LSQFakeQuantize):
+    if isinstance(fq, (LSQFakeQuantize, PACTFakeQuantize)):
         return fq.qparams() if bool(fq.initialized) else None
     if isinstance(fq, TrackingWeightFakeQuantize):
         return fq.batch_qparams(layer.weight)

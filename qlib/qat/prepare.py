@@ -7,10 +7,15 @@ quantizers depend on the method:
 - ``"ste"``: activations keep the config's observer (``FakeQuantize``: it records while
   training, until it is frozen); weights get a ``TrackingWeightFakeQuantize`` (``qat.ste``).
 - ``"lsq"``: ``LSQFakeQuantize`` everywhere (``qlib.lsq``): the scales are parameters.
+- ``"pact"``: activations get ``PACTFakeQuantize`` (``qlib.pact``: a learned clipping level
+  ``alpha``, started at the calibrated maximum), weights the STE's ``TrackingWeightFakeQuantize``
+  (the paper quantized weights with DoReFa; qlib keeps its per-channel weight grid, so that the
+  comparison with the other methods changes the activations only).
 
 ``calibrate_qat`` then runs a few batches through the model in eval mode with the activations
 in float, so that each activation quantizer starts from the range of the float activations
-(observers record; LSQ sets its initial step size), and switches quantization on.
+(observers record; LSQ sets its initial step size, PACT its clipping level), and switches
+quantization on.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from ..batching import eval_mode, input_batches, model_device, model_dtype
 from ..fold import find_layer_bn_pairs, fold_batchnorm
 from ..lsq import LSQFakeQuantize
 from ..modules import FakeQuantize, QuantConfig, swap_modules
+from ..pact import PACTFakeQuantize
 from .ste import TrackingWeightFakeQuantize
 
-__all__ = ["METHODS", "qat_layers", "prepare_qat", "refresh_weight_qparams", "calibrate_qat"]
+__all__ = ["METHODS", "LEARNED", "qat_layers", "prepare_qat", "refresh_weight_qparams", "calibrate_qat"]
 
-METHODS = ("ste", "lsq")
+METHODS = ("ste", "lsq", "pact")
+LEARNED = (LSQFakeQuantize, PACTFakeQuantize)
+"""Quantizers whose qparams are parameters: they record during calibration, then ``initialize()``."""
 
 
 def qat_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -69,6 +77,8 @@ def prepare_qat(model: nn.Module, config: QuantConfig | None = None, method: str
             layer.weight_fq, layer.input_fq = _lsq_pair(layer.config, lsq_init)
         else:
             layer.weight_fq = TrackingWeightFakeQuantize(layer.config.weight_observer_factory())
+            if method == "pact":
+                layer.input_fq = PACTFakeQuantize(layer.config.act_bits, init=lsq_init or "minmax")
     refresh_weight_qparams(qmodel)
     return qmodel.train()
 
@@ -100,7 +110,7 @@ def calibrate_qat(model: nn.Module, data, batches: int = 4) -> nn.Module:
     if not acts:
         raise ValueError("no fake-quant layers: prepare the model with prepare_qat first")
     for fq in acts:
-        if isinstance(fq, LSQFakeQuantize):
+        if isinstance(fq, LEARNED):
             fq.calibrating = True
         else:
             fq.observe, fq.quantize = True, False  # switching observe on opens the calibration
@@ -117,7 +127,7 @@ def calibrate_qat(model: nn.Module, data, batches: int = 4) -> nn.Module:
     if seen == 0:
         raise ValueError("the calibration data is empty: give at least one batch")
     for fq in acts:
-        if isinstance(fq, LSQFakeQuantize):
+        if isinstance(fq, LEARNED):
             fq.initialize()
         elif isinstance(fq, FakeQuantize):
             fq.quantize = True  # QAT: keep observing (while training), and quantize

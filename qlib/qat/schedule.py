@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..lsq import LSQFakeQuantize
 from ..modules import FakeQuantize, QuantConfig
 from ..qparams import quant_range
-from .prepare import act_quantizers, qat_layers, refresh_weight_qparams
+from .prepare import LEARNED, act_quantizers, qat_layers, refresh_weight_qparams
 
 __all__ = ["set_bits", "check_schedule", "freeze_observers", "freeze_bn_stats"]
 
@@ -48,7 +47,7 @@ def set_bits(model: nn.Module, weight_bits: int | None = None, act_bits: int | N
             if bits is None:
                 continue
             bits = max(bits, floor)
-            if isinstance(fq, LSQFakeQuantize):
+            if isinstance(fq, LEARNED):  # LSQ keeps its clipping range, PACT its alpha
                 fq.set_bits(bits)
             else:
                 obs = fq.observer

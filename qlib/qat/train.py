@@ -4,9 +4,13 @@
 
 1. ``prepare_qat``: fold BatchNorm (or keep it until the end), swap in fake-quant layers;
 2. ``calibrate_qat`` on ``calibration_batches`` training batches;
-3. train with AdamW (no weight decay on LSQ step sizes) and a one-cycle learning rate,
-   applying the schedules (``qlib.qat.schedule``) at the start of each epoch, and stop early
-   once the validation accuracy is within ``early_stop_margin`` points of fp32;
+3. train with AdamW (no weight decay on LSQ step sizes; PACT's clipping levels get the weight
+   decay, the paper's L2 penalty on alpha, and a learning rate of ``lr * alpha0``) and a
+   one-cycle learning rate, applying the schedules (``qlib.qat.schedule``) at the start of each
+   epoch, and stop early once the validation accuracy is within ``early_stop_margin`` points
+   of fp32. The loss is cross-entropy, or distillation from the float model (``kd_weight``),
+   plus oscillation dampening (``dampening``); ``freeze_threshold`` attaches iterative
+   freezing (``qlib.qat.oscillation``);
 4. freeze the activation observers, fold kept BatchNorms, return ``(model, history)``.
 
 The recipe's settings live in a ``QATConfig``; the keyword arguments of older versions
@@ -18,7 +22,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -28,7 +31,10 @@ from ..lsq import LSQFakeQuantize
 from ..modules import QuantConfig
 from ..train import as_loader, evaluate, train_epoch
 from .config import QATConfig
+from ..pact import PACTFakeQuantize
 from .convert import fold_kept_bn, step_sizes
+from .losses import cross_entropy_objective, kd_objective, with_dampening
+from .oscillation import OscillationFreezer
 from .prepare import calibrate_qat, prepare_qat
 from .schedule import check_schedule, freeze_bn_stats, freeze_observers, set_bits
 
@@ -69,12 +75,33 @@ class _OnDevice:
 
 
 def _optimizer(qmodel: nn.Module, recipe: QATConfig, steps: int):
-    quant = {id(p) for m in qmodel.modules() if isinstance(m, LSQFakeQuantize) for p in m.parameters()}
+    """AdamW with three groups: the weights; LSQ step sizes (no weight decay); PACT clipping levels.
+
+    Adam's steps are about ``lr`` in size whatever the gradient's scale. A step size of 0.05
+    moves by 1% a step at lr 5e-4, but a clipping level of 5 by 0.01%: PACT's ``alpha`` gets
+    ``lr * alpha0`` (its value after calibration), so it moves at the relative pace of the rest.
+    """
+    lsq = {id(p) for m in qmodel.modules() if isinstance(m, LSQFakeQuantize) for p in m.parameters()}
+    pact = [m.alpha for m in qmodel.modules() if isinstance(m, PACTFakeQuantize)]
     params = [p for p in qmodel.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in quant]},
-                             {"params": [p for p in params if id(p) in quant], "weight_decay": 0.0}],
-                            lr=recipe.lr, weight_decay=recipe.weight_decay)
-    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=steps)
+    special = lsq | {id(p) for p in pact}
+    groups = [{"params": [p for p in params if id(p) not in special]},
+              {"params": [p for p in params if id(p) in lsq], "weight_decay": 0.0}]
+    lrs = [recipe.lr, recipe.lr]
+    for alpha in pact:
+        groups.append({"params": [alpha]})
+        lrs.append(recipe.lr * max(float(alpha.detach().abs()), 1e-3))
+    opt = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lrs, total_steps=steps)
+
+
+def _objective(model: nn.Module, recipe: QATConfig):
+    """The training loss: ``recipe.loss_fn``, cross-entropy, or distillation from ``model``; plus dampening."""
+    if recipe.kd_weight > 0:
+        base = kd_objective(model, recipe.kd_weight, recipe.kd_temperature)
+    else:
+        base = recipe.loss_fn or cross_entropy_objective
+    return with_dampening(base, recipe.dampening)
 
 
 def quantization_aware_training(model: nn.Module, data, config: QuantConfig | None = None, epochs: int | None = None,
@@ -89,7 +116,8 @@ def quantization_aware_training(model: nn.Module, data, config: QuantConfig | No
     ``history``: per epoch ``loss``, ``val_acc``, ``weight_bits``, ``act_bits``, ``lr``;
     ``step_sizes[name]``: the quantizer's scale after calibration (entry 0) and after each
     epoch; ``fp32_val_acc``, ``final_val_acc`` (after folding kept BatchNorms), ``epochs_run``,
-    ``stopped_early`` and ``time_s``. The returned model is in eval mode with its activation
+    ``stopped_early`` and ``time_s``; with ``freeze_threshold``, ``frozen_fraction`` per epoch
+    (the share of weights frozen by iterative freezing). The returned model is in eval mode with its activation
     observers frozen (``qlib.modules.set_quant_mode(model, observe=True)`` to observe again).
     """
     recipe = QATConfig.build(qat_config, epochs=epochs, lr=lr, **options)
@@ -112,7 +140,11 @@ def quantization_aware_training(model: nn.Module, data, config: QuantConfig | No
     bits = schedule.get(0, (config.weight_bits, config.act_bits))
     if recipe.epochs:
         opt, lr_schedule = _optimizer(qmodel, recipe, recipe.epochs * len(loader))
-    loss_fn = recipe.loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y))
+    loss_fn = _objective(model, recipe)
+    freezer = None
+    if recipe.freeze_threshold is not None:
+        freezer = OscillationFreezer(qmodel, recipe.freeze_threshold, recipe.freeze_momentum)
+        history["frozen_fraction"] = []
     bar = tqdm(range(recipe.epochs), desc=f"QAT {recipe.method}", disable=not recipe.progress or runtime.quiet())
     for epoch in bar:
         if epoch in schedule and epoch > 0:
@@ -127,6 +159,8 @@ def quantization_aware_training(model: nn.Module, data, config: QuantConfig | No
         history["loss"].append(train_epoch(qmodel, loader, opt, lr_schedule, loss_fn))
         history["weight_bits"].append(bits[0])
         history["act_bits"].append(bits[1])
+        if freezer is not None:
+            history["frozen_fraction"].append(freezer.frozen_fraction())
         for name, s in step_sizes(qmodel).items():
             history["step_sizes"].setdefault(name, []).append(s)
         history["epochs_run"] = epoch + 1
@@ -139,6 +173,8 @@ def quantization_aware_training(model: nn.Module, data, config: QuantConfig | No
                 and history["val_acc"][-1] >= fp32_val - recipe.early_stop_margin):
             history["stopped_early"] = epoch + 1 < recipe.epochs
             break
+    if freezer is not None:
+        freezer.remove()
     freeze_observers(qmodel)  # training is over: no observing of evaluation data
     qmodel = fold_kept_bn(qmodel).eval()
     history["final_val_acc"] = evaluate(qmodel, val_data) if val_data is not None else None
