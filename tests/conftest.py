@@ -59,6 +59,15 @@ test_seed.__test__ = False  # a helper, not a test
 
 def pytest_configure(config):
     config.qlib_base_seed = base_seed()
+    # Triton first, through qlib: on a machine without an int8-capable GPU, qlib turns on Triton's
+    # CPU interpreter, which must happen before anything (torch.fx, ao passes) imports triton.
+    # Without this, the kernel tests failed when a QAT test that imports triton ran before them
+    # in the same process (an order pytest-xdist can produce).
+    try:
+        from qlib.kernels import load_triton
+        load_triton()
+    except ImportError:
+        pass  # no Triton (macOS, Windows): the kernel tests skip
 
 
 def pytest_report_header(config):
