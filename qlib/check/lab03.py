@@ -55,6 +55,18 @@ min-max 95.8/68.6/90.0, min-max weights + MSE activations 95.3/75.3/93.1, MSE we
 activations 95.3/98.1/92.5. The target is the good choice's worst seed minus a margin of 3 digits."""
 
 
+def _call(fn, *args, what: str, hint: str = ""):
+    """:func:`qlib.check.core.call`, with a short message: a model or a list of batches as
+    arguments would fill the screen."""
+    try:
+        return call(fn, *args, what=what)
+    except CheckFailed as err:
+        cause = err.__cause__
+        if cause is None:
+            raise
+        raise CheckFailed(f"{what}(...) raised {type(cause).__name__}: {cause}{hint}") from cause
+
+
 @contextmanager
 def _quiet():
     """Reference code runs without progress bars: the student's output shows the checks only."""
@@ -141,7 +153,7 @@ def fold_bn_hidden(fn) -> None:
 # ------------------------------------------------------------------ Q2 fold_model
 def _check_fold_model(fn, model: nn.Module, x: torch.Tensor, what: str) -> nn.Module:
     before, was_training = copy.deepcopy(model), model.training
-    got = call(fn, model, what="fold_model")
+    got = _call(fn, model, what="fold_model")
     expect(isinstance(got, nn.Module), f"{what}: expected a model, got {type(got).__name__}")
     expect(got is not model, f"{what}: return a folded copy (copy.deepcopy), keep the original model")
     expect(model.training == was_training and not changed_entries(model, before.state_dict())
@@ -211,7 +223,10 @@ def _check_calibrate(fn, model: nn.Module, batches, what: str) -> None:
     with _quiet():
         ref = ref_ptq.calibrate(set_quant_mode(copy.deepcopy(model), observe=True, quantize=False), batches)
     before = {k: v for k, v in snapshot(model).items() if ".observer." not in k and "_fq." not in k}
-    got = call(fn, model, batches, what="calibrate")
+    left_on = any(fq.quantize for fq in fake_quantizers(model).values())
+    got = _call(fn, model, batches, what="calibrate",
+                hint=" (the model came with quantize=True left on: set observe=True, quantize=False on every "
+                     "quantizer first)" if left_on else "")
     expect(got is None or got is model, f"{what}: calibrate should update the model it is given "
                                         "(and may return it), not build another one")
     for name, fq in fake_quantizers(model).items():
@@ -274,7 +289,7 @@ def calibrate_hidden(fn) -> None:
 # ------------------------------------------------------------------ Q4 convert
 def _check_convert(fn, calibrated: nn.Module, x: torch.Tensor, what: str) -> None:
     before = _observer_state(calibrated)
-    got = call(fn, calibrated, what="convert")
+    got = _call(fn, calibrated, what="convert")
     expect(isinstance(got, nn.Module) and got is not calibrated,
            f"{what}: return a converted copy (copy.deepcopy), keep the calibrated model as it is")
     expect(all(fq.observe and not fq.quantize for fq in fake_quantizers(calibrated).values()),
@@ -336,7 +351,7 @@ def _check_pipeline(fn, seed: int, what: str) -> dict[str, float]:
     before = snapshot(model)
     accs = {"fp32": (fp32 := _accuracy(model, digits.test))}
     for label, cfg in (("W8A8", QuantConfig()), ("W4A8", PIPELINE_W4A8)):
-        q = call(fn, model, batches, cfg, what="ptq")
+        q = _call(fn, model, batches, cfg, what="ptq")
         expect(isinstance(q, nn.Module), f"{what}: ptq should return a model, got {type(q).__name__}")
         expect(not changed_entries(model, before), f"{what}: ptq changed the float model; work on copies")
         fqs = fake_quantizers(q)
@@ -380,7 +395,7 @@ def ptq_hidden(fn) -> None:
 
 # ------------------------------------------------------------------ Q6 a W4A4 design
 def _settings(fn, what: str) -> tuple[QuantConfig, dict]:
-    got = call(fn, what="w4a4_settings")
+    got = _call(fn, what="w4a4_settings")
     config, per_layer = expect_pair(got, what, "(config, per_layer)")
     expect(isinstance(config, QuantConfig), f"{what}: config should be a QuantConfig, got {type(config).__name__}")
     per_layer = {} if per_layer is None else per_layer
