@@ -1,4 +1,6 @@
-"""Checks for lab 01 (linear quantization): quant_range, choose_qparams, quantize, dequantize.
+"""Checks for lab 01 (linear quantization): quant_range, choose_qparams, quantize, dequantize;
+Q5's debugging of a broken per-channel quantizer lives in :mod:`qlib.check.lab01_debug`
+(re-exported here: ``check.lab01.quantize_weight``).
 
 Visible checks run worked cases a student can reason about (references: ``qlib.qparams`` and
 ``qlib.quantize``). Hidden checks draw random tensors (per student: :mod:`qlib.check.draws`),
@@ -23,6 +25,9 @@ from . import references
 from .draws import Draw, hidden
 from .mistakes import HINTS, division_traps, scale_hint, wrong_codes, zero_point_hint
 from .. import qparams as ref_qparams
+
+from .lab01_debug import (broken_quantize_weight, quantize_weight,  # noqa: F401 (re-exported: Q5)
+                          quantize_weight_hidden, reference_quantize_weight)
 
 ref_quantize = importlib.import_module("qlib.quantize")  # the module: qlib.quantize is also a function
 
