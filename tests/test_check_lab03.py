@@ -18,11 +18,14 @@ from torch import nn
 
 from qlib import check
 from qlib.check import lab03
+from qlib.data import calibration_batches, load_digits
 from qlib.fold import fold_batchnorm, fold_bn
+from qlib.models import pretrained
 from qlib.modules import QuantConfig, fake_quantizers, set_quant_mode, swap_modules
 from qlib.ptq import calibrate as ref_calibrate
 from qlib.ptq import convert as ref_convert
 from qlib.ptq import quantize_static
+from qlib.train import evaluate
 
 
 # ------------------------------------------------------------------ reference answers
@@ -290,3 +293,22 @@ def test_w4a4_budget_is_enforced_before_any_accuracy():
 def test_minmax_w4a4_misses_the_target_and_the_message_points_at_the_weights():
     with pytest.raises(AssertionError, match=r"seed 0 reaches 95.83% .* 8-bit weights reach 99.17%, with 8-bit activations 98.06%"):
         lab03.w4a4(lambda: (QuantConfig(weight_bits=4, act_bits=4), {}))
+
+
+@pytest.mark.slow
+def test_the_written_answers_model_numbers_hold():
+    """Q6's model answer quotes its measurement cell (cnn16 seeds 0-2, 256 calibration digits,
+    min-max observers): W8A4 stays within about a point of fp32 on every seed, the 4-bit weights
+    cause the loss (W4A8 at 81.1 on seed 1), W4A4 falls to 68.6 there."""
+    digits = load_digits(16)
+    batches = calibration_batches(digits.train, 256, 64, seed=0)
+    for seed in range(3):
+        model = pretrained("cnn16", seed)
+        fp32 = evaluate(model, digits.test)
+        acc = {(w, a): evaluate(lab03.reference_ptq(model, batches, QuantConfig(weight_bits=w, act_bits=a)), digits.test)
+               for w, a in [(4, 8), (8, 4), (4, 4)]}
+        assert acc[8, 4] >= fp32 - 1.2
+        assert acc[4, 8] < acc[8, 4] and acc[4, 4] <= acc[4, 8]
+        if seed == 1:
+            assert acc[4, 8] < 85 and acc[4, 4] < 75
+    assert round(acc[4, 4], 1) == 90.0 and round(acc[4, 8], 1) == 95.6  # seed 2, as quoted

@@ -26,8 +26,12 @@ from .draws import Draw, hidden
 from .mistakes import HINTS, division_traps, scale_hint, wrong_codes, zero_point_hint
 from .. import qparams as ref_qparams
 
-from .lab01_debug import (broken_quantize_weight, quantize_weight,  # noqa: F401 (re-exported: Q5)
-                          quantize_weight_hidden, reference_quantize_weight)
+from .lab01_debug import broken_quantize_weight, quantize_weight, quantize_weight_hidden, reference_quantize_weight
+
+__all__ = ["quant_range", "quant_range_hidden", "choose_qparams_affine", "choose_qparams_affine_hidden",
+           "choose_qparams_symmetric", "choose_qparams_symmetric_hidden", "quantize", "quantize_hidden",
+           "dequantize", "dequantize_hidden", "quantize_weight", "quantize_weight_hidden", "broken_quantize_weight",
+           "reference_quantize_weight"]
 
 ref_quantize = importlib.import_module("qlib.quantize")  # the module: qlib.quantize is also a function
 
