@@ -17,7 +17,7 @@ if "google.colab" in sys.modules:
                     "qlib @ git+https://github.com/qdm-course/quantization-course@main"], check=True)
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "intro", "locked": true, "schema_version": 3, "solution": false, "task": false}
-# # Lab 03 · Post-training quantization: fold, calibrate, convert, and do it in integers
+# # Lab 03 · Post-training quantization: fold, calibrate, convert
 #
 # You will build static post-training quantization (lesson 04) yourself, then design a 4-bit
 # one, then do the arithmetic of a quantized layer the way an integer-only chip does it:
