@@ -173,3 +173,35 @@ def test_compare_ranges_mistakes_fail(acts):
 def test_unimplemented_says_so():
     with pytest.raises(check.CheckFailed, match="not implemented yet"):
         lab02.mse_clip_range(check.not_implemented)
+
+
+# ------------------------------------------------------------------ visible-only answers
+def test_visible_layer_inputs_catches_a_model_left_in_train_mode():
+    """The lab states "in eval mode": an answer that forgets it is right on the folded cnn16
+    (no BatchNorm left) and must still fail the visible check (the mlp comes in train mode)."""
+    def no_eval(model, layer_name, batches):
+        seen = []
+        handle = model.get_submodule(layer_name).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+        try:
+            with torch.no_grad():
+                for x in batches:
+                    model(x)
+        finally:
+            handle.remove()
+        return torch.cat(seen)
+    with pytest.raises(AssertionError, match=r"layer_inputs\(mlp with BatchNorm1d, passed in train mode.*eval mode"):
+        lab02.layer_inputs(no_eval)
+
+
+def test_the_written_answers_model_numbers_hold():
+    """Q6's model answer quotes the measurement cell (layer 7 of the folded cnn16, 128 digits):
+    the MSE search wins at 4 bits by about 2x, widens at 8 bits, and the 99.99th percentile is
+    worse than min-max at 8 bits."""
+    model = fold_batchnorm(pretrained("cnn16", 0))
+    x = lab02.reference_layer_inputs(model, "7", calibration_batches(load_digits(16).train, 128, 64, seed=0))
+    r4, r8 = lab02.reference_compare_ranges(x, 4), lab02.reference_compare_ranges(x, 8)
+    assert r4["mse"][2] < r4["percentile"][2] < r4["minmax"][2]
+    assert 2.0 < r4["minmax"][2] / r4["mse"][2] < 2.5
+    assert r8["mse"][1] > r4["mse"][1] and r8["mse"][2] <= r8["minmax"][2]
+    assert r8["percentile"][2] > r8["minmax"][2]
+    assert round(r4["minmax"][1], 2) == 4.73 and round(r4["mse"][1], 2) == 2.88 and round(r8["mse"][1], 2) == 4.49

@@ -1,4 +1,6 @@
-"""Checks for lab 01 (linear quantization): quant_range, choose_qparams, quantize, dequantize.
+"""Checks for lab 01 (linear quantization): quant_range, choose_qparams, quantize, dequantize;
+Q5's debugging of a broken per-channel quantizer lives in :mod:`qlib.check.lab01_debug`
+(re-exported here: ``check.lab01.quantize_weight``).
 
 Visible checks run worked cases a student can reason about (references: ``qlib.qparams`` and
 ``qlib.quantize``). Hidden checks draw random tensors (per student: :mod:`qlib.check.draws`),
@@ -23,6 +25,13 @@ from . import references
 from .draws import Draw, hidden
 from .mistakes import HINTS, division_traps, scale_hint, wrong_codes, zero_point_hint
 from .. import qparams as ref_qparams
+
+from .lab01_debug import broken_quantize_weight, quantize_weight, quantize_weight_hidden, reference_quantize_weight
+
+__all__ = ["quant_range", "quant_range_hidden", "choose_qparams_affine", "choose_qparams_affine_hidden",
+           "choose_qparams_symmetric", "choose_qparams_symmetric_hidden", "quantize", "quantize_hidden",
+           "dequantize", "dequantize_hidden", "quantize_weight", "quantize_weight_hidden", "broken_quantize_weight",
+           "reference_quantize_weight"]
 
 ref_quantize = importlib.import_module("qlib.quantize")  # the module: qlib.quantize is also a function
 

@@ -226,12 +226,16 @@ def _check_layer_inputs(fn, model: nn.Module, layer: str, batches, what: str) ->
 
 
 def layer_inputs(fn) -> None:
-    """Q4 visible: the input of conv ``7`` of the folded cnn16 over two batches."""
+    """Q4 visible: the input of conv ``7`` of the folded cnn16 over two batches; the mlp, whose
+    BatchNorms would change in train mode, passed in train mode."""
     def body():
         model = fold_batchnorm(pretrained("cnn16", 0))
         batches = calibration_batches(load_digits(16).train, 64, 32, seed=1)
         _check_layer_inputs(fn, model, "7", batches, "layer_inputs(folded cnn16, '7', 2 batches)")
-    run("layer_inputs: folded cnn16, layer 7", body)
+        batches8 = calibration_batches(load_digits(8).train, 64, 32, seed=1)
+        _check_layer_inputs(fn, pretrained("mlp", 0).train(), "4", batches8,
+                            "layer_inputs(mlp with BatchNorm1d, passed in train mode, '4', 2 batches)")
+    run("layer_inputs: folded cnn16 layer 7, the mlp in train mode", body)
 
 
 def layer_inputs_hidden(fn) -> None:

@@ -19,7 +19,8 @@ if "google.colab" in sys.modules:
 # %% [markdown] nbgrader={"grade": false, "grade_id": "intro", "locked": true, "schema_version": 3, "solution": false, "task": false}
 # # Lab 00 · Warm-up: bytes and float16
 #
-# Three short questions to get used to the lab format (see lesson 00).
+# Three short questions to get used to the lab format (see lesson 00), and a written one
+# (Q4) that your instructor grades by hand.
 #
 # - Fill in every cell that says `# YOUR CODE HERE` (delete the `raise NotImplementedError()`).
 # - The cell after each answer runs a **self-check**: it prints `PASS` or says what was expected.
@@ -88,6 +89,47 @@ check.lab00.fits_fp16(fits_in_float16)
 ### BEGIN HIDDEN TESTS
 check.lab00.fits_fp16_hidden(fits_in_float16)
 ### END HIDDEN TESTS
+
+# %% [markdown] nbgrader={"grade": false, "grade_id": "q4-text", "locked": true, "schema_version": 3, "solution": false, "task": false}
+# ## Q4 (2 points, graded by hand) · Predict, then measure: how large is the float16 error?
+#
+# **Before you run the next cell**, write in the answer cell below your prediction. Take
+# Gaussian weights of typical size 1000, 1, 0.001 and 0.000001. For which does casting to
+# float16 make the largest **absolute** error (your `fp16_cast_error`), and for which the
+# largest error **relative** to the values? Think of what float16 stores: a sign, 5 exponent
+# bits and 10 mantissa bits (lesson 01).
+#
+# Then run the cell and complete your answer (3-5 sentences): was your prediction right? Quote
+# the numbers. Explain the last row: why does the relative error explode there?
+
+# %% nbgrader={"grade": false, "grade_id": "q4-measure", "locked": true, "schema_version": 3, "solution": false, "task": false}
+gen = torch.Generator().manual_seed(0)
+print(f"{'size':>8s} {'max |w|':>9s} {'abs error':>10s} {'error/max|w|':>13s} {'worst relative':>15s} "
+      f"{'below 6.1e-5':>13s}")
+for size in (1e3, 1.0, 1e-3, 1e-6):
+    w = torch.randn(10000, generator=gen) * size
+    try:
+        error = fp16_cast_error(w)
+    except NotImplementedError:
+        print("answer Q2 first")
+        break
+    relative = ((w.to(torch.float16).float() - w).abs() / w.abs()).max().item()
+    tiny = (w.abs() < 2.0**-14).float().mean().item()  # below float16's smallest normal number
+    print(f"{size:8.0e} {w.abs().max().item():9.3g} {error:10.3g} {error / w.abs().max().item():13.2e} "
+          f"{relative:15.2e} {100 * tiny:12.1f}%")
+
+# %% [markdown] nbgrader={"grade": true, "grade_id": "q4-answer", "locked": false, "points": 2, "schema_version": 3, "solution": true, "task": false}
+# A model answer (the instructor's; the numbers come from the cell above). The absolute error
+# grows with the size of the values: 1.5 for weights around 1000, 0.00097 around 1, 9.5e-7 around
+# 0.001, 3e-8 around 1e-6. Relative to the largest value it is about the same, 2.5e-4 to 3.4e-4,
+# for the first three: float16 keeps 11 significant bits, so rounding moves a value by at most
+# 2**-11 (4.9e-4) of itself, whatever its exponent (the worst relative error is 4.8e-4 for sizes
+# 1000 and 1). Not for tiny values: below 2**-14 = 6.1e-5 (float16's smallest normal number) the
+# exponent cannot go lower, the step stays fixed at 2**-24 = 6e-8, and the values lose
+# significant bits. At size 1e-6 every value is that small: the error is 0.65% of the largest
+# value and 100% for the smallest ones (they become 0). At 0.001, 4.8% of the values are already
+# there (worst relative error 0.17). That is why mixed-precision training scales the loss up
+# before the backward pass: small gradients would underflow in float16.
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "outro", "locked": true, "schema_version": 3, "solution": false, "task": false}
 # Done: you now know how many bytes a model takes at any bit width and what float16 can hold.

@@ -28,6 +28,8 @@ if "google.colab" in sys.modules:
 # | Q2 | `choose_qparams(min_val, max_val, quant_min, quant_max, symmetric)`: affine 2, symmetric 2 | 4 |
 # | Q3 | `quantize(x, scale, zero_point, quant_min, quant_max)` | 3 |
 # | Q4 | `dequantize(x_q, scale, zero_point)` | 2 |
+# | Q5 | find and fix three bugs in a per-channel quantizer: `quantize_weight(w, bits)` | 3 |
+# | Q6 | written: the three bugs, their symptoms and why | 2 (graded by hand) |
 #
 # - Fill in every cell that says `# YOUR CODE HERE` (delete the `raise NotImplementedError()`).
 # - The cell after each answer runs a **self-check**: it prints `PASS` or says what was expected.
@@ -164,6 +166,88 @@ check.lab01.dequantize(dequantize)
 ### BEGIN HIDDEN TESTS
 check.lab01.dequantize_hidden(dequantize)
 ### END HIDDEN TESTS
+
+# %% [markdown] nbgrader={"grade": false, "grade_id": "q5-text", "locked": true, "schema_version": 3, "solution": false, "task": false}
+# ## Q5 (3 points) · Find and fix three bugs
+#
+# A colleague wrote per-channel quantization for the weight of a linear layer, `w` of shape
+# `(out_features, in_features)`: each **output channel** (row `c`) gets its own range
+# `[min(w[c]), max(w[c])]` and its own `(scale, zero_point)`, affine, with **unsigned**
+# `bits`-bit codes, by the formulas of Q2 and Q3 (PyTorch's `PerChannelMinMaxObserver` and
+# `torch.fake_quantize_per_channel_affine` with `ch_axis=0`). It returns
+# `(w_q, scale, zero_point)`: `w_q` int64 codes of `w`'s shape, `scale` float32 of shape
+# `(out_features,)`, `zero_point` integers of shape `(out_features,)`.
+#
+# It runs without an error, and it is wrong in **three** places. Copy it into the answer cell
+# as `quantize_weight`, run the check, read what it says, fix one bug, and repeat. The check
+# describes what it sees (the symptom), not which line is wrong: finding the line is your job.
+# Then, in Q6, write down what you found.
+
+# %% nbgrader={"grade": false, "grade_id": "q5-broken", "locked": true, "schema_version": 3, "solution": false, "task": false}
+def broken_quantize_weight(w, bits):
+    quant_min, quant_max = 0, 2**bits
+    min_val = w.amin(dim=0)
+    max_val = w.amax(dim=0)
+    min_neg = torch.clamp(min_val, max=0.0)
+    max_pos = torch.clamp(max_val, min=0.0)
+    eps = torch.finfo(torch.float32).eps
+    scale = torch.clamp((max_pos - min_neg) / (quant_max - quant_min), min=eps)
+    zero_point = (quant_min - min_neg / scale).to(torch.int64)
+    zero_point = torch.clamp(zero_point, quant_min, quant_max)
+    w_q = torch.round(w * (1.0 / scale)) + zero_point
+    w_q = torch.clamp(w_q, quant_min, quant_max).to(torch.int64)
+    return w_q, scale, zero_point
+
+
+w_demo = torch.tensor([[-0.8, 0.1, 2.2], [0.2, 0.4, 0.6]])
+print("broken_quantize_weight(w_demo, 2):", broken_quantize_weight(w_demo, 2))
+
+# %% nbgrader={"grade": false, "grade_id": "q5-answer", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def quantize_weight(w, bits):
+    ### BEGIN SOLUTION
+    quant_min, quant_max = 0, 2**bits - 1
+    min_val = w.amin(dim=1)
+    max_val = w.amax(dim=1)
+    min_neg = torch.clamp(min_val, max=0.0)
+    max_pos = torch.clamp(max_val, min=0.0)
+    eps = torch.finfo(torch.float32).eps
+    scale = torch.clamp((max_pos - min_neg) / (quant_max - quant_min), min=eps)
+    zero_point = (quant_min - torch.round(min_neg / scale)).to(torch.int64)
+    zero_point = torch.clamp(zero_point, quant_min, quant_max)
+    w_q = torch.round(w * (1.0 / scale[:, None])) + zero_point[:, None]
+    w_q = torch.clamp(w_q, quant_min, quant_max).to(torch.int64)
+    return w_q, scale, zero_point
+    ### END SOLUTION
+
+# %% nbgrader={"grade": true, "grade_id": "q5-test", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false}
+check.lab01.quantize_weight(quantize_weight)
+### BEGIN HIDDEN TESTS
+check.lab01.quantize_weight_hidden(quantize_weight)
+### END HIDDEN TESTS
+
+# %% [markdown] nbgrader={"grade": false, "grade_id": "q6-text", "locked": true, "schema_version": 3, "solution": false, "task": false}
+# ## Q6 (2 points, graded by hand) · What was wrong
+#
+# In the answer cell below, for each of the three bugs (3-6 sentences in all): the line, the
+# **symptom** that gave it away (what the check or your own printout showed), and why that
+# line produces it. One of the three raised no error on some shapes: which, and why is that
+# the most dangerous kind?
+
+# %% [markdown] nbgrader={"grade": true, "grade_id": "q6-answer", "locked": false, "points": 2, "schema_version": 3, "solution": true, "task": false}
+# A model answer (the instructor's). (1) `quant_max = 2**bits`: a `bits`-bit code holds
+# `0 .. 2**bits - 1`, so there are `2**bits - 1` steps between the ends of the range; dividing
+# by `2**bits` makes every scale `(2**b - 1)/2**b` too small (0.75 instead of 1.0 at 2 bits), and
+# the largest weights get the code `2**bits`, which does not fit (256 in a uint8 wraps to 0).
+# (2) `amin(dim=0)` / `amax(dim=0)` reduce over the rows, so there is one range per input
+# feature (column): the scales had shape `(in_features,)`, and `w * (1.0 / scale)` broadcast
+# them along the columns. On a square weight nothing fails and every shape looks right; only the
+# values are wrong (row c's codes depend on the other rows), which is the dangerous kind: it
+# passes any test that checks shapes only. Fix: `dim=1`, and `scale[:, None]`,
+# `zero_point[:, None]` so that each row uses its own. (3) `.to(torch.int64)` truncates toward
+# zero: a zero point of 0.8 became 0 instead of 1. The zero point is still an integer (0.0 still
+# comes back exact), but the grid of that row moves up by one step: its most negative weight
+# (-0.8) now gets code 0, i.e. -0.0 after dequantization, clipped by almost a whole step, while
+# the top code is wasted. Fix: `torch.round` before the cast.
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "compare-text", "locked": true, "schema_version": 3, "solution": false, "task": false}
 # ## Your functions on a real model (not graded)

@@ -135,6 +135,10 @@ check.lab02.mse_clip_range_hidden(mse_clip_range)
 #
 # Hint: `handle = module.register_forward_pre_hook(lambda module, args: ...)`; `args[0]` is the
 # input; `handle.remove()` when done (a `try`/`finally` makes sure of it).
+#
+# The check collects from the folded `cnn16` and from the `mlp` passed in **train** mode: its
+# BatchNorms would normalize with each batch's statistics and update their running ones, so the
+# model must be in eval mode, and its state must not change.
 
 # %% nbgrader={"grade": false, "grade_id": "q4-answer", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def layer_inputs(model, layer_name, batches):
@@ -197,13 +201,20 @@ check.lab02.compare_ranges(compare_ranges, acts, bits=4)
 check.lab02.compare_ranges_hidden(compare_ranges)
 ### END HIDDEN TESTS
 
-# %% [markdown] nbgrader={"grade": false, "grade_id": "look-text", "locked": true, "schema_version": 3, "solution": false, "task": false}
-# ## Look: the three ranges at 4 and 8 bits
+# %% [markdown] nbgrader={"grade": false, "grade_id": "q6-text", "locked": true, "schema_version": 3, "solution": false, "task": false}
+# ## Q6 (2 points, graded by hand) · Predict, then measure: which range wins?
 #
-# Not graded. Which method clips most? Which has the smallest error at 4 bits, and at 8?
-# Why does the best range move outward as the bit width grows?
+# **Before you run the next cell**, write in the answer cell below your prediction for layer
+# 7's input: at **4 bits**, which of min-max, percentile (99.99) and MSE gives the smallest
+# quantization error, and at **8 bits**? Will the best range be narrower or wider at 8 bits
+# than at 4? Say why, in terms of the two errors a range trades: rounding inside the range and
+# clipping outside it.
+#
+# Then run the cell and complete your answer (4-6 sentences): was your prediction right? Quote
+# the numbers (range, percentage clipped, MSE). Why does the best range move outward as the bit
+# width grows?
 
-# %% nbgrader={"grade": false, "grade_id": "look", "locked": true, "schema_version": 3, "solution": false, "task": false}
+# %% nbgrader={"grade": false, "grade_id": "q6-measure", "locked": true, "schema_version": 3, "solution": false, "task": false}
 try:
     for bits in (4, 8):
         results = compare_ranges(acts, bits)
@@ -213,6 +224,20 @@ try:
                   f"MSE {mse:.3g} ({results['minmax'][2] / mse:.1f}x below min-max)")
 except NotImplementedError:
     print("answer Q1-Q5 first")
+
+# %% [markdown] nbgrader={"grade": true, "grade_id": "q6-answer", "locked": false, "points": 2, "schema_version": 3, "solution": true, "task": false}
+# A model answer (the instructor's; the numbers come from the cell above). Prediction: at
+# 4 bits the MSE search wins clearly, at 8 bits by little; the best range is wider at 8 bits.
+# Measured at 4 bits: min-max [0, 4.73] clips nothing but has MSE 0.00595; the 99.99th
+# percentile, [0, 3.99], clips 0.01% and lowers it to 0.00423 (1.4x); the MSE search, [0, 2.88],
+# clips 0.26% of the values and reaches 0.00273 (2.2x below min-max). At 8 bits the MSE search
+# widens to [0, 4.49] (0.003% clipped) and is only 1.1x below min-max, and the percentile range
+# is now *worse* than min-max (0.7x): clipping 0.01% of the values costs more than its finer
+# grid saves. Why: a b-bit grid has 2**b - 1 steps, so the rounding error (about step**2 / 12
+# per value) shrinks (255/15)**2 = 289-fold from 4 to 8 bits, while the error of a clipped value
+# does not depend on b at all. When rounding is cheap (8 bits) it pays to clip less, and the
+# optimum moves outward toward min-max; at 4 bits each step is coarse and clipping the rare
+# tail of a ReLU output is the cheaper error.
 
 # %% [markdown] nbgrader={"grade": false, "grade_id": "outro", "locked": true, "schema_version": 3, "solution": false, "task": false}
 # Done. You have written the two observers that matter most in practice. Next: lesson 04
