@@ -81,14 +81,16 @@ def check_reconstruct_args(qmodel, iters, batch_size, lr, reg_weight, warmup, be
     check_seed(seed)
 
 
-def adaround(qmodel: nn.Module, data, *, float_model: nn.Module | None = None, iters: int = 500,
+def adaround(qmodel: nn.Module, data, *, layers: list[str] | None = None, float_model: nn.Module | None = None,
+             iters: int = 500,
              batch_size: int = 32, lr: float = 1e-3, reg_weight: float = 0.01, warmup: float = 0.2,
              beta: tuple[float, float] = (20.0, 2.0), seed: int = 0, progress: bool = False,
              return_stats: bool = False):
     """A copy of the converted ``qmodel`` with AdaRound weights, layer by layer (module docstring).
 
     ``data``: calibration inputs (a tensor, a TensorDataset, a loader, or batches; labels are
-    ignored). ``seed`` draws the mini-batches (a ``torch.Generator``: nothing global is
+    ignored). ``layers``: names of the layers to re-round (default: all, in definition order;
+    the others keep round-to-nearest). ``seed`` draws the mini-batches (a ``torch.Generator``: nothing global is
     seeded). ``qmodel`` is unchanged. With ``return_stats`` returns ``(model, {layer: stats})``.
     """
     check_reconstruct_args(qmodel, iters, batch_size, lr, reg_weight, warmup, beta, seed)
@@ -99,7 +101,13 @@ def adaround(qmodel: nn.Module, data, *, float_model: nn.Module | None = None, i
     stats = {}
     for p in q.parameters():
         p.requires_grad_(False)
-    for name in _layer_names(q):
+    names = _layer_names(q)
+    if layers is not None:
+        unknown = sorted(set(layers) - set(names))
+        if unknown:
+            raise ValueError(f"layers {unknown} are not fake-quant layers of the model; expected some of {names}")
+        names = [n for n in names if n in set(layers)]
+    for name in names:
         x_in = capture(q, name, x, "input")
         y = capture(fp, name, x, "output")
         stats[name] = reconstruct_unit(q, [name], x_in, y, iters=iters, batch_size=batch_size, lr=lr,

@@ -21,7 +21,7 @@ which is 0 at a binary ``h`` and largest at 1/2; ``beta`` is annealed from 20 (f
 ``h`` is pushed to the nearest end), after a warm-up without the regulariser (section 5).
 
 ``V`` starts where ``h(V)`` equals the fractional part ``w/s - floor(w/s)`` (so the soft weight
-starts at the float weight, and the hard rounding at round-to-nearest). At the end ``h`` is
+starts at the float weight, and the hard rounding at round-to-nearest, ties to even as qlib). At the end ``h`` is
 replaced by the hard ``1[V >= 0]``: the weights land exactly on the integer grid.
 
 Shapes: ``V`` has the weight's shape, on its device and in its dtype; ``scale`` / ``zero_point``
@@ -116,7 +116,12 @@ class AdaRoundQuantizer(nn.Module):
         self.register_buffer("floor", floor)
         self.register_buffer("s", s)
         self.register_buffer("z", z)
-        self.V = nn.Parameter(inverse_rectified_sigmoid(scaled - floor).to(w.dtype))
+        v = inverse_rectified_sigmoid(scaled - floor)
+        # ties (frac = 1/2 exactly: a symmetric grid puts the largest |w| at -7.5 at 4 bits) go the
+        # way round_half_even goes, so the hard start *is* qlib's round-to-nearest, bit for bit
+        up = torch.round(scaled) > floor
+        v = torch.where(up, v.clamp_min(1e-6), v.clamp_max(-1e-6))
+        self.V = nn.Parameter(v.to(w.dtype))
         self.hard = False
 
     def h(self) -> torch.Tensor:
