@@ -20,8 +20,11 @@ The float model is the converted model with every quantizer switched off (the fo
 network, same layer names); pass ``float_model`` to use another one. The reconstruction target
 is the layer's pre-activation output (the paper optionally includes the activation function;
 BRECQ's blocks do). Defaults follow the BRECQ reference code (lambda 0.01, beta 20 -> 2 after a
-20% warm-up, Adam on ``V`` at lr 1e-3, mini-batches of 32) except the number of steps: 20000 in
-the papers, a few hundred suffice for the course's small layers (``iters``).
+20% warm-up, Adam on ``V``, mini-batches of 32) except the number of steps and the step size:
+the papers take 20000 steps at lr 1e-3; the course's small layers take a few hundred at lr 5e-2.
+With fewer or smaller steps ``V`` cannot travel far enough for ``h(V)`` to become binary (check
+``binary`` in the returned stats: the hard rounding at the end differs from the soft one where
+it is not).
 """
 
 from __future__ import annotations
@@ -82,8 +85,8 @@ def check_reconstruct_args(qmodel, iters, batch_size, lr, reg_weight, warmup, be
 
 
 def adaround(qmodel: nn.Module, data, *, layers: list[str] | None = None, float_model: nn.Module | None = None,
-             iters: int = 500,
-             batch_size: int = 32, lr: float = 1e-3, reg_weight: float = 0.01, warmup: float = 0.2,
+             iters: int = 300,
+             batch_size: int = 32, lr: float = 5e-2, reg_weight: float = 0.01, warmup: float = 0.2,
              beta: tuple[float, float] = (20.0, 2.0), seed: int = 0, progress: bool = False,
              return_stats: bool = False):
     """A copy of the converted ``qmodel`` with AdaRound weights, layer by layer (module docstring).

@@ -66,7 +66,7 @@ def _check_blocks(model: nn.Module, blocks) -> list[list[str]]:
 
 
 def brecq(qmodel: nn.Module, data, *, blocks: list[list[str]] | None = None, float_model: nn.Module | None = None,
-          iters: int = 500, batch_size: int = 32, lr: float = 1e-3, reg_weight: float = 0.01,
+          iters: int = 300, batch_size: int = 32, lr: float = 5e-2, reg_weight: float = 0.01,
           warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0), learn_act_scale: bool = True,
           act_lr: float = 1e-3, seed: int = 0, progress: bool = False, return_stats: bool = False):
     """A copy of the converted ``qmodel`` with block-wise reconstructed rounding (BRECQ).
