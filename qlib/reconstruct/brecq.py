@@ -106,8 +106,13 @@ def _chain_input(model: nn.Module, names: list[str], x: torch.Tensor) -> torch.T
 def _chain_output(model: nn.Module, names: list[str], x: torch.Tensor) -> torch.Tensor:
     out = capture(model, names[-1], x, "output")
     # the chain must reproduce the model: its input run through ``names`` gives this output
+    message = f"block {names} is not a chain of submodules that the model runs in this order"
     with torch.no_grad():
         x_in = capture(model, names[0], x[:2], "input")
-        if not torch.allclose(run_chain(model, names, x_in), out[:2], atol=1e-5, rtol=1e-4):
-            raise ValueError(f"block {names} is not a chain the model runs in order: give blocks explicitly")
+        try:
+            same = torch.allclose(run_chain(model, names, x_in), out[:2], atol=1e-5, rtol=1e-4)
+        except RuntimeError as err:  # shapes that do not fit
+            raise ValueError(f"{message} ({err})") from None
+        if not same:
+            raise ValueError(message)
     return out
