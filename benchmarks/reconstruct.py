@@ -15,8 +15,8 @@ and then, from the ``mse`` model, the learned rounding of ``qlib.reconstruct``:
 - ``adaround``: layer-wise output reconstruction (Nagel et al. 2020);
 - ``brecq``: block-wise output reconstruction with LSQ activation step sizes (Li et al. 2021).
 
-Calibration (ranges *and* reconstruction) uses ``real`` data (256 training digits) or
-``synthetic`` data (256 BN-statistics images, ``qlib.datafree.synthesize_bn``: no training
+Calibration (ranges *and* reconstruction) uses ``real`` data (128 training digits) or
+``synthetic`` data (128 BN-statistics images, ``qlib.datafree.synthesize_bn``: no training
 image is seen; the input range comes from the preprocessing). The ``mse`` row is repeated on
 the synthetic set so that each pair of rows differs in one thing. W2A4 and AdaRound run on cnn16
 only (res16 gets W3A3 and BRECQ, its natural unit: residual blocks), to stay within ~15 min on
@@ -26,7 +26,7 @@ Targets: at W3A3 on both models, BRECQ on real data is at least 20 points above 
 min-max and percentile PTQ (mean over seeds) and above the MSE-weight baseline on every seed;
 BRECQ on synthetic data keeps at least half of that gain.
 
-    python benchmarks/reconstruct.py                  # full study -> benchmarks/results/reconstruct.json (~15 min)
+    python benchmarks/reconstruct.py                  # full study -> benchmarks/results/reconstruct.json (~10 min of CPU on one thread)
     python benchmarks/reconstruct.py --fast --out /tmp/reconstruct.json   # cnn16 seed 0, W3A3, 30 steps: a smoke test
 """
 
@@ -65,9 +65,9 @@ def settings(fast: bool) -> dict:
             # W2A4 and AdaRound only on cnn16: res16's steps cost ~4x (budget ~15 min on 1 thread)
             "config_models": {"W3A3": list(MODELS), "W2A4": ["cnn16"]},
             "model_methods": {"cnn16": list(METHODS), "res16": ["brecq"]},
-            "calibration": {"num_samples": 64 if fast else 256, "batch_size": 64, "seed": 0},
-            "bn_synthesis": {"steps": 10 if fast else 100, "lr": 0.5, "input_mean": 0.0, "input_std": 1.0, "seed": 0},
-            "reconstruction": {"iters": 30 if fast else 200, "batch_size": 32, "lr": 5e-2, "reg_weight": 0.01,
+            "calibration": {"num_samples": 64 if fast else 128, "batch_size": 64, "seed": 0},
+            "bn_synthesis": {"steps": 10 if fast else 50, "lr": 0.5, "input_mean": 0.0, "input_std": 1.0, "seed": 0},
+            "reconstruction": {"iters": 30 if fast else 100, "batch_size": 32, "lr": 5e-2, "reg_weight": 0.01,
                                "warmup": 0.2, "beta": [20.0, 2.0], "act_lr": 1e-3, "seed": 0,
                                "loss": "output MSE (no Fisher weighting)"},
             "percentile": 99.9,
