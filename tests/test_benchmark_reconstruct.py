@@ -41,7 +41,7 @@ def test_header_and_layout(result):
     assert set(result["accuracy"]) == {"cnn16"} and set(result["accuracy"]["cnn16"]) == {"W3A3"}
     assert tuple(result["accuracy"]["cnn16"]["W3A3"]) == ROWS
     assert result["settings"]["reconstruction"]["loss"].startswith("output MSE")
-    assert len(result["targets"]) == 2 and all(isinstance(t["met"], bool) for t in result["targets"])
+    assert len(result["targets"]) == 3 and all(isinstance(t["met"], bool) for t in result["targets"])
 
 
 def test_learned_rounding_beats_round_to_nearest_at_w3a3(result):
