@@ -17,7 +17,9 @@ if "google.colab" in sys.modules:
                     "qlib @ git+https://github.com/qdm-course/quantization-course@main"], check=True)
 
 # %% [markdown]
-# # 07 · Distribution matching and reconstruction: calibration sets, equalizing, bias, rounding
+# # 07 · Distribution matching: measuring calibration sets, equalizing, correcting bias
+#
+# *...and its optimisation form, reconstruction: learning how to round (AdaRound, BRECQ).*
 #
 # **What you will learn**
 # - **MMD** and **KL** as measures of how far a calibration set is from the real data, on
