@@ -30,8 +30,6 @@ are reshaped to broadcast along the quantizer's channel axis (per-channel) or ar
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -149,8 +147,3 @@ class AdaRoundQuantizer(nn.Module):
         h = rectified_sigmoid(self.V.detach())
         return ((h <= tol) | (h >= 1 - tol)).float().mean().item()
 
-
-def _finite_positive(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-    return float(v)
