@@ -51,7 +51,7 @@ test: setup browser-deps
 
 # Library tests only (no notebooks, no grading): seconds, for quick iteration.
 test-fast: setup
-	OMP_NUM_THREADS=1 QLIB_FAST=1 QLIB_QUIET=1 $(BIN)/python -m pytest -m "not notebook and not grading" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 QLIB_FAST=1 QLIB_QUIET=1 $(BIN)/python -m pytest -m "not notebook and not grading and not browser" $(PYTEST_ARGS)
 
 # Library tests under several base seeds (tests/conftest.py seeds every test from
 # QLIB_TEST_SEED; the default run uses 0). A failure names its seed, to rerun it alone.

@@ -39,7 +39,7 @@ STEP_MS = 120_000
 
 playwright = pytest.importorskip(
     "playwright.sync_api", reason="Playwright is missing: `make setup` installs it (the test extra)")
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.skipif(
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.skipif(
     CHROMIUM is None, reason="Chromium is missing: `sudo apt-get install chromium` (Debian/Ubuntu), "
                              "or run `make browser-deps` as root")]
 
@@ -62,7 +62,8 @@ def lab(tmp_path_factory):
         (settings / name).write_text(json.dumps(value))
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, PYTHONPATH=str(course), JUPYTER_CONFIG_PATH="", QLIB_FAST="1",
-               QLIB_QUIET="1", JUPYTERLAB_SETTINGS_DIR=str(settings), MPLBACKEND="")
+               QLIB_QUIET="1", JUPYTERLAB_SETTINGS_DIR=str(settings),
+               MPLBACKEND="module://matplotlib_inline.backend_inline")
     port, token = free_port(), "qlib-browser"
     args = f"--no-browser --ip=127.0.0.1 --IdentityProvider.token={token}"
     proc = subprocess.Popen(["make", "-o", ".venv/.installed", "lab", f"BIN={bin_dir}", f"PORT={port}",

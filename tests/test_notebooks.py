@@ -40,10 +40,12 @@ def execute(path: Path) -> float:
     """Execute in fast mode; an executed lesson is kept for the website (tools/book.py), which
     then need not run it again."""
     nb = nbformat.read(path, as_version=4)
+    lesson = path.parent.name == "lessons"
+    book = _book()
     seconds = execute_notebook(nb, path.parent, CELL_TIMEOUT, QLIB_FAST="1", QLIB_QUIET="1",
-                               MPLBACKEND="Agg")
-    if path.parent.name == "lessons":
-        _book().store_executed(path, nb)
+                               MPLBACKEND=book.INLINE if lesson else "Agg")
+    if lesson:
+        book.store_executed(path, nb)
     return seconds
 
 

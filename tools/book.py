@@ -34,6 +34,9 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "_build" / "executed"
+# Lessons run with the kernel's inline backend, so each plt.show() leaves a PNG on the page
+# (the solutions' runs in tests/test_notebooks.py use Agg and draw nothing).
+INLINE = "module://matplotlib_inline.backend_inline"
 OUT = ROOT / "_build" / "book"
 TITLE = "Quantization of Deep Models"
 SOURCE_KEY = "qlib_source_sha256"
@@ -73,7 +76,7 @@ def executed_lesson(path: Path, cache: Path = CACHE, timeout: int | None = None)
 
     nb = nbformat.read(path, as_version=4)
     execute_notebook(nb, path.parent, timeout or config_timeout(ROOT),
-                     QLIB_FAST="1", QLIB_QUIET="1", MPLBACKEND="Agg")
+                     QLIB_FAST="1", QLIB_QUIET="1", MPLBACKEND=INLINE)
     store_executed(path, nb, cache)
     return nb
 
