@@ -14,18 +14,24 @@ LAB_ARGS ?=
 # JupyterLab refuses to run as root (containers, CI) unless told to.
 ROOT_ARGS := $(if $(filter 0,$(shell id -u)),--allow-root)
 PYTEST_ARGS ?=
+# TORCH=cpu: PyTorch's CPU-only wheels (same versions, no ~3.2 GB of CUDA libraries) for a laptop
+# without an NVIDIA GPU. Give it on the first `make lab`/`make setup` (or after `rm -rf .venv`).
+TORCH  ?=
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+PIP_TORCH := $(if $(filter cpu,$(TORCH)),--extra-index-url $(TORCH_CPU_INDEX))
 
 # nbgrader calls `alembic` as a subprocess: the venv's bin must be on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup lab test test-fast test-seeds doctor sync release course grade proxy clean-grading
+.PHONY: setup lab test test-fast test-seeds doctor sync release course grade proxy clean-grading \
+	book browser-deps
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
-		-c constraints.txt -e '.[course,test,federated,hub]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(PIP_TORCH) \
+		-c constraints.txt -e '.[course,test,federated,hub,book]'
 	@touch $(STAMP)
 
 # deploy/local on JUPYTER_CONFIG_PATH: nbgrader's exchange is a folder of this checkout, so
@@ -40,12 +46,12 @@ lab: setup
 # stay on one worker (tests/conftest.py) so its module fixtures run once. TEST_WORKERS=0: serial.
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadgroup)
-test: setup
+test: setup browser-deps
 	OMP_NUM_THREADS=1 QLIB_FAST=1 QLIB_QUIET=1 $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Library tests only (no notebooks, no grading): seconds, for quick iteration.
 test-fast: setup
-	OMP_NUM_THREADS=1 QLIB_FAST=1 QLIB_QUIET=1 $(BIN)/python -m pytest -m "not notebook and not grading" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 QLIB_FAST=1 QLIB_QUIET=1 $(BIN)/python -m pytest -m "not notebook and not grading and not browser" $(PYTEST_ARGS)
 
 # Library tests under several base seeds (tests/conftest.py seeds every test from
 # QLIB_TEST_SEED; the default run uses 0). A failure names its seed, to rerun it alone.
@@ -93,6 +99,22 @@ proxy: deploy/jupyterhub/.proxy/node_modules/.bin/configurable-http-proxy
 
 deploy/jupyterhub/.proxy/node_modules/.bin/configurable-http-proxy:
 	npm install --no-audit --no-fund --prefix deploy/jupyterhub/.proxy configurable-http-proxy@$(CHP_VERSION)
+
+# The course website: lessons executed in fast mode (reusing the executed copies the notebook
+# tests leave in _build/executed), labs as released, a search box. Open _build/book/_build/html/index.html.
+book: setup
+	OMP_NUM_THREADS=1 $(BIN)/python tools/book.py
+
+# tests/test_browser.py drives Debian's chromium: install it where missing and we are root
+# (apt); otherwise that test skips and says what to install.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium for the browser test (apt-get)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } || \
+		echo "could not install chromium: tests/test_browser.py will skip"; \
+	else echo "chromium missing (not root): tests/test_browser.py will skip"; fi; }
 
 clean-grading:
 	rm -rf autograded feedback gradebook.db grades.csv grades_lab*.csv

@@ -93,6 +93,7 @@ def seed_everything(request):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)  # fixtures read it (test_browser's screenshot)
     seed = getattr(item, "qlib_seed", None)
     if report.failed and seed is not None:
         report.sections.append((
@@ -144,9 +145,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 UNGROUPED = {"test_notebooks.py"}
 
 
+def _lesson_run(item) -> bool:
+    return item.path.name == "test_notebooks.py" and "[lessons/" in item.nodeid
+
+
 def pytest_collection_modifyitems(config, items):
     """Keep each test module on one xdist worker, so a module-scoped fixture (a graded course, a
-    running JupyterHub) is built once, not once per worker; notebook runs spread freely."""
+    running JupyterHub) is built once, not once per worker; solution notebooks spread freely.
+    The lesson runs and the website (test_book.py) share one group, the website last: it reuses
+    the lessons executed just before (tools/book.py) instead of executing them again."""
     for item in items:
-        if item.path.name not in UNGROUPED and not item.get_closest_marker("xdist_group"):
+        if _lesson_run(item) or item.path.name == "test_book.py":
+            item.add_marker(pytest.mark.xdist_group("lessons_and_book"))
+        elif item.path.name not in UNGROUPED and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    book = [item for item in items if item.path.name == "test_book.py"]
+    if book:
+        rest = [item for item in items if item.path.name != "test_book.py"]
+        last_lesson = max((i for i, item in enumerate(rest) if _lesson_run(item)), default=len(rest) - 1)
+        items[:] = rest[:last_lesson + 1] + book + rest[last_lesson + 1:]

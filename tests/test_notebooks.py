@@ -16,6 +16,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import importlib.util
+
 import nbformat
 import pytest
 
@@ -27,10 +29,24 @@ CELL_TIMEOUT = config_timeout(ROOT)
 PROMISED_SECONDS = 60
 
 
+def _book():
+    spec = importlib.util.spec_from_file_location("book", ROOT / "tools" / "book.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def execute(path: Path) -> float:
+    """Execute in fast mode; an executed lesson is kept for the website (tools/book.py), which
+    then need not run it again."""
     nb = nbformat.read(path, as_version=4)
-    return execute_notebook(nb, path.parent, CELL_TIMEOUT, QLIB_FAST="1", QLIB_QUIET="1",
-                            MPLBACKEND="Agg")
+    lesson = path.parent.name == "lessons"
+    book = _book()
+    seconds = execute_notebook(nb, path.parent, CELL_TIMEOUT, QLIB_FAST="1", QLIB_QUIET="1",
+                               MPLBACKEND=book.INLINE if lesson else "Agg")
+    if lesson:
+        book.store_executed(path, nb)
+    return seconds
 
 
 @pytest.mark.notebook

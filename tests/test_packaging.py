@@ -25,7 +25,7 @@ def env_pip_section() -> list[str]:
 
 def test_environment_yml_matches_pyproject():
     project = pyproject()["project"]
-    wanted = project["dependencies"] + [d for extra in ("course", "test", "federated", "hub")
+    wanted = project["dependencies"] + [d for extra in ("course", "test", "federated", "hub", "book")
                                         for d in project["optional-dependencies"][extra]]
     got = [d for d in env_pip_section() if not d.startswith("-e")]
     assert sorted(got) == sorted(wanted)
@@ -77,3 +77,19 @@ def test_nothing_points_outside_the_repository():
     bad = [f for f in tracked if f.endswith((".py", ".ipynb", ".md"))
            and re.search(r"FINDINGS\.md|\.\./shared", (ROOT / f).read_text(errors="ignore"))]
     assert not bad, bad
+
+
+def test_cpu_only_setup_uses_pytorchs_cpu_index_and_the_same_pins():
+    """`make setup TORCH=cpu` (README, "A smaller install") adds PyTorch's CPU wheel index and
+    keeps the constraints (torch==X matches X+cpu); the default setup does not."""
+    import subprocess
+
+    def dry(*args):
+        return subprocess.run(["make", "-n", "-W", "pyproject.toml", "setup", *args], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
+
+    cpu, default = dry("TORCH=cpu"), dry()
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in cpu
+    assert "download.pytorch.org" not in default
+    for out in (cpu, default):
+        assert "-c constraints.txt" in out and "book]" in out
