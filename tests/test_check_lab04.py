@@ -214,6 +214,22 @@ def test_scale_grad_mistakes_get_hints():
         lab04.lsq_scale_grad(scale_grad_with(reduce=torch.mean))
 
 
+def test_unrounded_zero_point_fails_the_visible_check():
+    """Regression (issue 11): the visible cases had integer zero points only, so an answer that
+    forgot to round (or to clamp) the learned zero point printed PASS and lost 3 hidden points."""
+    with pytest.raises(AssertionError, match="round and clamp the learned zero point"):
+        lab04.lsq_scale_grad(scale_grad_with(zp_round=False))
+
+    def unclamped(x, scale, zero_point, quant_min, quant_max, grad_output, grad_factor):
+        z = torch.round(zero_point)  # rounded, not clamped into [quant_min, quant_max]
+        v = x * (1.0 / scale)
+        q = torch.round(v) + z
+        d = torch.where(q < quant_min, quant_min - z, torch.where(q > quant_max, quant_max - z, torch.round(v) - v))
+        return (grad_output * d).sum() * grad_factor
+    with pytest.raises(AssertionError, match="zero_point 15.6"):
+        lab04.lsq_scale_grad(unclamped)
+
+
 def test_unrounded_zero_point_fails_the_hidden_check():
     with pytest.raises(AssertionError, match="round and clamp the learned zero point"):
         for seed in range(3):  # the hidden check draws non-integer zero points most of the time

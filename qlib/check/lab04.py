@@ -187,7 +187,9 @@ def _check_scale_grad(fn, x, scale, zero_point, quant_min, quant_max, grad_outpu
 
 
 def lsq_scale_grad(fn) -> None:
-    """Q2 visible: a worked example (printed expectations) and a random tensor, vs PyTorch."""
+    """Q2 visible: a worked example, random tensors, and learned (float) zero points that must be
+    rounded and clamped, vs PyTorch: every requirement the question states, so that the hidden
+    check only varies the inputs."""
     def body():
         t = torch.tensor
         # a worked case: scale 0.5, zero point 2, codes 0..7 -> levels -1.0 .. 2.5
@@ -206,6 +208,13 @@ def lsq_scale_grad(fn) -> None:
         _check_scale_grad(fn, x, t([0.05]), t([0.0]), -2, 1, torch.randn(200, generator=gen), 1.0 / (200 * 1) ** 0.5,
                           "lsq_scale_grad(randn(200) * 0.1, scale 0.05, zero_point 0, signed 2-bit [-2, 1], "
                           "random grad_output, grad_factor 1/sqrt(200))")
+        # learned zero points are floats: round them (2.3 -> 2) and clamp them (15.6 -> 16 -> 15) first
+        x = torch.randn(96, generator=gen) * 1.5 + 1.0
+        dy = torch.randn(96, generator=gen)
+        for zp in (2.3, 15.6):
+            _check_scale_grad(fn, x, t([0.25]), t([zp]), 0, 15, dy, 1.0 / (96 * 15) ** 0.5,
+                              f"lsq_scale_grad(randn(96) * 1.5 + 1, scale 0.25, learned zero_point {zp}, [0, 15], "
+                              "random grad_output, grad_factor 1/sqrt(96 * 15))")
     run("lsq_scale_grad: worked cases vs torch._fake_quantize_learnable_per_tensor_affine", body)
 
 
