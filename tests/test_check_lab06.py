@@ -117,3 +117,30 @@ def test_distilled_student_check_rejects_the_teacher_and_fp32_models():
         lab06.distilled_student(teacher, teacher, data, 50.0)
     with pytest.raises(CheckFailed, match="no fake quantizers"):
         lab06.distilled_student(copy.deepcopy(teacher), teacher, data, 50.0)
+
+
+def test_q3_pipeline_passes_and_ptq_alone_fails(capsys):
+    """The lab's Q3 as written (MSE weight scales, 128 BN-synthetic images, 40 steps at lr 1e-3,
+    T = 4) passes with the reference loop; the undistilled PTQ student misses the gain."""
+    from qlib import data, models, ptq
+    from qlib.datafree import synthesize_bn
+    from qlib.modules import QuantConfig
+    from qlib.train import evaluate
+
+    digits = data.load_digits(16)
+    teacher = models.pretrained("cnn16", seed=0).eval()
+    x = synthesize_bn(teacher, digits.image_shape, num_samples=128, batch_size=64, steps=50, lr=0.5, seed=0,
+                      progress=False).x
+    config = QuantConfig(weight_bits=4, act_bits=4, weight_observer="mse", act_observer="percentile",
+                         act_observer_kwargs={"percentile": 99.9})
+    ptq_student = ptq.quantize_static(teacher, x.split(64), config)
+    ptq_accuracy = evaluate(ptq_student, digits.test)
+    with pytest.raises(CheckFailed, match=r"expected at least 97.0%"):
+        lab06.distilled_student(ptq_student, teacher, digits.test, ptq_accuracy)
+    student = copy.deepcopy(ptq_student)
+    g = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    for _ in range(40):
+        ref_step(student, teacher, x[torch.randint(len(x), (32,), generator=g)], optimizer, 4.0)
+    lab06.distilled_student(student, teacher, digits.test, ptq_accuracy)
+    assert "PASS" in capsys.readouterr().out

@@ -1,21 +1,34 @@
 """Checks for lab 04 (quantization-aware training): the straight-through estimator as an
-autograd function, LSQ's gradient for the step size, and a 2-bit QAT run that must reach
-an accuracy.
+autograd function, LSQ's gradient for the step size (derived by the student), and a 2-bit QAT
+run, on a budget, that trains with the student's own two functions.
 
 References: ``torch.fake_quantize_per_tensor_affine`` (values and the straight-through
 gradient, bit for bit) for Q1; ``torch._fake_quantize_learnable_per_tensor_affine`` (the
-kernel of ``torch.ao.quantization._LearnableFakeQuantize``) for Q2; ``qlib.qat.convert_qat``
-and ``qlib.train.evaluate`` for Q3.
+kernel of ``torch.ao.quantization._LearnableFakeQuantize``) for Q2; for Q3 the model of
+``qlib.check.own_qat`` (the student's functions inside ``cnn8``) and ``qlib.train.evaluate``.
 
 Tolerances: Q1 is exact (``torch.equal``). Q2's gradient is a sum over every element of
 terms that partly cancel, so summation order and PyTorch's fused multiply-adds move its last
 bits: we accept ``|got - want| <= 1e-4 * grad_factor * sum(|grad_output * term|) + 1e-6``.
-Q3: at least :data:`W2A4_MIN_ACC` on the 360 test digits (one image = 0.28 points); the
-reference answer (LSQ, MSE-initialised weight scales, lr 2e-3, 5 epochs, training seed 0)
-measured 97.8, 98.3 and 98.1 on the shipped ``cnn8`` seeds 0, 1, 2 (one thread), where
-post-training quantization at W2A4 gives 33 to 75 with MSE weight scales and 14 (seed 0) with
-min-max ones. The check runs the student's training on one thread (restored afterwards): the
-model is tiny, and a grader running many notebooks at once stays fast.
+Q2's visible cases include learned (float) zero points, rounded and clamped, so that the
+hidden check only draws fresh inputs.
+
+Q3: per-tensor W2A4, at most 100 steps of 64 images, batch seed = model seed, on the three
+shipped ``cnn8`` seeds; the mean test accuracy must reach :data:`W2A4_MIN_MEAN` (360 test
+digits, one image = 0.28 points). Measured with Adam at lr 3e-3 (one thread), the lab's
+solution code: LSQ 94.4, 95.3, 93.9 (mean 94.5), the STE 94.2, 93.1, 89.7 (mean 92.3). With
+``qlib.lsq``'s autograd as the scale gradient (equal up to float summation order) LSQ gives
+94.7, 95.8, 95.6 (mean 95.4): last-bit differences change a 2-bit trajectory by a point, so
+the target leaves LSQ 1.5 points. The STE's result does not depend on how a correct
+``FakeQuantSTE`` is written (bit-exact). Over four batch orders per seed the methods overlap
+run by run (LSQ 87.8-97.2, mean 93.9; STE 76.4-96.1, mean 90.7); the means over the three seeds
+per batch order separate them in 3 of 4 orders (LSQ 94.8, 95.1, 94.7, 91.1; STE 87.1, 92.0,
+92.7, 90.9): that is why the target is a mean over seeds, and why the loop is specified down to
+the batch draw. Post-training quantization (no step) gives 14 to 33. We
+found no budget where one method wins on every run (25 to 200 steps, batches of 64 to 256,
+W2A2, W2A8, W4A2): Q4 asks the student to read exactly that. The check trains on one thread
+(restored afterwards): the model is tiny, and a grader running many notebooks at once stays
+fast. There is no hidden Q3 check: the visible one already trains every shipped seed.
 """
 
 from __future__ import annotations
@@ -30,16 +43,17 @@ from . import mistakes, references
 from .core import (CheckFailed, as_number, call, changed_entries, expect, first_difference, first_hint,
                    one_thread, quiet_deprecations, run, snapshot)
 from .draws import Draw, hidden
-from ..data import calibration_batches, load_digits
+from .own_qat import TRAIN_BUDGET, OwnFakeQuant, images_seen
+from ..data import load_digits
 from ..models import pretrained
-from ..modules import QuantConfig, quant_layers
-from ..ptq import quantize_static
-from ..qat import convert_qat, qat_layers
+from ..modules import quant_layers
+from ..qat import qat_layers
 from ..qparams import quant_range
 from ..train import evaluate
 
-W2A4_MIN_ACC = 95.0
-"""Q3 target: test accuracy of the 2-bit-weight, 4-bit-activation cnn8 after QAT."""
+W2A4_MIN_MEAN = 93.0
+"""Q3 target: mean test accuracy over the three shipped cnn8 seeds, per-tensor W2A4, <= 100 steps."""
+SEEDS = (0, 1, 2)
 W2A4_BITS = (2, 4)
 
 
@@ -187,7 +201,9 @@ def _check_scale_grad(fn, x, scale, zero_point, quant_min, quant_max, grad_outpu
 
 
 def lsq_scale_grad(fn) -> None:
-    """Q2 visible: a worked example (printed expectations) and a random tensor, vs PyTorch."""
+    """Q2 visible: a worked example, random tensors, and learned (float) zero points that must be
+    rounded and clamped, vs PyTorch: every requirement the question states, so that the hidden
+    check only varies the inputs."""
     def body():
         t = torch.tensor
         # a worked case: scale 0.5, zero point 2, codes 0..7 -> levels -1.0 .. 2.5
@@ -206,6 +222,13 @@ def lsq_scale_grad(fn) -> None:
         _check_scale_grad(fn, x, t([0.05]), t([0.0]), -2, 1, torch.randn(200, generator=gen), 1.0 / (200 * 1) ** 0.5,
                           "lsq_scale_grad(randn(200) * 0.1, scale 0.05, zero_point 0, signed 2-bit [-2, 1], "
                           "random grad_output, grad_factor 1/sqrt(200))")
+        # learned zero points are floats: round them (2.3 -> 2) and clamp them (15.6 -> 16 -> 15) first
+        x = torch.randn(96, generator=gen) * 1.5 + 1.0
+        dy = torch.randn(96, generator=gen)
+        for zp in (2.3, 15.6):
+            _check_scale_grad(fn, x, t([0.25]), t([zp]), 0, 15, dy, 1.0 / (96 * 15) ** 0.5,
+                              f"lsq_scale_grad(randn(96) * 1.5 + 1, scale 0.25, learned zero_point {zp}, [0, 15], "
+                              "random grad_output, grad_factor 1/sqrt(96 * 15))")
     run("lsq_scale_grad: worked cases vs torch._fake_quantize_learnable_per_tensor_affine", body)
 
 
@@ -235,66 +258,55 @@ def lsq_scale_grad_hidden(fn) -> None:
     hidden("lsq_scale_grad: random tensors vs torch._fake_quantize_learnable_per_tensor_affine", body)
 
 
-# ------------------------------------------------------------------ Q3 QAT at W2A4
-def _check_qat(fn, seed: int) -> dict[str, float]:
-    what = f"qat_2bit(cnn8 seed {seed})"
-    digits = load_digits(8)
+# ------------------------------------------------------------------ Q3 QAT with the student's own gradients
+def _train_one(fn, ste_cls, lsq_fn, seed: int, digits) -> dict:
+    what = f"qat_w2a4(cnn8 seed {seed}, digits, seed={seed})"
     model = pretrained("cnn8", seed)
     before = snapshot(model)
     start = time.perf_counter()
     with one_thread(), quiet_deprecations():
-        got = call(fn, model, digits, what="qat_2bit")
+        got = call(fn, model, digits, seed, what="qat_w2a4")
     seconds = time.perf_counter() - start
-    expect(not isinstance(got, tuple), f"{what}: expected the trained QAT model, got a tuple; "
-                                       "quantization_aware_training returns (model, history): return the model")
-    expect(isinstance(got, nn.Module), f"{what}: expected the trained QAT model (an nn.Module), got {type(got).__name__}")
-    expect(not changed_entries(model, before), f"{what}: the float model you were given changed; QAT trains a copy (prepare_qat and "
-           "quantization_aware_training copy it for you)")
+    expect(isinstance(got, nn.Module), f"{what}: expected the trained model (an nn.Module), got {type(got).__name__}")
+    expect(not changed_entries(model, before), f"{what}: the float model you were given changed; own_qat_model "
+           "trains a copy: train the model it returns")
+    layers = qat_layers(got)
     want_layers = sorted(quant_layers(model))
-    have = qat_layers(got)
-    expect(sorted(have) == want_layers,
-           f"{what}: expected fake-quant layers {want_layers} (every conv and linear layer, as prepare_qat makes "
-           f"them), got {sorted(have)}")
-    try:
-        with quiet_deprecations():
-            frozen = convert_qat(got)
-    except Exception as err:  # noqa: BLE001: the student's model, reported
-        raise CheckFailed(f"{what}: qlib.qat.convert_qat could not freeze your model ({type(err).__name__}: {err}); "
-                          "return the model that prepare_qat / quantization_aware_training built, after training") from None
+    expect(sorted(layers) == want_layers and hasattr(got, "own_qat_method"),
+           f"{what}: expected the model built by own_qat_model(model, digits, FakeQuantSTE, lsq_scale_grad, method) "
+           f"(fake-quant layers {want_layers}), got layers {sorted(layers)}")
     w_bits, a_bits = W2A4_BITS
-    for name, layer in qat_layers(frozen).items():
-        wfq, afq = layer.weight_fq, layer.input_fq
-        expect(wfq.bits <= w_bits and afq.bits <= a_bits,
-               f"{what}: layer {name} quantizes weights at {wfq.bits} bits and its input at {afq.bits} bits; this "
-               f"question asks W{w_bits}A{a_bits} in every layer (first and last included)")
-        with torch.no_grad():
-            w_dq = wfq(layer.weight).flatten(1)
-        levels = max(len(torch.unique(row)) for row in w_dq)
-        expect(levels <= 2 ** w_bits, f"{what}: layer {name}'s quantized weights take {levels} values in one "
-                                      f"channel; {w_bits}-bit weights have at most {2 ** w_bits}")
-    acc = evaluate(frozen, digits.test)
-    if acc < W2A4_MIN_ACC:
-        calib = calibration_batches(digits.train, 256, 64, seed=0)
-        with quiet_deprecations():
-            ptq = evaluate(quantize_static(model, calib, QuantConfig(weight_bits=w_bits, act_bits=a_bits)), digits.test)
-        raise CheckFailed(f"{what}: test accuracy {acc:.2f}% < {W2A4_MIN_ACC}% (post-training quantization, min-max, gives "
-                          f"{ptq:.2f}%, fp32 {evaluate(model, digits.test):.2f}%). Hint: lesson 05 compares recipes "
-                          "at 2 bits: learned step sizes, MSE-initialised weight scales, a higher learning rate.")
-    return {"fp32": evaluate(model, digits.test), "qat": acc, "seconds": seconds}
+    for name, layer in layers.items():
+        for fq, bits, kind in ((layer.weight_fq, w_bits, "weight"), (layer.input_fq, a_bits, "input")):
+            expect(isinstance(fq, OwnFakeQuant) and fq.ste is ste_cls and fq.lsq_grad is lsq_fn,
+                   f"{what}: layer {name}'s {kind} quantizer does not run your FakeQuantSTE and lsq_scale_grad: "
+                   "build the model with own_qat_model(model, digits, FakeQuantSTE, lsq_scale_grad, method)")
+            expect(fq.bits == bits, f"{what}: layer {name} quantizes its {kind} at {fq.bits} bits; this question "
+                                    f"asks W{w_bits}A{a_bits} (own_qat_model's default)")
+    seen = images_seen(got)
+    expect(0 < seen <= TRAIN_BUDGET, f"{what}: the model saw {seen} training images in training mode; train it "
+                                     f"(qmodel.train()) on at most {TRAIN_BUDGET} (100 steps of 64)")
+    got.eval()
+    return {"fp32": evaluate(model, digits.test), "qat": evaluate(got, digits.test), "seconds": seconds,
+            "method": got.own_qat_method, "seen": seen}
 
 
-def qat_2bit(fn) -> None:
-    """Q3 visible: cnn8 seed 0 at W2A4 reaches the target."""
+def qat_w2a4(fn, ste_cls, lsq_fn) -> None:
+    """Q3: cnn8 seeds 0, 1, 2 (batch seed = model seed) at W2A4 with the student's STE and LSQ
+    gradient, each within the budget; the mean test accuracy reaches :data:`W2A4_MIN_MEAN`."""
     def body():
-        r = _check_qat(fn, 0)
-        print(f"      cnn8 seed 0: fp32 {r['fp32']:.2f}%, W2A4 QAT {r['qat']:.2f}% ({r['seconds']:.0f} s)")
-    run(f"qat_2bit: cnn8 W2A4 >= {W2A4_MIN_ACC}% on the test digits", body)
-
-
-def qat_2bit_hidden(fn) -> None:
-    """Q3 hidden: the same target on the other two shipped seeds."""
-    def body():
-        for seed in (1, 2):
-            r = _check_qat(fn, seed)
-            print(f"      cnn8 seed {seed}: fp32 {r['fp32']:.2f}%, W2A4 QAT {r['qat']:.2f}% ({r['seconds']:.0f} s)")
-    run(f"qat_2bit: seeds 1 and 2 >= {W2A4_MIN_ACC}%", body)
+        digits = load_digits(8)
+        runs = [_train_one(fn, ste_cls, lsq_fn, seed, digits) for seed in SEEDS]
+        for seed, r in zip(SEEDS, runs):
+            print(f"      cnn8 seed {seed}: fp32 {r['fp32']:.2f}%, W2A4 QAT ({r['method']}) {r['qat']:.2f}% "
+                  f"({r['seen']} images, {r['seconds']:.0f} s)")
+        mean = sum(r["qat"] for r in runs) / len(runs)
+        methods = sorted({r["method"] for r in runs})
+        per_seed = ", ".join(f"{r['qat']:.1f}" for r in runs)
+        expect(mean >= W2A4_MIN_MEAN,
+               f"mean test accuracy over cnn8 seeds {list(SEEDS)} is {mean:.2f}% < {W2A4_MIN_MEAN}% (method "
+               f"{', '.join(methods)}; per seed {per_seed}). "
+               "Hint: within 100 steps the two methods differ by about the spread between seeds, so only the "
+               "mean over seeds tells them apart (Q4); then check the learning rate (a few 1e-3 with Adam) and "
+               "that your loop calls zero_grad, backward and step on every batch.")
+    run(f"qat_w2a4: cnn8 W2A4 with your STE/LSQ, <= 100 steps, mean over 3 seeds >= {W2A4_MIN_MEAN}%", body)

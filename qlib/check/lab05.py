@@ -26,7 +26,14 @@ from .draws import Draw, hidden
 from ..datafree.synthetic import batch_moments, capture_bn_inputs
 
 ACC_W8_MAX_DROP = 1.0   # W8A8 accuracy (percentile observer) within this of fp32 (measured: 0.0)
-ACC_W4_MIN = 90.0       # W4A4 accuracy floor on cnn16 seed 0 (measured 94.4-96.4 in fast mode)
+ACC_W4_MIN = 93.0
+"""W4A4 floor on cnn16 seed 0, MSE weight scales, 99.9-percentile activations calibrated on 64
+synthetic images (the reference answer, fast mode). Measured on the shipped seeds 0, 1, 2:
+synthetic 95.8, 94.7, 95.0; Gaussian noise 90.3, 64.7, 77.8; 64 real digits 97.5, 98.9, 96.7.
+With min-max weight scales the same synthetic images give 96.4, 78.1, 93.9: the MSE weight
+observer (data-free) removes the weight-scale part of the loss, so the floor measures the
+calibration images (noise misses it by 2.7 points on seed 0, by 28 on seed 1)."""
+WEIGHT_OBSERVER, ACT_OBSERVER, PERCENTILE = "mse", "percentile", 99.9
 
 
 # ------------------------------------------------------------------ reference
@@ -223,8 +230,29 @@ def _check_images(images, model, digits) -> None:
                                 f"noise ({l_noise:.4g}); use the output of your synthesize")
 
 
+def _check_observers(q: nn.Module, bits: int) -> None:
+    """The observers the question states: MSE per-channel weights, 99.9-percentile activations."""
+    from ..granularity import PerChannel
+    from ..observers import MSEObserver, PercentileObserver
+
+    what = f"quantize_data_free(model, images, {bits})"
+    layers = {n: m for n, m in q.named_modules() if hasattr(m, "weight_fq") and hasattr(m, "input_fq")}
+    for name, layer in layers.items():
+        w_obs, a_obs = layer.weight_fq.observer, layer.input_fq.observer
+        expect(isinstance(w_obs, MSEObserver) and isinstance(getattr(w_obs, "granularity", None), PerChannel),
+               f"{what}: layer {name}'s weights use {type(w_obs).__name__} "
+               f"({getattr(w_obs, 'granularity', '?')}); expected the MSE weight observer per channel: "
+               f"QuantConfig(..., weight_observer=\"mse\") (a data-free choice: it reads only the weights)")
+        expect(isinstance(a_obs, PercentileObserver) and abs(a_obs.percentile - PERCENTILE) < 1e-9,
+               f"{what}: layer {name}'s input uses {type(a_obs).__name__}"
+               f"{f' at {a_obs.percentile}' if isinstance(a_obs, PercentileObserver) else ''}; expected the "
+               f"{PERCENTILE}th-percentile activation observer: act_observer=\"percentile\", "
+               f"act_observer_kwargs={{\"percentile\": {PERCENTILE}}}")
+
+
 def data_free_accuracy(fn, images) -> None:
-    """Q3: W8A8 within 1 point of fp32 and W4A4 >= 90 % on cnn16 (seed 0), synthetic calibration."""
+    """Q3: the stated observers (MSE weights, 99.9-percentile activations), W8A8 within 1 point of
+    fp32 and W4A4 >= :data:`ACC_W4_MIN` on cnn16 (seed 0), synthetic calibration only."""
     from .. import data, models
     from ..modules import fake_quantizers
     from ..train import evaluate
@@ -246,11 +274,12 @@ def data_free_accuracy(fn, images) -> None:
                    f"quantize_data_free(model, images, {bits}) should return a model quantized at "
                    f"W{bits}A{bits} (qlib.ptq.quantize_static); got fake quantizers with bits "
                    f"{sorted({f.bits for f in fqs.values()})}")
+            _check_observers(q, bits)
             accs[bits] = evaluate(q, digits.test)
         print(f"  fp32 {fp32:.1f} %, W8A8 {accs[8]:.1f} %, W4A4 {accs[4]:.1f} % (test digits)")
         expect(accs[8] >= fp32 - ACC_W8_MAX_DROP,
                f"W8A8 accuracy {accs[8]:.1f} % is more than {ACC_W8_MAX_DROP} point below fp32 ({fp32:.1f} %)")
         expect(accs[4] >= ACC_W4_MIN,
-               f"W4A4 accuracy {accs[4]:.1f} % is below {ACC_W4_MIN} %: use W{{bits}}A{{bits}} with the "
-               f"99.9 percentile activation observer, and images with a low BN-statistics loss")
+               f"W4A4 accuracy {accs[4]:.1f} % is below {ACC_W4_MIN} %: the observers are right, so look at the "
+               f"images: calibrate on your synthesize output (a low BN-statistics loss), all of it")
     run("quantize_data_free: cnn16 calibrated on synthetic images", body)

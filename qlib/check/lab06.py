@@ -9,8 +9,14 @@ References: ``qlib.distill.kd_loss`` (Hinton et al. 2015) and
 
 Tolerance for the loss: ``rtol=1e-4, atol=1e-6`` (float32 log-softmax in a different order).
 The accuracy target of Q3 (:data:`Q3_MIN_ACC`, on the 360 test digits, one image = 0.28
-points) was measured in fast mode with the shipped ``cnn16`` (seed 0), W4A4, 256
-Gaussian-noise images, 20 steps: PTQ alone 71.9, distilled 83.1 to 86.7 (minibatch seeds 0-3).
+points) was measured with the shipped ``cnn16`` (seed 0), W4A4 with MSE per-channel weight
+scales and 99.9-percentile activations, 128 BN-synthetic images (``synthesize_bn``, 50 steps),
+40 distillation steps at lr 1e-3, T = 4: PTQ alone 95.3, distilled 98.6 and 99.2 (minibatch
+seeds 0, 1); seeds 1 and 2: PTQ 91.4 and 93.1, distilled 93.3-96.9 and 97.8-98.1.
+With min-max weight scales, as this lab used before, PTQ gives 96.4 on seed 0 but
+48.6 on seed 1 (MSE: 91.4), where distillation's apparent gain of 47 points is mostly that
+weight-scale problem (Q4). With Gaussian-noise inputs instead and MSE weights, distillation
+gained nothing on seed 0 (PTQ 79.7, distilled 75.6-80.8): the inputs matter.
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ from .. import distill as ref_distill
 from .. import train as ref_train
 from ..modules import fake_quantizers
 
-Q3_MIN_ACC = 80.0
+Q3_MIN_ACC = 97.0
 """Q3: the distilled W4A4 student must reach this test accuracy (percent)."""
-Q3_MIN_GAIN = 4.0
+Q3_MIN_GAIN = 1.5
 """Q3: ... and beat PTQ on the same synthetic data by at least this many points."""
 
 RTOL, ATOL = 1e-4, 1e-6
