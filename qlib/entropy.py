@@ -101,15 +101,19 @@ class EntropyObserver(ObserverBase):
     :func:`kl_threshold_bins` (levels: half the codes if values of both signs share them,
     all codes for non-negative affine data) and uses ``[max(min_val, -t), min(max_val, t)]``.
     Cost grows with ``bins**2``: keep ``bins`` small for many channels.
+    ``flatten_zero_bin=False`` searches with the zero spike left in bin 0 (qlib's behaviour
+    before it followed NVIDIA's reference; lesson 03 shows what that costs).
     PyTorch's ``HistogramObserver`` minimizes an L2 error instead; this is the KL search.
     """
 
-    def __init__(self, bins: int = 2048, **kw):
+    def __init__(self, bins: int = 2048, flatten_zero_bin: bool = True, **kw):
         super().__init__(**kw)
         _check_int(bins, "bins")
         if bins < 8:
             raise ValueError(f"bins must be an int >= 8, got {bins!r}")
-        self.bins = bins
+        if not isinstance(flatten_zero_bin, bool):
+            raise TypeError(f"flatten_zero_bin must be True or False, got {flatten_zero_bin!r}")
+        self.bins, self.flatten_zero_bin = bins, flatten_zero_bin
         self.register_buffer("hist", torch.empty(0, bins, dtype=torch.float64))
         self.register_buffer("hist_max", torch.empty(0))
 
@@ -144,7 +148,8 @@ class EntropyObserver(ObserverBase):
         t = torch.empty_like(lo)
         for r in range(lo.numel()):
             two_sided = self.symmetric or lo[r] < 0
-            i = kl_threshold_bins(self.hist[r], levels // 2 if two_sided else levels)
+            i = kl_threshold_bins(self.hist[r], levels // 2 if two_sided else levels,
+                                  flatten_zero_bin=self.flatten_zero_bin)
             t[r] = i * self.hist_max[r] / self.bins
         lo, hi = torch.maximum(lo, -t), torch.minimum(hi, t)
         return self._to_qparams_shape(lo), self._to_qparams_shape(hi)

@@ -176,3 +176,9 @@ def test_relu_outputs_are_not_clipped_to_the_first_bins():
     positive = x[x > 0]
     assert (positive > t).float().mean() < 0.002  # clips at most 0.2% of the positive values
     assert t < x.max().item()  # and still clips the far tail
+    old = EntropyObserver(flatten_zero_bin=False)  # the search before the fix, kept for lesson 03
+    old(x)
+    scale, zp = old.calculate_qparams()
+    assert (positive > scale.item() * (255 - zp.item())).float().mean() > 0.02
+    with pytest.raises(TypeError, match="flatten_zero_bin must be True or False"):
+        EntropyObserver(flatten_zero_bin=1)
