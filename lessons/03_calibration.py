@@ -389,14 +389,15 @@ assert layer0["128 digits"][2] < layer0["256 digits"][2] - 10  # "loses tens of 
 #
 # `dsc16` is MobileNet-style (lesson 04 opens it up): depthwise-separable blocks with
 # **ReLU6**, which caps every activation at 6. Most of its layers' inputs then have min-max
-# ranges of exactly `[0, 6]`, so the observer has less to choose at 8 bits; its 4-bit
-# weights are another story (lessons 04 and 07).
+# ranges of exactly `[0, 6]`. At W4A8 (its 8-bit rows in `benchmarks/results/ptq.json` are
+# as flat as `cnn16`'s), which observer wins, and by more than a test digit or two? Its
+# 4-bit *weights* are the bigger problem, and another story (lessons 04 and 07).
 
 # %%
 dsc_models = {s: models.pretrained("dsc16", seed=s) for s in seeds}
 dsc_fp32 = accuracy_over_seeds([evaluate(m, digits.test) for m in dsc_models.values()])
 dsc_acc = {}
-for c in ("W8A8", "W4A8"):
+for c in ("W4A8",):  # W8A8 is as flat as cnn16's (benchmarks/results/ptq.json); one config keeps this quick
     for obs in OBSERVERS:
         config = QuantConfig(weight_bits=CONFIGS[c][0], act_bits=CONFIGS[c][1], act_observer=obs)
         dsc_acc[(c, obs)] = accuracy_over_seeds([evaluate(quantize_static(m, calib, config), digits.test)
@@ -407,10 +408,16 @@ highs = [m.input_fq.qparams() for m in ranges_dsc.modules() if hasattr(m, "input
 highs = [((255 - zp) * scale).item() for scale, zp in highs]
 print(f"min-max upper ends of its {len(highs)} quantized layers' inputs: " + ", ".join(f"{h:.2f}" for h in highs))
 assert sum(abs(h - 6) < 1e-3 for h in highs) > len(highs) / 2  # the text above: most are exactly 6
-print(f"{'activations':15s}" + "".join(f"{c:>22s}" for c in ("W8A8", "W4A8")))
+bench = runtime.benchmark_result("ptq")
+if bench is not None and "depthwise" in bench:  # the text above: dsc16's 8-bit rows are flat
+    d = bench["depthwise"]
+    w8 = (d["accuracy"]["W8A8"]["per_channel"]["plain"]["mean"], d["entropy_W8A8_per_channel"]["mean"])
+    print(f"benchmark, dsc16 W8A8 over seeds {bench['seeds']}: min-max {w8[0]:.2f}%, entropy {w8[1]:.2f}%")
+    assert abs(w8[0] - w8[1]) <= 100 / len(digits.test) + 1e-9
+print(f"{'activations':15s}" + f"{'W4A8':>22s}")
 for obs in OBSERVERS:
-    print(f"{obs:15s}" + "".join(f"{dsc_acc[(c, obs)]['mean']:8.2f} [{dsc_acc[(c, obs)]['min']:5.1f}, "
-                                 f"{dsc_acc[(c, obs)]['max']:5.1f}]" for c in ("W8A8", "W4A8")))
+    print(f"{obs:15s}" + f"{dsc_acc[('W4A8', obs)]['mean']:8.2f} [{dsc_acc[('W4A8', obs)]['min']:5.1f}, "
+                         f"{dsc_acc[('W4A8', obs)]['max']:5.1f}]")
 
 # %% [markdown]
 # Read the table before the bars. At 8 bits the observer hardly matters, unless it clips far
