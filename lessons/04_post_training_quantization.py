@@ -480,7 +480,9 @@ plt.show()
 #   serves weight-bound layers (LSTM, transformer linears). One range per tensor makes a
 #   sample's output depend on its batch; per-sample (per-token) scales remove that.
 # - Batch-norm folding is exact in eval mode; fold before quantizing, and use per-channel
-#   weight scales, since folding spreads the channels' ranges.
+#   weight scales, since folding spreads the channels' ranges. Depthwise layers (MobileNet,
+#   `dsc16`) spread them most: one scale per tensor costs `dsc16` many points at 4 bits, and
+#   per-channel scales, or CLE plus bias correction, win them back.
 # - Integer-only inference: int8 x int8 products summed in int32, an int32 bias with scale
 #   $s_x s_w$, and requantization by a fixed-point multiplier $m \cdot 2^{shift-31}$. Layer by
 #   layer it agrees with the fake-quant model to within a code, but not exactly: the
