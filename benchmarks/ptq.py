@@ -17,6 +17,17 @@ calibration digits (seed 0) and the 360 test digits:
   engine, measured side by side (interleaved, median of repeats) in one run, as ratios to fp32;
   the two integer backends must give equal outputs on the whole test set.
 
+- the depthwise-separable ``dsc16`` (``depthwise``): fp32; W8A8 and W4A8 with per-tensor and
+  per-channel weight scales (min-max, activations min-max); each plain, after cross-layer
+  equalization (CLE, Nagel et al. 2019: ReLU6 replaced by ReLU first, as DFQ does, since
+  ReLU6 does not commute with a positive scale), with empirical bias correction (the
+  calibration batches' input means), and both; plus the folded weights' per-channel range
+  spread, layer by layer (seed 0), and min-max vs entropy activations at W8A8.
+  ``qlib.datafree`` skips grouped convolutions (CLE pairs, ``correct_bias``): for the
+  depthwise layers this file applies the same formulas itself (``equalize_depthwise``,
+  ``correct_depthwise_bias``), the depthwise weight ``(C, 1, kh, kw)`` holding its input
+  channel ``c`` in row ``c``.
+
 Targets: W8A8 (min-max) within 0.5 points of fp32; the integer path at least 3x smaller than
 the (folded) fp32 model; the integer model (int8 kernels) within 1.5x of fp32's time at batch 64.
 
@@ -26,6 +37,7 @@ the (folded) fp32 model; the integer model (int8 kernels) within 1.5x of fp32's 
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 import warnings
@@ -37,7 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import header, target_lines  # noqa: E402
+from torch import nn  # noqa: E402
+
 from qlib import data, measure, models  # noqa: E402
+from qlib.datafree.bias_correction import correct_bias, empirical_input_means  # noqa: E402
+from qlib.datafree.equalize import (LAYERS, POSITIVE_HOMOGENEOUS, channel_ranges,  # noqa: E402
+                                    equalization_scales, rescale_pair)
+from qlib.fold import find_layer_pairs  # noqa: E402
+from qlib.granularity import PerChannel, PerTensor  # noqa: E402
 from qlib.engines import compare_latency, torch_x86_quantize  # noqa: E402
 from qlib.fold import fold_batchnorm  # noqa: E402
 from qlib.intmodel import convert_to_integer  # noqa: E402
@@ -46,6 +65,10 @@ from qlib.ptq import quantize_static  # noqa: E402
 from qlib.train import accuracy_over_seeds, evaluate, format_spread  # noqa: E402
 
 MODEL = "cnn16"
+DEPTHWISE_MODEL = "dsc16"
+DEPTHWISE_CONFIGS = {"W8A8": (8, 8), "W4A8": (4, 8)}
+GRANULARITIES = {"per_tensor": PerTensor(), "per_channel": PerChannel(0)}
+METHODS = ("plain", "bias_correction", "cle", "cle+bias_correction")
 CONFIGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
 ACT_OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "entropy")
 WEIGHT_OBSERVERS = ("minmax", "mse")
@@ -61,6 +84,12 @@ def settings(fast: bool) -> dict:
             "configs": {k: {"weight_bits": w, "act_bits": a} for k, (w, a) in CONFIGS.items()},
             "act_observers": list(ACT_OBSERVERS),
             "weight_observers": ["minmax"] if fast else list(WEIGHT_OBSERVERS),
+            "depthwise": {"model": DEPTHWISE_MODEL, "configs": list(DEPTHWISE_CONFIGS),
+                          "weight_granularity": list(GRANULARITIES), "methods": list(METHODS),
+                          "observers": "weights symmetric min-max, activations affine min-max per-tensor",
+                          "cle": "ReLU6 -> ReLU, BN folded, pairs across ReLU/pooling incl. depthwise, "
+                                 "20 sweeps (tol 1e-4)",
+                          "bias_correction": "empirical: input means of every layer on the calibration batches"},
             "latency": {"batch": 16 if fast else 64, "repeats": 3 if fast else 20, "warmup": 1 if fast else 3,
                         "model_seed": 0},
             "quant_scheme": "weights symmetric per-channel signed, activations affine per-tensor unsigned, "
@@ -83,6 +112,116 @@ def _summary(values) -> dict:
     out = accuracy_over_seeds(values)
     out["values"] = [round(v, 4) for v in values]
     return out
+
+
+def is_depthwise(layer: nn.Module) -> bool:
+    """A depthwise convolution: one filter per channel (``groups == in == out channels``)."""
+    return isinstance(layer, nn.Conv2d) and 1 < layer.groups == layer.in_channels == layer.out_channels
+
+
+def relu6_to_relu(model: nn.Module) -> nn.Module:
+    """A copy with every ``ReLU6`` replaced by ``ReLU`` (DFQ's step before CLE)."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.ReLU6):
+                setattr(parent, name, nn.ReLU())
+    return model
+
+
+@torch.no_grad()
+def equalize_depthwise(model: nn.Module, iterations: int = 20, tol: float = 1e-4) -> nn.Module:
+    """``qlib.datafree.equalize.cross_layer_equalize`` with depthwise layers included.
+
+    A depthwise layer's output channel ``c`` comes from its input channel ``c`` alone, so
+    it can be layer 1 of a pair (rescale its output channels: ``rescale_pair``) and layer 2
+    (its input channel ``c`` is weight row ``c``: ``r2 = channel_ranges(w, 0)``, and the
+    row is multiplied by ``s_c``). Folds BN; returns an equalized copy.
+    """
+    model = fold_batchnorm(model)
+    pairs = [(p.first, p.second) for p in find_layer_pairs(model, first=LAYERS, second=LAYERS,
+                                                             through=POSITIVE_HOMOGENEOUS)]
+    for _ in range(iterations):
+        worst = 0.0
+        for n1, n2 in pairs:
+            layer1, layer2 = model.get_submodule(n1), model.get_submodule(n2)
+            c = layer1.weight.shape[0]
+            if is_depthwise(layer2):
+                s = equalization_scales(channel_ranges(layer1.weight, 0), channel_ranges(layer2.weight, 0))
+                layer1.weight.div_(s.reshape(-1, *[1] * (layer1.weight.dim() - 1)))
+                layer1.bias.div_(s)
+                layer2.weight.mul_(s.reshape(-1, 1, 1, 1))
+            else:
+                s = equalization_scales(channel_ranges(layer1.weight, 0),
+                                        channel_ranges(layer2.weight, 1, channels=c))
+                rescale_pair(layer1, layer2, s)
+            worst = max(worst, (s - 1).abs().max().item())
+        if worst < tol:
+            break
+    return model
+
+
+@torch.no_grad()
+def correct_depthwise_bias(quant_model: nn.Module, input_means: dict) -> nn.Module:
+    """Empirical bias correction of every layer: ``qlib.datafree.bias_correction.correct_bias``
+    for plain layers; for a depthwise layer the same ``b -= (W_q - W) E[x]`` with channel
+    ``c`` seeing only ``E[x_c]``: ``delta_c = sum_taps (W_q - W)[c] * E[x_c]``."""
+    depthwise = {n for n in input_means if is_depthwise(quant_model.get_submodule(n))}
+    model = correct_bias(quant_model, {n: v for n, v in input_means.items() if n not in depthwise})
+    for name in depthwise:
+        layer = model.get_submodule(name)
+        delta = (layer.weight_fq(layer.weight) - layer.weight).flatten(1).sum(1) * input_means[name]
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros_like(delta))
+        layer.bias.sub_(delta)
+    return model
+
+
+def weight_range_spread(model: nn.Module) -> dict:
+    """Per folded layer: how far its output channels' weight ranges ``max |w|`` spread
+    (largest / median, largest / smallest), and whether it is depthwise."""
+    out = {}
+    for name, layer in fold_batchnorm(model).named_modules():
+        if isinstance(layer, LAYERS):
+            r = channel_ranges(layer.weight, 0)
+            out[name] = {"depthwise": is_depthwise(layer), "max_over_median": (r.max() / r.median()).item(),
+                         "max_over_min": (r.max() / r.min().clamp_min(1e-12)).item()}
+    return out
+
+
+def depthwise_study(cfg: dict, log=print) -> dict:
+    """The ``dsc16`` rows: per-tensor vs per-channel weights, plain, CLE, bias correction."""
+    digits = data.load_digits(models.image_size(DEPTHWISE_MODEL))
+    calib = data.calibration_batches(digits.train, cfg["calibration"]["num_samples"],
+                                     cfg["calibration"]["batch_size"], seed=cfg["calibration"]["seed"])
+    fp32, fp32_relu, entropy_w8 = [], [], []
+    acc = {c: {g: {m: [] for m in METHODS} for g in GRANULARITIES} for c in DEPTHWISE_CONFIGS}
+    start = time.perf_counter()
+    for seed in cfg["seeds"]:
+        model = models.pretrained(DEPTHWISE_MODEL, seed)
+        relu = relu6_to_relu(model)
+        fp32.append(evaluate(model, digits.test))
+        fp32_relu.append(evaluate(relu, digits.test))
+        sources = {"plain": model, "cle": equalize_depthwise(relu)}
+        means = {k: empirical_input_means(fold_batchnorm(m), calib) for k, m in sources.items()}
+        for label, (wb, ab) in DEPTHWISE_CONFIGS.items():
+            for gname, gran in GRANULARITIES.items():
+                config = QuantConfig(weight_bits=wb, act_bits=ab, weight_granularity=gran)
+                for key, src in sources.items():
+                    q = quantize_static(src, calib, config)
+                    acc[label][gname][key].append(evaluate(q, digits.test))
+                    corrected = correct_depthwise_bias(q, means[key])
+                    name = "bias_correction" if key == "plain" else "cle+bias_correction"
+                    acc[label][gname][name].append(evaluate(corrected, digits.test))
+            log(f"{DEPTHWISE_MODEL} seed {seed} {label}: " + ", ".join(
+                f"{g} {'/'.join(f'{acc[label][g][m][-1]:.1f}' for m in METHODS)}" for g in GRANULARITIES)
+                + f"  ({time.perf_counter() - start:.0f} s)")
+        entropy_w8.append(evaluate(quantize_static(model, calib, QuantConfig(act_observer="entropy")), digits.test))
+    return {"model": DEPTHWISE_MODEL, "fp32": _summary(fp32), "fp32_relu": _summary(fp32_relu),
+            "accuracy": {c: {g: {m: _summary(v) for m, v in d.items()} for g, d in per_g.items()}
+                         for c, per_g in acc.items()},
+            "entropy_W8A8_per_channel": _summary(entropy_w8),
+            "weight_range_spread_seed0": weight_range_spread(models.pretrained(DEPTHWISE_MODEL, cfg["seeds"][0]))}
 
 
 def run(fast: bool = False, log=print) -> dict:
@@ -127,6 +266,8 @@ def run(fast: bool = False, log=print) -> dict:
         x86.append(evaluate(x86_model, digits.test))
         if seed == seeds[0]:
             keep["fp32"], keep["x86"] = model, x86_model
+
+    depthwise = depthwise_study(cfg, log)
 
     # size (seed 0)
     model = keep["fp32"]
@@ -176,6 +317,7 @@ def run(fast: bool = False, log=print) -> dict:
                              "max_abs_logit_diff": max(d["max_abs_logit_diff"])}
                          for c, d in integer.items() if d["acc"]},
         "torch_x86": {"acc": _summary(x86), "config": "W8A8 (x86 engine defaults)"},
+        "depthwise": depthwise,
         "size_bytes": size,
         "size_ratio": size_ratio,
         "latency": latency,
@@ -198,6 +340,18 @@ def table(result: dict) -> str:
         for c in CONFIGS:
             lines.append(f"  {c:31s}" + "  ".join(f"{acc(result['accuracy'][c][wobs][a]):>21s}" for a in ACT_OBSERVERS))
         lines.append("")
+    d = result["depthwise"]
+    lines.append(f"{d['model']} (depthwise-separable): fp32 {acc(d['fp32'])}, ReLU6 -> ReLU {acc(d['fp32_relu'])}; "
+                 f"weights min-max, activations min-max")
+    lines.append(f"  {'':24s}" + "  ".join(f"{m:>21s}" for m in METHODS))
+    for c, per_g in d["accuracy"].items():
+        for g, per_m in per_g.items():
+            lines.append(f"  {c + ' ' + g:24s}" + "  ".join(f"{acc(per_m[m]):>21s}" for m in METHODS))
+    lines.append(f"  W8A8 per-channel, entropy activations: {acc(d['entropy_W8A8_per_channel'])}")
+    spread = d["weight_range_spread_seed0"]
+    lines.append("  folded weight ranges, largest / median channel (seed 0): " + ", ".join(
+        f"{n}{'(dw)' if v['depthwise'] else ''} {v['max_over_median']:.1f}" for n, v in spread.items()))
+    lines.append("")
     lines.append("qlib integer path (min-max): accuracy, agreement with fake-quant predictions, max |logit diff|")
     for c, d in result["integer_path"].items():
         lines.append(f"  {c}: {acc(d['acc'])}, agree {d['agreement_with_fake_quant']['mean']:.2f}%, "

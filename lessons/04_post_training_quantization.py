@@ -26,8 +26,10 @@ if "google.colab" in sys.modules:
 # - **integer-only inference**: int8 x int8 products summed in int32, a bias in int32, and a
 #   fixed-point multiplier and shift instead of a float scale; you run one layer by hand and
 #   then a whole model, and check that it agrees with the fake-quant model;
+# - why a MobileNet-style model (`dsc16`, depthwise-separable) needs per-channel weight
+#   scales, measured;
 # - accuracy, size and latency of fp32, W8A8, W4A8 and W4A4, next to PyTorch's own x86 int8
-#   engine.
+#   engine (and why its activations have 7-bit codes).
 #
 # Lab 03 follows: there you write folding, calibration and conversion yourself.
 
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from qlib import data, measure, models, runtime
 from qlib.engines import compare_latency, torch_x86_quantize
 from qlib.fold import fold_batchnorm, fold_bn
+from qlib.granularity import PerChannel, PerTensor
 from qlib.intmodel import convert_to_integer
 from qlib.intops import int_conv2d, quantize_multiplier, requantize
 from qlib.modules import QuantConfig
@@ -69,8 +72,8 @@ print("fast mode:", runtime.fast(), "| fp32 test accuracy:", f"{evaluate(model, 
 #
 # **Dynamic** PTQ quantizes the weights once and measures each activation's min and max
 # on the batch that arrives, at run time. It needs no calibration data, and its ranges fit
-# every batch; it pays a min/max pass per layer and batch, and, as we will see, a sample's
-# result depends on the *other* samples in its batch.
+# every batch; it pays for that at run time (section 1's last paragraph), and with one range
+# per tensor a sample's result depends on the *other* samples in its batch.
 
 # %%
 prepared = prepare(model, QuantConfig())
@@ -94,11 +97,32 @@ with torch.no_grad():
 print("\ndynamic W4A4, digit 0 alone vs inside the test batch: logits differ by up to "
       f"{(alone - in_batch).abs().max():.3f}; static: {static_alone.abs().max():.3g}")
 
+# one range per sample (per token, for a linear layer) instead of one per batch tensor
+per_sample = quantize_dynamic(model, config=QuantConfig(weight_bits=4, act_bits=4, act_granularity=PerChannel(0)))
+with torch.no_grad():
+    per_sample_gap = (per_sample(test_x[:1]) - per_sample(test_x)[:1]).abs().max().item()
+print(f"dynamic W4A4 with per-sample scales: differ by {per_sample_gap:.2g} (float rounding of the "
+      f"batched conv); accuracy {evaluate(per_sample, digits.test):.2f}%")
+assert per_sample_gap < 1e-4 < (alone - in_batch).abs().max()  # the text below: per-sample scales remove it
+
 # %% [markdown]
 # Static quantization gives each input the same answer whatever else is in the batch; the
-# dynamic model's ranges, and so its rounding, move with the batch. That is one reason
-# dynamic quantization is mostly used for weights-dominated layers (linear layers of
-# language models with small batches), while CNNs are quantized statically.
+# per-tensor dynamic model's ranges, and so its rounding, move with the batch. That is a side
+# effect of one range per tensor, not a reason to avoid dynamic quantization: scales per
+# sample (per *token* in a transformer, as LLM.int8() and most LLM kernels use) remove it,
+# as the last line shows.
+#
+# Why, then, are CNNs quantized statically? **Cost.** A dynamic layer must finish its float
+# (or int32) output, scan it for its min and max, compute a scale, and only then quantize it
+# for the next layer: an extra pass over every activation tensor and a float requantization
+# per layer. A static layer knows its output qparams in advance, so the requantization (and
+# the ReLU, a clamp) is *fused* into the convolution's epilogue: the kernel writes the next
+# layer's int8 codes directly, and conv + BN + ReLU run as one integer operator. In a CNN
+# activations are large and each weight is reused across the whole image, so those extra
+# passes would eat the gain. Dynamic quantization pays where *loading the weights*
+# dominates: LSTMs and the linear layers of transformers at small batch, where int8
+# weights cut memory traffic 4x and the activation pass is cheap next to it (PyTorch's
+# `quantize_dynamic` targets `nn.Linear` and `nn.LSTM`).
 #
 # ## 2. Batch-norm folding
 #
@@ -145,6 +169,81 @@ for name in ("0", "3", "7"):
     w_max = folded.get_submodule(name).weight.detach().flatten(1).abs().amax(1)
     print(f"layer {name}: fold factors in [{f.min():.2f}, {f.max():.2f}]; after folding, the largest "
           f"channel range is {w_max.max() / w_max.min():.1f}x the smallest")
+
+# %% [markdown]
+# ### When folding hurts: a depthwise-separable model
+#
+# `cnn16`'s spread is mild. MobileNets (Howard et al. 2017, Sandler et al. 2018) replace each
+# 3x3 convolution by a **depthwise** 3x3 convolution (`groups = channels`: one 3x3 filter per
+# channel, 9 weights) and a **pointwise** 1x1 convolution that mixes the channels, each with
+# BatchNorm and ReLU6. The zoo's `dsc16` is such a model. A depthwise filter sees a single
+# channel, so its fold factor $f_c$ depends on that one channel's statistics alone, and
+# nothing averages it out. On ImageNet this is what broke MobileNetV2: with per-tensor 8-bit
+# weights it fell to 0.1% top-1, and cross-layer equalization plus bias correction brought it
+# back to 70.9% (Nagel et al. 2019, DFQ; lesson 07 builds both). Measure the spread of `dsc16`
+# next to `cnn16`'s, and what one scale per tensor costs:
+
+# %%
+def range_spread(float_model):
+    """Per folded conv/linear layer: largest / median channel range max|w| (and whether depthwise)."""
+    out = {}
+    for name, layer in fold_batchnorm(float_model).named_modules():
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            r = layer.weight.detach().flatten(1).abs().amax(1)
+            out[name] = ((r.max() / r.median()).item(), getattr(layer, "groups", 1) > 1)
+    return out
+
+
+dsc = models.pretrained("dsc16", seed=0)
+print(f"dsc16: {models.count_parameters(dsc)} parameters, fp32 {evaluate(dsc, digits.test):.2f}%")
+spreads = {}
+for name, m in (("cnn16", model), ("dsc16", dsc)):
+    spreads[name] = spread = range_spread(m)
+    print(f"{name} largest / median channel range: " + ", ".join(
+        f"{k}{'(dw)' if dw else ''} {v:.1f}" for k, (v, dw) in spread.items()))
+widest_dw = max(v for v, dw in spreads["dsc16"].values() if dw)
+widest_cnn = max(v for v, _ in spreads["cnn16"].values())
+assert widest_cnn < widest_dw < 10  # the text below: wider than cnn16's, but not orders of magnitude
+
+granularity = {"per-tensor": PerTensor(), "per-channel": PerChannel(0)}
+dsc_acc = {}
+for bits in (8, 4):
+    for g, gran in granularity.items():
+        q = quantize_static(dsc, calib, QuantConfig(weight_bits=bits, act_bits=8, weight_granularity=gran))
+        dsc_acc[(bits, g)] = evaluate(q, digits.test)
+    print(f"dsc16 W{bits}A8: per-tensor {dsc_acc[(bits, 'per-tensor')]:.2f}%, "
+          f"per-channel {dsc_acc[(bits, 'per-channel')]:.2f}%")
+# the text below: at 8 bits one scale per tensor is still enough here, at 4 bits it is not
+assert abs(dsc_acc[(8, "per-tensor")] - dsc_acc[(8, "per-channel")]) <= 1
+assert dsc_acc[(4, "per-tensor")] < dsc_acc[(4, "per-channel")] - 2
+
+# %% [markdown]
+# On the digits the depthwise ranges spread further than `cnn16`'s, but by a small factor, not
+# the orders of magnitude of an ImageNet MobileNet (there, channels that a ReLU6 kept almost always off get
+# a tiny variance and a huge $f_c$; a small model trained for a minute has no such channels).
+# So 8-bit per-tensor weights still work here; at 4 bits the same one scale per tensor costs
+# many points, and per-channel scales win them back. The benchmark measures three seeds, and
+# what cross-layer equalization (CLE) and bias correction (lesson 07) recover without
+# per-channel scales:
+
+# %%
+bench = runtime.benchmark_result("ptq")
+if bench is not None and "depthwise" in bench:
+    d = bench["depthwise"]
+    print(f"{d['model']}, seeds {bench['seeds']}: fp32 {format_spread(d['fp32'], digits=2)}")
+    for c, per_g in d["accuracy"].items():
+        for g, per_m in per_g.items():
+            print(f"  {c} {g:12s} " + "  ".join(f"{m} {format_spread(s_, digits=1, bounds_width=0)}"
+                                                for m, s_ in per_m.items()))
+    w4 = d["accuracy"]["W4A8"]["per_tensor"]
+    # the text below: CLE + bias correction beat plain per-tensor W4A8 on every seed
+    assert w4["cle+bias_correction"]["min"] > w4["plain"]["max"]
+
+# %% [markdown]
+# Read the W4A8 rows: with one scale per tensor, cross-layer equalization and bias
+# correction together lift the worst seed above the best plain one, a gain larger than the
+# seeds' spread, and come close to per-channel scales. That is DFQ's result in miniature;
+# lesson 07 shows how both work.
 
 # %% [markdown]
 # ## 3. Integer-only inference
@@ -249,6 +348,14 @@ assert snapped_agree == 100 and snapped_diff < 1e-4  # the next paragraph: they 
 # integer path agrees with it), and PyTorch's x86 engine (FBGEMM/oneDNN int8 kernels;
 # `torch_x86_quantize` runs `torch.ao.quantization`'s `prepare_fx`/`convert_fx` with its x86
 # defaults: 8-bit only, 7-bit activation codes, a histogram observer, conv+ReLU fused).
+#
+# Why 7-bit activation codes (`reduce_range=True`: codes 0..127 instead of 0..255)? x86 CPUs
+# without VNNI multiply int8 with `VPMADDUBSW`: it multiplies unsigned 8-bit activations by
+# signed 8-bit weights and adds *pairs* of products into a **16-bit** result, which
+# saturates. Two products of 255 x (-128) sum to -65280, far outside int16
+# [-32768, 32767]; with activations below 128 the pair stays within 2 x 127 x 128 = 32512.
+# FBGEMM therefore gives up one activation bit to stay exact; CPUs with VNNI (`VPDPBUSD`
+# accumulates straight into int32) do not need it, but the default keeps models portable.
 #
 # Size counts the bytes of the stored tensors: the integer model stores int8 codes (also
 # for 4-bit weights: torch has no int4 type), so we also count 4-bit codes packed two per
@@ -368,12 +475,21 @@ plt.show()
 # %% [markdown]
 # ## Summary
 # - Static PTQ = fold, insert observers, calibrate, convert. Dynamic PTQ skips calibration
-#   but computes ranges at run time, and a sample's output then depends on its batch.
+#   but computes ranges at run time: an extra pass and a float requantization per layer, no
+#   fused int8 epilogue. CNNs are quantized statically for that cost; dynamic quantization
+#   serves weight-bound layers (LSTM, transformer linears). One range per tensor makes a
+#   sample's output depend on its batch; per-sample (per-token) scales remove that.
 # - Batch-norm folding is exact in eval mode; fold before quantizing, and use per-channel
-#   weight scales, since folding spreads the channels' ranges.
+#   weight scales, since folding spreads the channels' ranges. Depthwise layers (MobileNet,
+#   `dsc16`) spread them most: one scale per tensor costs `dsc16` many points at 4 bits, and
+#   per-channel scales, or CLE plus bias correction, win them back.
 # - Integer-only inference: int8 x int8 products summed in int32, an int32 bias with scale
-#   $s_x s_w$, and requantization by a fixed-point multiplier $m \cdot 2^{shift-31}$. It agrees
-#   with the fake-quant model to within a code, so fake quantization is a faithful simulation.
+#   $s_x s_w$, and requantization by a fixed-point multiplier $m \cdot 2^{shift-31}$. Layer by
+#   layer it agrees with the fake-quant model to within a code, but not exactly: the
+#   fake-quant model keeps a float bias, the integer model rounds it to the $s_x s_w$ grid,
+#   and at W4A4 that changes some predictions. Fake quantization is a close approximation
+#   of the deployed model, exact only once it simulates the bias rounding too; check the
+#   integer model itself before you trust a low-bit accuracy.
 # - At 8 bits, PTQ is nearly free in accuracy and the model is about 4x smaller; at 4 bits
 #   accuracy depends on calibration (lesson 03), and QAT (lesson 05) recovers the rest.
 # - Speed needs real int8 kernels: compare ratios measured side by side, on your machine.

@@ -6,9 +6,19 @@
 | `cnn8`  | conv 1-16-32-64 (3x3, BatchNorm, ReLU), max-pool, global avg | 1 x 8 x 8  | ~24k   |
 | `cnn16` | the same CNN on digits upsampled to 16 x 16                  | 1 x 16 x 16| ~24k   |
 | `res16` | stem + 3 basic residual blocks (16/32/64 channels)           | 1 x 16 x 16| ~78k   |
+| `dsc16` | MobileNet-style: stem + 4 depthwise-separable blocks, ReLU6  | 1 x 16 x 16| ~58k   |
 
 Every conv or linear layer (except the head) is followed by a BatchNorm, so batch-norm
 folding, BN-statistics synthetic data and bias correction all have something to work on.
+``dsc16`` is the model where quantization hurts (``make_dsc``): like MobileNet (Howard et al.
+2017; Sandler et al. 2018) each block is a depthwise 3x3 convolution (``groups = channels``: one
+3x3 filter per channel) and a pointwise 1x1 convolution, each followed by BatchNorm and ReLU6.
+A depthwise filter sees a single channel, so after BN folding (``w * gamma / sqrt(var + eps)``)
+its channels' weight ranges differ by orders of magnitude, and one per-tensor scale for all of
+them wastes most codes (Nagel et al. 2019, DFQ). It lives in ``DEPTHWISE_ZOO``, not in ``ZOO``:
+``ZOO`` holds the plain-convolution models that every qlib path (integer-only inference
+included) supports; ``ALL_MODELS`` holds both, and every function here accepts any of them.
+
 The models are plain ``nn.Sequential`` chains (``res16`` holds ``BasicBlock`` modules), which
 keeps module swapping and integer conversion readable.
 
@@ -86,26 +96,57 @@ def make_res16(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
     )
 
 
+def depthwise_separable(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    """MobileNet's block: depthwise 3x3 (``groups=c_in``), BN, ReLU6; pointwise 1x1, BN, ReLU6.
+
+    Shapes: ``(N, c_in, H, W) -> (N, c_out, H / stride, W / stride)``. Weights: depthwise
+    ``(c_in, 1, 3, 3)`` (9 numbers per channel), pointwise ``(c_out, c_in, 1, 1)``.
+    """
+    return [nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False),
+            nn.BatchNorm2d(c_in), nn.ReLU6(),
+            nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU6()]
+
+
+def make_dsc(num_classes: int = 10, in_channels: int = 1, widths=(32, 64, 128, 128, 192)) -> nn.Sequential:
+    """``dsc16``: 3x3 stem conv (BN, ReLU6), then one depthwise-separable block per step of
+    ``widths`` (stride 2 into the 3rd and 5th width: 16x16 -> 8x8 -> 4x4), global average
+    pool, linear head. About 58k parameters, 88% of them in the pointwise layers."""
+    layers = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU6()]
+    for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers += depthwise_separable(c_in, c_out, stride=2 if i in (1, 3) else 1)
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], num_classes))
+
+
 ZOO = {
     "mlp": (make_mlp, 8),
     "cnn8": (make_cnn, 8),
     "cnn16": (make_cnn, 16),
     "res16": (make_res16, 16),
 }
-"""name -> (builder, image size of its input)."""
+"""name -> (builder, image size of its input): plain convolutions and ReLU, supported by
+every qlib path (integer-only inference, cross-layer equalization, bias correction)."""
+
+DEPTHWISE_ZOO = {
+    "dsc16": (make_dsc, 16),
+}
+"""Depthwise-separable models (grouped convolutions, ReLU6): the zoo's hard case for PTQ."""
+
+ALL_MODELS = {**ZOO, **DEPTHWISE_ZOO}
+"""Every model ``create``/``pretrained`` can build."""
 
 
 def _check_name(name: str) -> None:
     if not isinstance(name, str):
-        raise TypeError(f"name must be a model name (str), one of {', '.join(ZOO)}; got {type(name).__name__}")
-    if name not in ZOO:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(ZOO)}")
+        raise TypeError(f"name must be a model name (str), one of {', '.join(ALL_MODELS)}; "
+                        f"got {type(name).__name__}")
+    if name not in ALL_MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(ALL_MODELS)}")
 
 
 def image_size(name: str) -> int:
     """The input image size a zoo model expects (8 or 16)."""
     _check_name(name)
-    return ZOO[name][1]
+    return ALL_MODELS[name][1]
 
 
 def create(name: str, num_classes: int = 10, seed: int | None = 0) -> nn.Sequential:
@@ -118,7 +159,7 @@ def create(name: str, num_classes: int = 10, seed: int | None = 0) -> nn.Sequent
     _check_name(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    builder = ZOO[name][0]
+    builder = ALL_MODELS[name][0]
     kwargs = {"num_classes": num_classes}
     if seed is None:
         return builder(**kwargs)

@@ -2,11 +2,13 @@
 
 Reference: the benchmark's own docstring (JSON layout: header from benchmarks/common.py,
 settings, fp32, accuracy[config][weight_observer][act_observer], integer_path, torch_x86,
-size_bytes, size_ratio, latency, targets). The targets checked here hold in fast mode too:
+size_bytes, size_ratio, latency, targets, depthwise). The targets checked here hold in fast mode too:
 W8A8 (min-max) within 0.5 points of fp32 on seed 0, the integer model at least 3x smaller
 than the folded fp32 model, and the integer path agreeing with the fake-quant model (its two
 backends bit-identical). The latency target (integer within 1.5x of fp32) is checked for
-consistency only: fast-mode timings are too short to decide it.
+consistency only: fast-mode timings are too short to decide it. The depthwise rows
+(``dsc16``) follow Nagel et al. 2019 (DFQ): cross-layer equalization leaves the float
+function unchanged and evens out the channels' ranges, so per-tensor 4-bit weights recover.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,3 +102,45 @@ def test_committed_full_run_records_the_fast_integer_path():
     ratios = committed["latency"]["time_ratio_vs_fp32"]
     assert ratios["qlib integer W8A8"] < ratios["qlib integer W8A8 (reference)"]
     assert committed["latency"]["integer_backends_equal"] is True
+
+
+def test_depthwise_rows(result):
+    d = result["depthwise"]
+    assert d["model"] == "dsc16" and 90 <= d["fp32"]["mean"] <= 100
+    assert abs(d["fp32_relu"]["mean"] - d["fp32"]["mean"]) <= 2.0  # DFQ's ReLU6 -> ReLU step costs little
+    methods = result["settings"]["depthwise"]["methods"]
+    assert methods == ["plain", "bias_correction", "cle", "cle+bias_correction"]
+    for config in ("W8A8", "W4A8"):
+        for gran in ("per_tensor", "per_channel"):
+            for m in methods:
+                s = d["accuracy"][config][gran][m]
+                assert s["n"] == 1 and 0 <= s["min"] <= s["mean"] <= s["max"] <= 100
+    w4 = d["accuracy"]["W4A8"]
+    # one scale per tensor hurts at 4 bits; CLE + bias correction win most of it back
+    assert w4["per_tensor"]["plain"]["mean"] < w4["per_channel"]["plain"]["mean"] - 2
+    assert w4["per_tensor"]["cle+bias_correction"]["mean"] > w4["per_tensor"]["plain"]["mean"] + 2
+    spread = d["weight_range_spread_seed0"]
+    assert sum(v["depthwise"] for v in spread.values()) == 4
+    assert all(v["max_over_min"] >= v["max_over_median"] >= 1 for v in spread.values())
+
+
+def test_equalize_depthwise_keeps_the_function_and_evens_the_ranges():
+    """CLE (Nagel et al. 2019) through depthwise layers: the same outputs, flatter ranges."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.ptq import equalize_depthwise, relu6_to_relu, weight_range_spread
+    from qlib import models
+
+    g = torch.Generator().manual_seed(7)
+    model = relu6_to_relu(models.create("dsc16", seed=3)).eval()
+    with torch.no_grad():  # random BN statistics, as a trained model has
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) * 4 + 0.01)
+            bn.weight.copy_(torch.rand(bn.num_features, generator=g) * 2 + 0.1)
+    x = torch.randn(8, 1, 16, 16, generator=g)
+    equalized = equalize_depthwise(model)
+    with torch.no_grad():
+        assert torch.allclose(equalized(x), model(x), rtol=1e-4, atol=1e-4)
+    before, after = weight_range_spread(model), weight_range_spread(equalized)
+    dw = [n for n, v in before.items() if v["depthwise"]]
+    assert sum(after[n]["max_over_min"] for n in dw) < sum(before[n]["max_over_min"] for n in dw)

@@ -12,7 +12,7 @@ import torch
 from qlib import data, models, train
 
 
-@pytest.mark.parametrize("name", list(models.ZOO))
+@pytest.mark.parametrize("name", list(models.ALL_MODELS))
 def test_forward_shape(name):
     size = models.image_size(name)
     out = models.create(name)(torch.randn(4, 1, size, size))
@@ -26,7 +26,7 @@ def test_create_is_seeded():
     assert not torch.equal(a[0].weight, c[0].weight)
 
 
-@pytest.mark.parametrize("name", list(models.ZOO))
+@pytest.mark.parametrize("name", list(models.ALL_MODELS))
 def test_shipped_weights_reach_recorded_accuracy(name):
     info = models.zoo_info()["models"][name]
     splits = data.load_digits(models.image_size(name))
@@ -44,7 +44,7 @@ def test_bad_names_and_seeds():
 
 
 def test_parameter_counts_are_small():
-    for name in models.ZOO:
+    for name in models.ALL_MODELS:
         assert 20_000 < models.count_parameters(models.create(name)) < 80_000
 
 
@@ -59,3 +59,18 @@ def test_seeded_create_forks_only_the_cpu_rng(monkeypatch):
     assert calls == [] and torch.equal(torch.get_rng_state(), state)
     b = models.create("cnn8", seed=np.int64(3))  # NumPy ints are seeds too
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_dsc16_is_depthwise_separable():
+    """MobileNet's block (Howard et al. 2017): depthwise 3x3 with one filter per channel, BN,
+    ReLU6; pointwise 1x1, BN, ReLU6. ``ZOO`` keeps the plain models every qlib path supports."""
+    model = models.create("dsc16")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    depthwise = [m for m in convs if m.groups > 1]
+    assert len(depthwise) == 4 and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+    assert all(m.weight.shape[1:] == (1, 3, 3) for m in depthwise)
+    assert sum(isinstance(m, torch.nn.ReLU6) for m in model.modules()) == len(convs)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == len(convs)
+    assert "dsc16" in models.DEPTHWISE_ZOO and "dsc16" not in models.ZOO
+    assert models.ALL_MODELS == {**models.ZOO, **models.DEPTHWISE_ZOO}
+    assert models.image_size("dsc16") == 16
