@@ -69,13 +69,16 @@ plt.show()
 # %% [markdown]
 # ## 2. The model zoo
 #
-# Four small models, each trained on the digits with three seeds. Their weights ship inside
-# qlib (`qlib/weights/`), and `qlib/weights/train_zoo.py` reproduces them.
+# Five small models, each trained on the digits with three seeds. Their weights ship inside
+# qlib (`qlib/weights/`), and `qlib/weights/train_zoo.py` reproduces them. Four are plain
+# convolutional or fully connected networks (`models.ZOO`); `dsc16` is a MobileNet-style
+# depthwise-separable network (`models.DEPTHWISE_ZOO`), the kind of model that is hard to quantize
+# (lessons 03, 04 and 07).
 
 # %%
 info = models.zoo_info()
 print(f"{'model':6s} {'params':>7s} {'input':>6s}   test accuracy (seeds 0, 1, 2)")
-for name in models.ZOO:
+for name in models.ALL_MODELS:
     accs = [info["models"][name][str(s)]["test_acc"] for s in models.SEEDS]
     n = models.count_parameters(models.create(name))
     size = models.image_size(name)
@@ -208,6 +211,6 @@ check.lab00.size_in_bytes(size_in_bytes)
 #
 # **Exercises**
 # 1. How many bytes would a 7-billion-parameter language model take at 16, 8 and 4 bits?
-# 2. Which of the four zoo models is largest? Which would you deploy on a microcontroller
+# 2. Which of the five zoo models is largest? Which would you deploy on a microcontroller
 #    with 32 KB of flash, and at how many bits?
 # 3. Re-run section 5 with `res16`: is the int8 rounding error still below scale/2?
