@@ -5,7 +5,8 @@ no real data may be used (privacy, licensing), the model itself carries a summar
 training data: every BatchNorm stores the running mean ``mu_l`` and variance ``var_l`` of
 the activations that entered it. ZeroQ (Cai et al., CVPR 2020, "ZeroQ: A Novel Zero Shot
 Quantization Framework") turns that summary back into inputs: start from Gaussian noise
-``x`` and minimize, by gradient descent *on the pixels*, ::
+``x`` and minimize, by gradient descent *on the pixels*, a distance between the statistics
+that ``x`` induces and the stored ones. qlib's default (``variant="mean"``) is ::
 
     L_BN(x) = sum_l  mean_c (mu~_lc - mu_lc)^2  +  mean_c (sigma~_lc - sigma_lc)^2
               + mean_c (m~_c - m_c)^2 + mean_c (s~_c - s_c)^2        (the input itself)
@@ -14,10 +15,32 @@ where ``mu~_l, sigma~_l`` are the per-channel batch mean and standard deviation 
 activation entering BatchNorm ``l`` when the model runs on ``x`` (eval mode: the model's
 weights and running statistics stay fixed), ``sigma_l = sqrt(var_l + eps)``, and ``m, s``
 are the known per-channel mean and std of the preprocessed input (0 and 1 for the
-standardized digits). Each term is a mean over channels (ZeroQ's code divides the squared
-norm by the number of channels). Optionally, a class-conditional term
-``ce_weight * CrossEntropy(model(x), y)`` with chosen labels ``y`` pushes each image
-towards a class ("The Knowledge Within", Haroush et al. 2020; GDFQ, Xu et al. 2020).
+standardized digits). Optionally, a class-conditional term ``ce_weight * CrossEntropy(model(x), y)``
+with chosen labels ``y`` pushes each image towards a class ("The Knowledge Within", Haroush
+et al. 2020; GDFQ, Xu et al. 2020).
+
+The "BN-statistics loss" comes in several forms; ``variant=`` names them (``BN_LOSS_VARIANTS``):
+
+================  =========================================================================
+``"mean"``        the formula above: batch statistics, squared differences averaged over the
+                  channels of each layer (every layer weighs alike, whatever its width)
+``"zeroq"``       ZeroQ's official code (``own_loss`` in ``distill_data.py``): statistics of
+                  *each image* (mean and std over its spatial positions, ``std =
+                  sqrt(unbiased var + 1e-6)``), squared L2 norm over channels, averaged over
+                  the images: ``sum_l mean_n ||mu~_ln - mu_l||^2 + ||sigma~_ln - sigma_l||^2``
+                  (``sigma_l = sqrt(var_l + 1e-6)``); the paper writes the same distance
+                  between the statistics of the distilled data and the stored ones
+``"l2"``          batch statistics, plain (not squared) L2 norms of the mean and std
+                  differences: ``sum_l ||mu~_l - mu_l||_2 + ||sigma~_l - sigma_l||_2`` (the
+                  form lab 05 asks for)
+``"deepinversion"``  DeepInversion's feature regularizer (Yin et al., CVPR 2020, eq. 4 and
+                  its code): batch statistics, plain L2 norms of the mean and the *variance*
+                  differences, ``sum_l ||mu~_l - mu_l||_2 + ||var~_l - var_l||_2``
+================  =========================================================================
+
+Squared or not changes the weighting: a squared norm's gradient shrinks with the mismatch
+(fine tuning near the optimum), a plain norm's gradient has constant size (every layer keeps
+pulling until it matches). All forms are zero exactly when the statistics match.
 
 Pure functions first (``gaussian_batches``, ``uniform_batches``, ``bn_layers``,
 ``bn_statistics_loss``), then ``synthesize_bn`` (the optimization loop), which returns a
@@ -40,8 +63,35 @@ from .. import runtime
 from ..batching import check_seed, eval_mode, model_device, model_dtype, to_device
 from ..fold import BATCHNORMS
 
-__all__ = ["gaussian_batches", "uniform_batches", "bn_layers", "capture_bn_inputs",
+__all__ = ["BN_LOSS_VARIANTS", "DIGITS_NORMALIZATION", "standardized_range", "gaussian_batches", "uniform_batches", "bn_layers",
+           "capture_bn_inputs",
            "batch_moments", "bn_statistics_loss", "check_input_shape", "SyntheticData", "synthesize_bn"]
+
+
+# ------------------------------------------------------------------ the input range, data-free
+DIGITS_NORMALIZATION = {8: (0.3046349585056305, 0.3756367266178131),
+                        16: (0.3046349585056305, 0.3185967206954956)}
+"""``{image_size: (mean, std)}``: the input normalization ``x_std = (x - mean) / std`` that
+ships with the course's digit models (``qlib.data.load_digits``; raw pixels in [0, 1]). Like
+torchvision's ImageNet ``mean``/``std``, these two numbers are part of the model's
+preprocessing: whoever runs the model has them, with or without its training images."""
+
+
+def standardized_range(mean: float, std: float, low: float = 0.0, high: float = 1.0) -> tuple[float, float]:
+    """The valid range of a standardized input, known without a single image.
+
+    Raw inputs lie in a documented range ``[low, high]`` (pixels: 0 = black, 1 = white) and
+    the preprocessing maps ``x -> (x - mean) / std`` (``std > 0``), so the model only ever sees
+    ``[(low - mean) / std, (high - mean) / std]``. For the digits at 16x16
+    (``DIGITS_NORMALIZATION[16]``) that is about ``(-0.956, 2.183)``. Returns two floats.
+    """
+    _check_real(mean=mean, low=low, high=high)
+    _check_real(std=std)
+    if not std > 0:
+        raise ValueError(f"std must be > 0, got {std!r}")
+    if not low < high:
+        raise ValueError(f"need low < high, got low={low}, high={high}")
+    return ((low - mean) / std, (high - mean) / std)
 
 
 # ------------------------------------------------------------------ noise
@@ -144,26 +194,84 @@ def capture_bn_inputs(model: nn.Module):
             h.remove()
 
 
-def _moment_loss(mean, var, bn) -> torch.Tensor:
-    """``mean_c (mu~ - mu)^2 + mean_c (sigma~ - sigma)^2``, averaged over groups."""
+BN_LOSS_VARIANTS = ("mean", "zeroq", "l2", "deepinversion")
+ZEROQ_EPS = 1e-6
+"""The epsilon ZeroQ's code adds to every variance (stored and measured), instead of ``bn.eps``."""
+
+
+def _check_variant(variant) -> str:
+    if variant not in BN_LOSS_VARIANTS:
+        raise ValueError(f"variant must be one of {BN_LOSS_VARIANTS}, got {variant!r}")
+    return variant
+
+
+def _image_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-channel mean and std of ``x`` ``(N, C, H, W)`` over the spatial positions
+    (ZeroQ's code: ``std = sqrt(var(unbiased) + 1e-6)``); shapes ``(N, C)``."""
+    if x.dim() < 3:
+        raise ValueError(f"the 'zeroq' variant takes per-image statistics over spatial positions: it needs "
+                         f"activations (N, C, H, W), got shape {tuple(x.shape)} (use another variant)")
+    v = x.reshape(x.shape[0], x.shape[1], -1)
+    return v.mean(dim=2), torch.sqrt(v.var(dim=2) + ZEROQ_EPS)
+
+
+def _moment_loss(a: torch.Tensor, bn, groups: int, variant: str) -> torch.Tensor:
+    """One BatchNorm's term of ``L_BN`` for the activation ``a`` entering it (module docstring)."""
+    if variant == "zeroq":
+        mean, std = _image_moments(a)
+        target_std = torch.sqrt(bn.running_var + ZEROQ_EPS)
+        return ((mean - bn.running_mean) ** 2).sum(1).mean() + ((std - target_std) ** 2).sum(1).mean()
+    mean, var = batch_moments(a, groups)
+    if variant == "deepinversion":
+        return (torch.linalg.vector_norm(mean - bn.running_mean, dim=-1)
+                + torch.linalg.vector_norm(var - bn.running_var, dim=-1)).mean()
     target_std = torch.sqrt(bn.running_var + bn.eps)
     std = torch.sqrt(var + bn.eps)
+    if variant == "l2":
+        return (torch.linalg.vector_norm(mean - bn.running_mean, dim=-1)
+                + torch.linalg.vector_norm(std - target_std, dim=-1)).mean()
     return ((mean - bn.running_mean) ** 2).mean() + ((std - target_std) ** 2).mean()
 
 
+def _input_loss(x: torch.Tensor, groups: int, input_mean, input_std, variant: str) -> torch.Tensor:
+    """The input-statistics term: the same distance, against the known mean and std of the input."""
+    def target(v):
+        return torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    if variant == "zeroq":
+        mean, std = _image_moments(x)
+        dist = lambda d: (d ** 2).sum(1).mean()  # noqa: E731
+    else:
+        mean, var = batch_moments(x, groups)
+        std = var.sqrt()
+        if variant in ("l2", "deepinversion"):
+            dist = lambda d: torch.linalg.vector_norm(d, dim=-1).mean()  # noqa: E731
+        else:
+            dist = lambda d: (d ** 2).mean()  # noqa: E731
+    loss = x.new_zeros(())
+    if input_mean is not None:
+        loss = loss + dist(mean - target(input_mean))
+    if input_std is not None:
+        loss = loss + dist(std - target(input_std))
+    return loss
+
+
 def bn_statistics_loss(model: nn.Module, x: torch.Tensor, groups: int = 1,
-                       input_mean=None, input_std=None, return_logits: bool = False):
-    """ZeroQ's loss ``L_BN(x)`` (module docstring): how far the statistics that ``x`` induces
-    at every BatchNorm are from the model's running statistics. Differentiable in ``x``.
+                       input_mean=None, input_std=None, return_logits: bool = False, *,
+                       variant: str = "mean"):
+    """The BN-statistics loss ``L_BN(x)`` (module docstring): how far the statistics that ``x``
+    induces at every BatchNorm are from the model's running statistics. Differentiable in ``x``.
 
     ``x``: ``(N, C, H, W)`` (or ``(N, D)`` for an MLP); ``groups`` sub-batches are matched
-    separately (each sub-batch must look like a training batch). ``input_mean`` /
-    ``input_std`` (floats or per-channel tensors) add the input-statistics term. The model
-    runs in eval mode whatever its mode (its running statistics are never updated; every
-    submodule's mode is restored). ``x`` goes to the model's device and dtype (the gradient
-    still reaches the original ``x``); the loss lives there.
+    separately (each sub-batch must look like a training batch; the ``"zeroq"`` variant matches
+    every image on its own). ``input_mean`` / ``input_std`` (floats or per-channel tensors) add
+    the input-statistics term. ``variant``: ``"mean"`` (default), ``"zeroq"``, ``"l2"`` or
+    ``"deepinversion"`` (``BN_LOSS_VARIANTS``, module docstring). The model runs in eval mode
+    whatever its mode (its running statistics are never updated; every submodule's mode is
+    restored). ``x`` goes to the model's device and dtype (the gradient still reaches the
+    original ``x``); the loss lives there.
     Returns a 0-d tensor, or ``(loss, logits)`` with ``return_logits=True``.
     """
+    _check_variant(variant)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point tensor")
     if not torch.isfinite(x).all():
@@ -176,13 +284,9 @@ def bn_statistics_loss(model: nn.Module, x: torch.Tensor, groups: int = 1,
     loss = x.new_zeros(())
     for name, bn in bn_layers(model).items():
         if name in seen:
-            loss = loss + _moment_loss(*batch_moments(seen[name], groups), bn)
+            loss = loss + _moment_loss(seen[name], bn, groups, variant)
     if input_mean is not None or input_std is not None:
-        mean, var = batch_moments(x, groups)
-        if input_mean is not None:
-            loss = loss + ((mean - torch.as_tensor(input_mean, dtype=x.dtype, device=x.device)) ** 2).mean()
-        if input_std is not None:
-            loss = loss + ((var.sqrt() - torch.as_tensor(input_std, dtype=x.dtype, device=x.device)) ** 2).mean()
+        loss = loss + _input_loss(x, groups, input_mean, input_std, variant)
     return (loss, logits) if return_logits else loss
 
 
@@ -228,7 +332,7 @@ def synthesize_bn(model: nn.Module, shape, num_samples: int = 256, batch_size: i
                   steps: int = 100, lr: float = 0.5, input_mean: float | None = 0.0,
                   input_std: float | None = 1.0, input_range: tuple[float, float] | None = None,
                   ce_weight: float = 0.0, num_classes: int | None = None, seed: int = 0,
-                  progress: bool = True) -> SyntheticData:
+                  progress: bool = True, variant: str = "mean") -> SyntheticData:
     """ZeroQ: optimize ``num_samples`` noise images so that they match ``model``'s BN statistics.
 
     Starts from ``x ~ N(0, 1)`` of shape ``(num_samples, *shape)`` and takes ``steps`` Adam
@@ -239,7 +343,8 @@ def synthesize_bn(model: nn.Module, shape, num_samples: int = 256, batch_size: i
     DeepInversion does (Yin et al., CVPR 2020): for standardized images, the standardized
     values of the darkest and brightest pixel, known from the preprocessing. With
     ``ce_weight > 0`` each image also gets a label ``y = i % num_classes`` (balanced
-    classes) and the loss adds ``ce_weight * CE(model(x), y)``.
+    classes) and the loss adds ``ce_weight * CE(model(x), y)``. ``variant`` chooses the form
+    of ``L_BN`` (``bn_statistics_loss``; ``history`` records that form).
 
     The model is left unchanged (its parameters get no gradient, its mode is restored).
     Returns a ``SyntheticData`` with the final images, labels and the loss history.
@@ -247,6 +352,7 @@ def synthesize_bn(model: nn.Module, shape, num_samples: int = 256, batch_size: i
     real batch in 10-30 s on two CPU cores (ZeroQ: 500 steps; 300 steps at lr 0.25 do too).
     """
     shape = _check_sizes(shape, num_samples, batch_size)
+    _check_variant(variant)
     bn_layers(model)
     if num_samples % batch_size:
         raise ValueError(f"num_samples ({num_samples}) must be a multiple of batch_size ({batch_size})")
@@ -280,7 +386,7 @@ def synthesize_bn(model: nn.Module, shape, num_samples: int = 256, batch_size: i
             check_input_shape(model, shape)
             for _ in tqdm(range(steps), desc="BN synthesis", disable=not progress or runtime.quiet()):
                 bn_loss, logits = bn_statistics_loss(model, x, groups, input_mean, input_std,
-                                                     return_logits=True)
+                                                     return_logits=True, variant=variant)
                 loss = bn_loss + (ce_weight * F.cross_entropy(logits, labels.to(device))
                                   if labels is not None else 0.0)
                 if not torch.isfinite(loss):
@@ -293,7 +399,8 @@ def synthesize_bn(model: nn.Module, shape, num_samples: int = 256, batch_size: i
                     with torch.no_grad():
                         x.clamp_(*input_range)
             with torch.no_grad():
-                history.append(bn_statistics_loss(model, x, groups, input_mean, input_std).item())
+                history.append(bn_statistics_loss(model, x, groups, input_mean, input_std,
+                                                  variant=variant).item())
     finally:
         for p, r in zip(model.parameters(), grads):
             p.requires_grad_(r)
