@@ -352,7 +352,8 @@ def table(result: dict) -> str:
         for k in d["accuracy"]:
             lines.append(f"  {k:24s} accuracy {acc(d['accuracy'][k])}   agreement with teacher "
                          f"{acc(d['agreement_with_teacher'][k])}")
-    lines += ["", "seconds per seed (mean): " + ", ".join(f"{k} {v['mean']:.1f}" for k, v in result["method_seconds"].items())
+    lines += ["", "seconds per seed (mean): "
+              + ", ".join(f"{k} {v['mean']:.1f}" for k, v in result["method_seconds"].items())
               + f"; total {result['seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU", ""]
     lines += target_lines(result["targets"])
     return "\n".join(lines)
