@@ -17,6 +17,13 @@ data: ``distill`` trains the student on synthetic inputs, either a fixed set
 (``qlib.datafree.synthesize_bn``, ZeroQ) or a fresh stream from a trained generator
 (``qlib.datafree.Generator``, as in GDFQ, Xu et al. 2020). Gradients pass the rounding with
 the straight-through estimator of ``qlib.quantize.fake_quantize``.
+
+What does distillation change? Everything trainable, by default: the student's weights
+(whose fake-quantized codes move when a weight crosses a rounding boundary, the scales staying
+those of the calibration) and its float biases. ``distill(..., train="biases")`` or
+``train="weights"`` trains one kind only, which tells where the gain comes from: training the
+biases alone is a learned form of bias correction (lesson 07, Nagel et al. 2019), training the
+weights alone is close to learned rounding (AdaRound, Nagel et al. 2020).
 """
 
 from __future__ import annotations
@@ -33,7 +40,10 @@ from tqdm.auto import tqdm
 from . import runtime
 from .batching import check_seed, eval_mode, input_batches, model_device, model_dtype, to_device
 
-__all__ = ["check_temperature", "kd_loss", "feature_loss", "capture_outputs", "agreement", "distill"]
+__all__ = ["check_temperature", "kd_loss", "feature_loss", "capture_outputs", "agreement", "trainable",
+           "distill"]
+
+TRAIN_CHOICES = ("all", "weights", "biases")
 
 
 def _check_logits(student_logits, teacher_logits):
@@ -185,9 +195,25 @@ def _sampler(data, batch_size: int, g: torch.Generator, student: nn.Module):
     return draw
 
 
+def trainable(model: nn.Module, train: str = "all") -> list[nn.Parameter]:
+    """The parameters of ``model`` that ``distill`` trains: those with ``requires_grad``,
+    all of them (``train="all"``), only those named ``*.weight`` (``"weights"``) or only those
+    named ``*.bias`` (``"biases"``). Raises ValueError for another ``train`` or an empty choice.
+    """
+    if train not in TRAIN_CHOICES:
+        raise ValueError(f"train must be one of {TRAIN_CHOICES}, got {train!r}")
+    suffix = {"all": None, "weights": "weight", "biases": "bias"}[train]
+    params = [p for n, p in model.named_parameters()
+              if p.requires_grad and (suffix is None or n.rsplit(".", 1)[-1] == suffix)]
+    if not params:
+        raise ValueError(f"the student has no trainable parameters (train={train!r})")
+    return params
+
+
 def distill(student: nn.Module, teacher: nn.Module, data, steps: int = 200, lr: float = 1e-4,
             temperature: float = 4.0, batch_size: int = 64, feature_layers=None,
-            feature_weight: float = 0.0, seed: int = 0, progress: bool = True) -> dict[str, list[float]]:
+            feature_weight: float = 0.0, seed: int = 0, progress: bool = True,
+            train: str = "all") -> dict[str, list[float]]:
     """Data-free distillation: train ``student`` (in place) to imitate the frozen ``teacher``.
 
     ``data``: a fixed set of inputs (a tensor, a list of batches, ``SyntheticData``) from
@@ -195,7 +221,8 @@ def distill(student: nn.Module, teacher: nn.Module, data, steps: int = 200, lr: 
     (fresh samples every step), or a function ``(batch_size, torch.Generator) -> x``.
     Each step minimizes ``kd_loss`` at ``temperature`` (+ ``feature_weight *
     feature_loss`` on the outputs of ``feature_layers``, module names present in both
-    models) with Adam (``lr``) over the student's float parameters. Both models run in
+    models) with Adam (``lr``) over the student's float parameters chosen by ``train``
+    (``trainable``: "all", "weights" or "biases"; the others stay exactly as they are). Both models run in
     eval mode (no BatchNorm statistics are updated by synthetic data) and get their modes
     back afterwards, also when a step raises. Inputs go to each model's device and dtype.
     Returns the history ``{"loss": [...], "kd": [...]}`` (one value per step).
@@ -214,9 +241,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, steps: int = 200, lr: 
             raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
     if student is teacher:
         raise ValueError("student and teacher must be different modules (deep-copy the teacher)")
-    params = [p for p in student.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the student has no trainable parameters")
+    params = trainable(student, train)
     names = list(feature_layers or [])
     if feature_weight > 0 and not names:
         raise ValueError("feature_weight > 0 needs feature_layers (module names in both models)")

@@ -2,9 +2,13 @@
 
 Reference: ZeroQ (Cai et al., CVPR 2020): the BN-statistics loss is the distance between
 the per-channel batch statistics at every BatchNorm input and the running statistics,
-checked against a direct computation with torch.mean/torch.var; the optimization must
-drive it down, below the loss of Gaussian noise. Small random models with random BN
-statistics, plus one shipped model (cnn8) for the "below a real batch" property.
+checked against a direct computation with torch.mean/torch.var; its variants against
+written-out transcriptions of ZeroQ's official ``own_loss`` (``(A - B).norm()**2 /
+B.size(0)`` on per-image statistics) and of DeepInversion's feature regularizer
+(``torch.norm(running_var - var, 2) + torch.norm(running_mean - mean, 2)``); the
+optimization must drive it down, below the loss of Gaussian noise. Small random models with
+random BN statistics, plus one shipped model (cnn8) for the "below a real batch" property.
+The data-free input range against the standardization of ``qlib.data.load_digits``.
 """
 
 import pytest
@@ -12,8 +16,9 @@ import torch
 from torch import nn
 
 from qlib import models
-from qlib.datafree.synthetic import (SyntheticData, batch_moments, bn_layers, bn_statistics_loss,
-                                     capture_bn_inputs, gaussian_batches, synthesize_bn, uniform_batches)
+from qlib.datafree.synthetic import (DIGITS_NORMALIZATION, SyntheticData, batch_moments, bn_layers,
+                                     bn_statistics_loss, capture_bn_inputs, gaussian_batches,
+                                     standardized_range, synthesize_bn, uniform_batches)
 from qlib.fold import fold_batchnorm
 
 
@@ -206,3 +211,88 @@ def test_synthesis_on_cuda():
     synth = synthesize_bn(model, (1, 6, 6), num_samples=16, batch_size=8, steps=3, progress=False)
     assert synth.x.is_cuda
     assert bn_statistics_loss(model, gaussian_batches((1, 6, 6), 8, 8)[0]).is_cuda  # CPU x moves
+
+
+# --- the forms of the BN-statistics loss (issue 11) -------------------------------------------
+
+def _bn_inputs(m, x):
+    with torch.no_grad():
+        a1 = m[0](x)
+        a2 = m[3](m[2](m[1](a1)))
+    return ((a1, m[1]), (a2, m[4]))
+
+
+def test_zeroq_variant_is_zeroqs_own_loss():
+    """ZeroQ's code: own_loss(A, B) = (A - B).norm()**2 / B.size(0), B = per-image channel
+    statistics (N, C), std = sqrt(unbiased var + 1e-6) on both sides; input term against N(0, 1).
+    Before: qlib had one form only, documented as "ZeroQ's code divides the squared norm by the
+    number of channels" (it divides by the number of images)."""
+    m = small_cnn(1)
+    x = torch.randn(12, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+
+    def own_loss(a, b):
+        return (a - b).norm() ** 2 / b.size(0)
+    expected = 0.0
+    for a, bn in _bn_inputs(m, x) + ((x, None),):
+        v = a.view(a.size(0), a.size(1), -1)
+        mean, std = v.mean(dim=2), torch.sqrt(v.var(dim=2) + 1e-6)
+        if bn is None:
+            expected += own_loss(torch.zeros(1, 1), mean) + own_loss(torch.ones(1, 1), std)
+        else:
+            expected += own_loss(bn.running_mean, mean) + own_loss(torch.sqrt(bn.running_var + 1e-6), std)
+    got = bn_statistics_loss(m, x, input_mean=0.0, input_std=1.0, variant="zeroq")
+    torch.testing.assert_close(got, expected)
+    # it is not the default form: per-image statistics, summed over channels
+    assert not torch.allclose(got, bn_statistics_loss(m, x, input_mean=0.0, input_std=1.0))
+
+
+def test_deepinversion_and_l2_variants_use_plain_norms():
+    """DeepInversion (Yin et al. 2020): ||mu~ - mu||_2 + ||var~ - var||_2 (variance, biased,
+    not squared); "l2": the same plain norms on the mean and the std (lab 05's form)."""
+    m = small_cnn(2)
+    x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    deep = l2 = 0.0
+    for a, bn in _bn_inputs(m, x):
+        nch = a.shape[1]
+        mean = a.mean([0, 2, 3])
+        var = a.permute(1, 0, 2, 3).contiguous().view([nch, -1]).var(1, unbiased=False)
+        deep += torch.norm(bn.running_var - var, 2) + torch.norm(bn.running_mean - mean, 2)
+        l2 += torch.norm(mean - bn.running_mean, 2) + torch.norm(
+            torch.sqrt(var + bn.eps) - torch.sqrt(bn.running_var + bn.eps), 2)
+    torch.testing.assert_close(bn_statistics_loss(m, x, variant="deepinversion"), deep)
+    torch.testing.assert_close(bn_statistics_loss(m, x, variant="l2"), l2)
+    # groups: the mean over sub-batches of each sub-batch's loss
+    halves = [bn_statistics_loss(m, h, variant="l2") for h in x.split(8)]
+    torch.testing.assert_close(bn_statistics_loss(m, x, groups=2, variant="l2"), sum(halves) / 2)
+
+
+def test_every_variant_synthesizes_and_bad_variants_fail():
+    m = small_cnn()
+    for variant in ("zeroq", "l2", "deepinversion"):
+        out = synthesize_bn(m, (1, 6, 6), 32, 32, steps=15, lr=0.1, seed=0, variant=variant, progress=False)
+        assert out.history[-1] < out.history[0], variant
+    with pytest.raises(ValueError, match="variant must be one of"):
+        bn_statistics_loss(m, torch.randn(4, 1, 6, 6), variant="ZeroQ")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        synthesize_bn(m, (1, 6, 6), 8, 8, steps=1, variant="paper")
+    mlp = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU()).eval()
+    with pytest.raises(ValueError, match="spatial"):
+        bn_statistics_loss(mlp, torch.randn(5, 4), variant="zeroq")
+    assert bn_statistics_loss(mlp, torch.randn(5, 4), variant="deepinversion") > 0
+
+
+# --- the input range without images (issue 11) -------------------------------------------------
+
+@pytest.mark.parametrize("size", [8, 16])
+def test_standardized_range_is_the_range_the_preprocessing_produces(size, request):
+    """The data-free range (black and white pixel through the shipped normalization) is the
+    range of the standardized training images, which hold black and white pixels."""
+    digits = request.getfixturevalue(f"digits{size}")
+    x = digits.train.tensors[0]
+    lo, hi = standardized_range(*DIGITS_NORMALIZATION[size])
+    assert lo == pytest.approx(x.min().item(), abs=1e-5) and hi == pytest.approx(x.max().item(), abs=1e-5)
+    mean, std = DIGITS_NORMALIZATION[size]
+    assert standardized_range(mean, std, 0.25, 0.5) == pytest.approx(((0.25 - mean) / std, (0.5 - mean) / std))
+    for bad in (dict(std=0.0), dict(std=-1.0), dict(low=1.0, high=0.0), dict(mean=float("nan"))):
+        with pytest.raises(ValueError):
+            standardized_range(**(dict(mean=0.3, std=0.3) | bad))

@@ -17,7 +17,7 @@ from torch import nn
 from qlib import models
 from qlib.datafree.generator import Generator, train_generator
 from qlib.datafree.synthetic import synthesize_bn
-from qlib.distill import agreement, capture_outputs, distill, feature_loss, kd_loss
+from qlib.distill import agreement, capture_outputs, distill, feature_loss, kd_loss, trainable
 from qlib.modules import QuantConfig
 from qlib.ptq import quantize_static
 
@@ -168,3 +168,27 @@ def test_distill_is_reproducible_under_its_seed(setup):
         student = quantize_static(teacher, synth, config)
         runs.append(distill(student, teacher, synth, steps=4, batch_size=16, seed=3)["loss"])
     assert runs[0] == runs[1]
+
+
+def test_train_chooses_what_distillation_changes(setup):
+    """The ablation of lesson 08 and benchmarks/datafree.py: ``train="biases"`` changes the
+    biases only (every weight keeps its exact bits), ``train="weights"`` the weights only,
+    ``"all"`` both; each choice lowers the loss it optimizes."""
+    teacher, synth, config = setup
+    base = quantize_static(teacher, synth, config)
+    names = {n for n, _ in base.named_parameters()}
+    assert {n for n, p in base.named_parameters() if any(p is q for q in trainable(base, "biases"))} == \
+        {n for n in names if n.endswith(".bias")}
+    assert len(trainable(base, "weights")) + len(trainable(base, "biases")) == len(trainable(base, "all"))
+    for train, moved in (("biases", "bias"), ("weights", "weight"), ("all", None)):
+        student = copy.deepcopy(base)
+        hist = distill(student, teacher, synth, steps=6, lr=1e-3, batch_size=32, seed=0, train=train)
+        assert hist["kd"][-1] < hist["kd"][0], train
+        for (n, a), b in zip(base.named_parameters(), student.parameters()):
+            kind = n.rsplit(".", 1)[-1]
+            assert torch.equal(a, b) == (moved is not None and kind != moved), (train, n)
+    with pytest.raises(ValueError, match="train must be one of"):
+        distill(copy.deepcopy(base), teacher, synth, steps=1, train="bias")
+    no_bias = nn.Sequential(nn.Linear(4, 2, bias=False))
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        trainable(no_bias, "biases")

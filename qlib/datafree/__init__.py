@@ -3,8 +3,10 @@
 Read in this order:
 
 ==================  ======================================================================
-``synthetic``       Gaussian/uniform noise; ZeroQ: images optimized to match the model's
-                    BatchNorm statistics (Cai et al., CVPR 2020)
+``bn_loss``         the BatchNorm-statistics loss and its published forms (ZeroQ's code,
+                    DeepInversion's regularizer)
+``synthetic``       the input range from the preprocessing; Gaussian/uniform noise; ZeroQ:
+                    images optimized to match the model's BatchNorm statistics (Cai et al., CVPR 2020)
 ``generator``       GDFQ: a small generator trained on BN statistics + the teacher's
                     cross-entropy (Xu et al., ECCV 2020)
 ``distance``        how close is a calibration set to real data: MMD, KL, BN-statistics
@@ -23,11 +25,13 @@ from .distance import (bn_statistic_distance, histogram_kl, mmd, score_calibrati
 from .equalize import (channel_ranges, cross_layer_equalize, equalize_pair,  # noqa: F401
                        find_equalization_pairs, pair_precision, unbalance)
 from .generator import Generator, generator_batches, train_generator  # noqa: F401
-from .synthetic import (SyntheticData, bn_layers, bn_statistics_loss, gaussian_batches,  # noqa: F401
-                        synthesize_bn, uniform_batches)
+from .bn_loss import BN_LOSS_VARIANTS  # noqa: F401
+from .synthetic import (DIGITS_NORMALIZATION, SyntheticData, bn_layers, bn_statistics_loss,  # noqa: F401
+                        gaussian_batches, standardized_range, synthesize_bn, uniform_batches)
 
 __all__ = [
-    "gaussian_batches", "uniform_batches", "bn_layers", "bn_statistics_loss", "synthesize_bn", "SyntheticData",
+    "BN_LOSS_VARIANTS", "DIGITS_NORMALIZATION", "standardized_range", "gaussian_batches", "uniform_batches",
+    "bn_layers", "bn_statistics_loss", "synthesize_bn", "SyntheticData",
     "Generator", "train_generator", "generator_batches",
     "mmd", "softmax_kl", "histogram_kl", "bn_statistic_distance", "score_calibration_set",
     "channel_ranges", "find_equalization_pairs", "equalize_pair", "pair_precision", "cross_layer_equalize",

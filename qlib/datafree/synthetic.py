@@ -2,33 +2,28 @@
 
 Post-training quantization needs a few hundred inputs to calibrate activation ranges. When
 no real data may be used (privacy, licensing), the model itself carries a summary of its
-training data: every BatchNorm stores the running mean ``mu_l`` and variance ``var_l`` of
-the activations that entered it. ZeroQ (Cai et al., CVPR 2020, "ZeroQ: A Novel Zero Shot
-Quantization Framework") turns that summary back into inputs: start from Gaussian noise
-``x`` and minimize, by gradient descent *on the pixels*, ::
+training data: every BatchNorm stores the running mean and variance of the activations that
+entered it. ZeroQ (Cai et al., CVPR 2020, "ZeroQ: A Novel Zero Shot Quantization Framework")
+turns that summary back into inputs: start from Gaussian noise ``x`` and minimize, by
+gradient descent *on the pixels*, the BN-statistics loss ``L_BN(x)`` of
+``qlib.datafree.bn_loss`` (its forms: ``"mean"``, ZeroQ's ``"zeroq"``, ``"l2"``,
+DeepInversion's ``"deepinversion"``). Optionally, a class-conditional term
+``ce_weight * CrossEntropy(model(x), y)`` with chosen labels ``y`` pushes each image towards
+a class ("The Knowledge Within", Haroush et al. 2020; GDFQ, Xu et al. 2020).
 
-    L_BN(x) = sum_l  mean_c (mu~_lc - mu_lc)^2  +  mean_c (sigma~_lc - sigma_lc)^2
-              + mean_c (m~_c - m_c)^2 + mean_c (s~_c - s_c)^2        (the input itself)
+A data-free method must still know what a valid input is: ``standardized_range`` gives the
+range of standardized pixels from the preprocessing (``DIGITS_NORMALIZATION``), not from images.
 
-where ``mu~_l, sigma~_l`` are the per-channel batch mean and standard deviation of the
-activation entering BatchNorm ``l`` when the model runs on ``x`` (eval mode: the model's
-weights and running statistics stay fixed), ``sigma_l = sqrt(var_l + eps)``, and ``m, s``
-are the known per-channel mean and std of the preprocessed input (0 and 1 for the
-standardized digits). Each term is a mean over channels (ZeroQ's code divides the squared
-norm by the number of channels). Optionally, a class-conditional term
-``ce_weight * CrossEntropy(model(x), y)`` with chosen labels ``y`` pushes each image
-towards a class ("The Knowledge Within", Haroush et al. 2020; GDFQ, Xu et al. 2020).
-
-Pure functions first (``gaussian_batches``, ``uniform_batches``, ``bn_layers``,
-``bn_statistics_loss``), then ``synthesize_bn`` (the optimization loop), which returns a
-``SyntheticData``: an iterable of calibration batches that ``qlib.ptq.calibrate`` accepts.
-Shapes: images ``(N, C, H, W)`` float32; ``shape`` arguments are ``(C, H, W)``.
+Pure functions first (``standardized_range``, ``gaussian_batches``, ``uniform_batches``), then
+``synthesize_bn`` (the optimization loop), which returns a ``SyntheticData``: an iterable of
+calibration batches that ``qlib.ptq.calibrate`` accepts. The BN-statistics names
+(``bn_layers``, ``batch_moments``, ``capture_bn_inputs``, ``bn_statistics_loss``) are
+re-exported here. Shapes: images ``(N, C, H, W)`` float32; ``shape`` arguments are ``(C, H, W)``.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -37,11 +32,41 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import runtime
-from ..batching import check_seed, eval_mode, model_device, model_dtype, to_device
-from ..fold import BATCHNORMS
+from ..batching import check_seed, eval_mode, model_device, model_dtype
+from .bn_loss import (BN_LOSS_VARIANTS, _check_variant, batch_moments,  # noqa: F401
+                      bn_layers, bn_statistics_loss, capture_bn_inputs, check_input_shape)
 
-__all__ = ["gaussian_batches", "uniform_batches", "bn_layers", "capture_bn_inputs",
-           "batch_moments", "bn_statistics_loss", "check_input_shape", "SyntheticData", "synthesize_bn"]
+__all__ = ["DIGITS_NORMALIZATION", "standardized_range", "gaussian_batches", "uniform_batches",
+           "SyntheticData", "synthesize_bn",
+           # re-exported from qlib.datafree.bn_loss
+           "BN_LOSS_VARIANTS", "bn_layers", "capture_bn_inputs", "batch_moments", "bn_statistics_loss",
+           "check_input_shape"]
+
+
+# ------------------------------------------------------------------ the input range, data-free
+DIGITS_NORMALIZATION = {8: (0.3046349585056305, 0.3756367266178131),
+                        16: (0.3046349585056305, 0.3185967206954956)}
+"""``{image_size: (mean, std)}``: the input normalization ``x_std = (x - mean) / std`` that
+ships with the course's digit models (``qlib.data.load_digits``; raw pixels in [0, 1]). Like
+torchvision's ImageNet ``mean``/``std``, these two numbers are part of the model's
+preprocessing: whoever runs the model has them, with or without its training images."""
+
+
+def standardized_range(mean: float, std: float, low: float = 0.0, high: float = 1.0) -> tuple[float, float]:
+    """The valid range of a standardized input, known without a single image.
+
+    Raw inputs lie in a documented range ``[low, high]`` (pixels: 0 = black, 1 = white) and
+    the preprocessing maps ``x -> (x - mean) / std`` (``std > 0``), so the model only ever sees
+    ``[(low - mean) / std, (high - mean) / std]``. For the digits at 16x16
+    (``DIGITS_NORMALIZATION[16]``) that is about ``(-0.956, 2.183)``. Returns two floats.
+    """
+    _check_real(mean=mean, low=low, high=high)
+    _check_real(std=std)
+    if not std > 0:
+        raise ValueError(f"std must be > 0, got {std!r}")
+    if not low < high:
+        raise ValueError(f"need low < high, got low={low}, high={high}")
+    return ((low - mean) / std, (high - mean) / std)
 
 
 # ------------------------------------------------------------------ noise
@@ -94,110 +119,6 @@ def uniform_batches(shape, num_samples: int = 256, batch_size: int = 64, low: fl
     return list(x.to(device=device, dtype=dtype).split(batch_size))
 
 
-# ------------------------------------------------------------------ BatchNorm statistics
-def bn_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    """``{name: BatchNorm}`` of every BatchNorm with running statistics in ``model``.
-
-    Raises ValueError when there is none: BN-statistics methods have nothing to match (a
-    model whose BatchNorms were folded away by ``qlib.fold`` has lost them too).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    bns = {name: m for name, m in model.named_modules()
-           if isinstance(m, BATCHNORMS) and m.running_mean is not None}
-    if not bns:
-        raise ValueError("the model has no BatchNorm layers with running statistics: BN-statistics "
-                         "methods need them (use the unfolded model, not a fold_batchnorm copy)")
-    return bns
-
-
-def batch_moments(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (biased) variance of an activation ``x`` ``(N, C, ...)``.
-
-    ``groups`` splits the batch into ``groups`` equal sub-batches with their own statistics:
-    returns tensors of shape ``(groups, C)``. The statistics are those BatchNorm computes in
-    training mode (over the batch and every spatial position).
-    """
-    if x.dim() < 2:
-        raise ValueError(f"expected an activation (N, C, ...), got shape {tuple(x.shape)}")
-    n, c = x.shape[:2]
-    if n % groups:
-        raise ValueError(f"batch of {n} does not split into {groups} equal groups")
-    v = x.reshape(groups, n // groups, c, -1).transpose(2, 3).reshape(groups, -1, c)
-    return v.mean(dim=1), v.var(dim=1, unbiased=False)
-
-
-@contextmanager
-def capture_bn_inputs(model: nn.Module):
-    """Context manager: ``{name: tensor}`` filled with the input of every BatchNorm on each
-    forward pass (the latest call wins). Hooks are removed on exit."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, bn in bn_layers(model).items():
-        def hook(module, args, name=name):
-            seen[name] = args[0]
-        handles.append(bn.register_forward_pre_hook(hook))
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _moment_loss(mean, var, bn) -> torch.Tensor:
-    """``mean_c (mu~ - mu)^2 + mean_c (sigma~ - sigma)^2``, averaged over groups."""
-    target_std = torch.sqrt(bn.running_var + bn.eps)
-    std = torch.sqrt(var + bn.eps)
-    return ((mean - bn.running_mean) ** 2).mean() + ((std - target_std) ** 2).mean()
-
-
-def bn_statistics_loss(model: nn.Module, x: torch.Tensor, groups: int = 1,
-                       input_mean=None, input_std=None, return_logits: bool = False):
-    """ZeroQ's loss ``L_BN(x)`` (module docstring): how far the statistics that ``x`` induces
-    at every BatchNorm are from the model's running statistics. Differentiable in ``x``.
-
-    ``x``: ``(N, C, H, W)`` (or ``(N, D)`` for an MLP); ``groups`` sub-batches are matched
-    separately (each sub-batch must look like a training batch). ``input_mean`` /
-    ``input_std`` (floats or per-channel tensors) add the input-statistics term. The model
-    runs in eval mode whatever its mode (its running statistics are never updated; every
-    submodule's mode is restored). ``x`` goes to the model's device and dtype (the gradient
-    still reaches the original ``x``); the loss lives there.
-    Returns a 0-d tensor, or ``(loss, logits)`` with ``return_logits=True``.
-    """
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError("x must be a floating-point tensor")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or infinite values")
-    x = to_device(x, model_device(model), model_dtype(model, default=None))
-    with capture_bn_inputs(model) as seen, eval_mode(model):
-        logits = model(x)
-    if not seen:
-        raise ValueError("no BatchNorm was reached by the forward pass")
-    loss = x.new_zeros(())
-    for name, bn in bn_layers(model).items():
-        if name in seen:
-            loss = loss + _moment_loss(*batch_moments(seen[name], groups), bn)
-    if input_mean is not None or input_std is not None:
-        mean, var = batch_moments(x, groups)
-        if input_mean is not None:
-            loss = loss + ((mean - torch.as_tensor(input_mean, dtype=x.dtype, device=x.device)) ** 2).mean()
-        if input_std is not None:
-            loss = loss + ((var.sqrt() - torch.as_tensor(input_std, dtype=x.dtype, device=x.device)) ** 2).mean()
-    return (loss, logits) if return_logits else loss
-
-
-@torch.no_grad()
-def check_input_shape(model: nn.Module, shape) -> None:
-    """Raise ValueError unless ``model`` (in eval mode) accepts a batch of ``shape`` images
-    (on its device, in its dtype)."""
-    try:
-        with eval_mode(model):
-            model(torch.zeros(2, *shape, device=model_device(model), dtype=model_dtype(model)))
-    except RuntimeError as err:
-        raise ValueError(f"the model does not accept inputs of shape (N, {', '.join(map(str, shape))}): "
-                         f"{str(err).splitlines()[0]}") from err
-
-
 # ------------------------------------------------------------------ the optimization loop
 @dataclass
 class SyntheticData:
@@ -228,7 +149,7 @@ def synthesize_bn(model: nn.Module, shape, num_samples: int = 256, batch_size: i
                   steps: int = 100, lr: float = 0.5, input_mean: float | None = 0.0,
                   input_std: float | None = 1.0, input_range: tuple[float, float] | None = None,
                   ce_weight: float = 0.0, num_classes: int | None = None, seed: int = 0,
-                  progress: bool = True) -> SyntheticData:
+                  progress: bool = True, variant: str = "mean") -> SyntheticData:
     """ZeroQ: optimize ``num_samples`` noise images so that they match ``model``'s BN statistics.
 
     Starts from ``x ~ N(0, 1)`` of shape ``(num_samples, *shape)`` and takes ``steps`` Adam
@@ -239,7 +160,8 @@ def synthesize_bn(model: nn.Module, shape, num_samples: int = 256, batch_size: i
     DeepInversion does (Yin et al., CVPR 2020): for standardized images, the standardized
     values of the darkest and brightest pixel, known from the preprocessing. With
     ``ce_weight > 0`` each image also gets a label ``y = i % num_classes`` (balanced
-    classes) and the loss adds ``ce_weight * CE(model(x), y)``.
+    classes) and the loss adds ``ce_weight * CE(model(x), y)``. ``variant`` chooses the form
+    of ``L_BN`` (``bn_statistics_loss``; ``history`` records that form).
 
     The model is left unchanged (its parameters get no gradient, its mode is restored).
     Returns a ``SyntheticData`` with the final images, labels and the loss history.
@@ -247,6 +169,7 @@ def synthesize_bn(model: nn.Module, shape, num_samples: int = 256, batch_size: i
     real batch in 10-30 s on two CPU cores (ZeroQ: 500 steps; 300 steps at lr 0.25 do too).
     """
     shape = _check_sizes(shape, num_samples, batch_size)
+    _check_variant(variant)
     bn_layers(model)
     if num_samples % batch_size:
         raise ValueError(f"num_samples ({num_samples}) must be a multiple of batch_size ({batch_size})")
@@ -280,7 +203,7 @@ def synthesize_bn(model: nn.Module, shape, num_samples: int = 256, batch_size: i
             check_input_shape(model, shape)
             for _ in tqdm(range(steps), desc="BN synthesis", disable=not progress or runtime.quiet()):
                 bn_loss, logits = bn_statistics_loss(model, x, groups, input_mean, input_std,
-                                                     return_logits=True)
+                                                     return_logits=True, variant=variant)
                 loss = bn_loss + (ce_weight * F.cross_entropy(logits, labels.to(device))
                                   if labels is not None else 0.0)
                 if not torch.isfinite(loss):
@@ -293,7 +216,8 @@ def synthesize_bn(model: nn.Module, shape, num_samples: int = 256, batch_size: i
                     with torch.no_grad():
                         x.clamp_(*input_range)
             with torch.no_grad():
-                history.append(bn_statistics_loss(model, x, groups, input_mean, input_std).item())
+                history.append(bn_statistics_loss(model, x, groups, input_mean, input_std,
+                                                  variant=variant).item())
     finally:
         for p, r in zip(model.parameters(), grads):
             p.requires_grad_(r)
