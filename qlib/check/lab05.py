@@ -1,8 +1,10 @@
 """Checks for lab 05 (data-free quantization): the BN-statistics loss, input optimization,
 and calibrating ``cnn16`` with synthetic images only.
 
-The loss the lab asks for is ZeroQ's, as written in the paper (Cai et al., CVPR 2020), with
-plain (not squared) L2 norms::
+The loss the lab asks for is the BN-statistics matching loss of ZeroQ (Cai et al., CVPR 2020)
+with plain (not squared) L2 norms, the form DeepInversion (Yin et al., CVPR 2020) uses; ZeroQ's
+own code squares the norms (``qlib.datafree.bn_statistics_loss(..., variant="l2")`` is this
+form, ``variant="zeroq"`` ZeroQ's code)::
 
     L(x) = sum_l ||mu_l(x) - running_mean_l||_2 + ||sigma_l(x) - sqrt(running_var_l + eps_l)||_2
     sigma_l(x) = sqrt(var_l(x) + eps_l)

@@ -62,7 +62,8 @@ from qlib.train import evaluate
 # (`unbiased=False`) of the tensor *entering* BatchNorm $l$, taken over the batch and every
 # spatial position (dims 0, 2, 3 of an `(N, C, H, W)` activation, dim 0 of an `(N, C)` one),
 # and $\varepsilon_l$ is `bn.eps`. $\|\cdot\|_2$ is the plain L2 norm over channels
-# (`torch.linalg.vector_norm`), not its square.
+# (`torch.linalg.vector_norm`), not its square (the form DeepInversion uses; ZeroQ's code squares
+# the norms: `qlib.datafree.bn_statistics_loss(..., variant="l2")` vs `variant="zeroq"`).
 #
 # - Catch the inputs with `bn.register_forward_pre_hook(hook)` on every `nn.BatchNorm1d` /
 #   `nn.BatchNorm2d` (the hook gets `(module, args)`; `args[0]` is the input), and remove the
