@@ -43,6 +43,7 @@ from nbclient.exceptions import DeadKernelError
 from nbclient.util import run_sync
 from nbformat import NotebookNode
 from nbgrader.preprocessors import Execute
+from traitlets import Bool
 
 __all__ = ["POLL_SLICE_S", "sliced_get_msg", "NeverHangs", "NotebookRunner", "ResilientExecute",
            "config_timeout", "execute_notebook", "error_output"]
@@ -132,7 +133,21 @@ def error_output(ename: str, evalue: str) -> NotebookNode:
 
 
 class ResilientExecute(NeverHangs, Execute):
-    """nbgrader's Execute, except that a dead kernel fails the remaining cells, not the grading."""
+    """nbgrader's Execute, except that a dead kernel fails the remaining cells, not the grading.
+
+    ``c.ResilientExecute.sandbox = True`` starts each kernel in the grading sandbox
+    (:class:`qlib.sandbox.SandboxKernelManager`: an unprivileged user, no network, limits);
+    ``nbgrader_config.py`` sets it when the sandbox can run.
+    """
+
+    sandbox = Bool(False, help="run each submission's kernel in qlib.sandbox").tag(config=True)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.sandbox:  # nbgrader's Execute passes its kernel_manager_class as an argument
+            from .sandbox import SandboxKernelManager
+
+            self.kernel_manager_class = SandboxKernelManager
 
     def preprocess(self, nb, resources=None, km=None):
         self._kernel_dead = False
