@@ -49,7 +49,7 @@ import shutil
 import subprocess
 import sys
 
-__all__ = ["sandbox_problem", "sandbox_command", "SandboxKernelManager", "HIDDEN_SYSTEM_DIRS"]
+__all__ = ["sandbox_problem", "sandbox_command", "default_keep", "default_hide", "SandboxKernelManager", "HIDDEN_SYSTEM_DIRS"]
 
 HIDDEN_SYSTEM_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 """Shared writable folders every kernel gets a private, empty copy of."""
@@ -99,6 +99,23 @@ def sandbox_command(kernel_cmd: list[str], *, uid: int, cwd: str, private_dir: s
     return args + ["--", *kernel_cmd]
 
 
+def default_keep(extra=()) -> list[str]:
+    """What a kernel must see (read-only): the qlib package and the Python environment
+    (``sys.prefix`` and ``sys.base_prefix``, links resolved), plus ``extra``."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [here, *extra]
+    for prefix in (sys.prefix, sys.base_prefix):
+        paths += [prefix, os.path.realpath(prefix)]
+    return list(dict.fromkeys(paths))
+
+
+def default_hide(extra=()) -> list[str]:
+    """What a kernel must not see: ``extra`` (the course root) and the grader's home folder
+    (keys, tokens, shell history); ``/tmp`` and the like are always replaced (launcher)."""
+    home = os.path.expanduser("~")
+    return list(dict.fromkeys([*extra, *([home] if home not in ("/", "") else [])]))
+
+
 # ------------------------------------------------------------------ launcher (root, inside)
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None):
@@ -138,6 +155,7 @@ def _inside(opts: dict, kernel_cmd: list[str]) -> None:
     os.setuid(uid)
     os.chdir(opts["cwd"])  # the bind mount, not the folder under it
     env = dict(os.environ, HOME=opts["private"], TMPDIR="/tmp", MPLCONFIGDIR=opts["private"])
+    env.setdefault("OMP_NUM_THREADS", "1")  # torch's default pool (one thread a core) would hit the limit
     os.execvpe(kernel_cmd[0], kernel_cmd, env)
 
 
@@ -182,7 +200,7 @@ if __name__ != "__main__":
         keep = List(Unicode(), help="folders inside hidden ones to show read-only").tag(config=True)
         memory_bytes = Int(8 << 30, help="address-space limit of the kernel, bytes").tag(config=True)
         cpu_seconds = Int(1800, help="CPU-time limit of the kernel, seconds").tag(config=True)
-        processes = Int(256, help="processes and threads the kernel's uid may have").tag(config=True)
+        processes = Int(64, help="processes and threads the kernel's uid may have (a lab kernel uses about 10)").tag(config=True)
         uid_base = Int(200000, help="sandbox uids are uid_base + [0, 100000)").tag(config=True)
 
         async def _async_pre_start_kernel(self, **kw):
@@ -204,22 +222,9 @@ if __name__ != "__main__":
             os.chmod(self._sandbox_dir, 0o700)
             os.chown(self._sandbox_cwd, uid, uid)
             cmd = sandbox_command(kernel_cmd, uid=uid, cwd=self._sandbox_cwd, private_dir=self._sandbox_dir,
-                                  hide=self._hide(), keep=self._keep(), memory_bytes=self.memory_bytes,
+                                  hide=default_hide(self.hide), keep=default_keep(self.keep), memory_bytes=self.memory_bytes,
                                   cpu_seconds=self.cpu_seconds, processes=self.processes)
             return await super()._async_launch_kernel(cmd, **kw)
-
-        def _keep(self) -> list[str]:
-            """qlib and the Python environment (read-only), wherever they are, plus ``keep``."""
-            here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            paths = [os.path.join(here, "qlib"), *self.keep]
-            for prefix in (sys.prefix, sys.base_prefix):
-                paths += [prefix, os.path.realpath(prefix)]
-            return list(dict.fromkeys(paths))
-
-        def _hide(self) -> list[str]:
-            """``hide`` and the grader's home folder (``~``: keys, tokens, shell history)."""
-            home = os.path.expanduser("~")
-            return list(dict.fromkeys([*self.hide, *([home] if home not in ("/", "") else [])]))
 
         async def _async_cleanup_resources(self, restart: bool = False) -> None:
             await super()._async_cleanup_resources(restart)
