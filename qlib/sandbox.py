@@ -12,9 +12,10 @@ starts each kernel inside Linux namespaces, with nothing but util-linux's ``unsh
 - **its own mount namespace**: the course directory (``hide``, the course root in
   ``nbgrader_config.py``), the grader's home folder, ``/tmp``, ``/var/tmp`` and ``/dev/shm`` are covered with empty
   file systems, then only what the kernel needs is mounted back: the submission's own folder
-  (writable), the qlib package and the Python environment (read-only). ``solutions/``, the
+  (as an overlay), the qlib package and the Python environment (read-only). ``solutions/``, the
   source notebooks, ``gradebook.db``, ``submitted/`` and the other students' ``autograded/``
-  folders simply do not exist inside; ``/tmp`` is a private, small tmpfs;
+  folders simply do not exist inside; ``/tmp`` is a private, small tmpfs. The submission's
+  folder is an overlay: the kernel may write there, but its changes stay in the sandbox;
 - **its own network namespace**: only a loopback interface of its own, no route out, and the
   host's ``127.0.0.1`` services unreachable. The kernel talks to nbgrader over jupyter's
   ``ipc`` transport (unix sockets in the kernel's private folder), which needs no network;
@@ -126,12 +127,38 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
         raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
 
 
+def _submission_folder(cwd: str, cwd_fd: int, scratch: str, uid: int) -> None:
+    """Show the submission's folder at ``cwd``, writable, without letting the kernel change it.
+
+    An overlay: nbgrader's folder below (read-only), the kernel's changes in a small tmpfs
+    above, thrown away with the namespace. The folder nbgrader writes the graded notebook
+    into is never writable by the kernel (else a symbolic link planted there would make
+    nbgrader, as root, write wherever it points). Where overlays are refused, the folder is
+    mounted read-only.
+    """
+    os.makedirs(cwd, exist_ok=True)
+    os.makedirs(scratch, exist_ok=True)
+    try:
+        _mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV, "size=256m,mode=0755")
+        upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+        os.mkdir(upper)
+        os.mkdir(work)
+        os.chown(upper, uid, uid)
+        _mount("overlay", cwd, "overlay", MS_NOSUID | MS_NODEV,
+               f"lowerdir=/proc/self/fd/{cwd_fd},upperdir={upper},workdir={work}")
+    except OSError:
+        _mount(f"/proc/self/fd/{cwd_fd}", cwd, None, MS_BIND)
+        _mount(None, cwd, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
+    os.close(cwd_fd)
+
+
 def _inside(opts: dict, kernel_cmd: list[str]) -> None:
     """Mount, limit, drop privileges, exec the kernel (runs as root in the new namespaces)."""
     uid = int(opts["uid"])
     # what stays visible: opened before the covering mounts, so it can be bound back after
-    keep = [(opts["cwd"], False), (opts["private"], False)] + [(p, True) for p in opts["keep"]]
+    keep = [(opts["private"], False)] + [(p, True) for p in opts["keep"]]
     fds = [(path, ro, os.open(path, os.O_PATH)) for path, ro in keep if os.path.exists(path)]
+    cwd_fd = os.open(opts["cwd"], os.O_PATH)
     hide = sorted(set(opts["hide"]) | set(HIDDEN_SYSTEM_DIRS), key=len)
     for path in hide:
         if os.path.isdir(path):  # a folder inside one hidden before is gone already
@@ -143,6 +170,7 @@ def _inside(opts: dict, kernel_cmd: list[str]) -> None:
         if ro:
             _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
         os.close(fd)
+    _submission_folder(opts["cwd"], cwd_fd, os.path.join(opts["private"], "rw"), uid)
     if shutil.which("ip"):  # a loopback of its own (some libraries talk to themselves over it)
         subprocess.run(["ip", "link", "set", "lo", "up"], capture_output=True)
     limits = {resource.RLIMIT_AS: int(opts["memory"]), resource.RLIMIT_CPU: int(opts["cpu"]),
@@ -192,8 +220,8 @@ if __name__ != "__main__":
         Use it as nbclient's / nbgrader's ``kernel_manager_class``; ``hide`` lists the
         folders the kernel must not see (the course root). Each kernel gets a private folder
         (``/tmp/qlib-sandbox-*``, its ``HOME``, its connection file and sockets), removed at
-        shutdown; the files it wrote in the submission's folder are given back to the owner
-        of that folder.
+        shutdown. The submission's folder is never writable by the kernel (an overlay takes its
+        changes, see ``_submission_folder``).
         """
 
         hide = List(Unicode(), help="folders the kernel must not see (the course root)").tag(config=True)
@@ -220,7 +248,6 @@ if __name__ != "__main__":
             for path in (self._sandbox_dir, self.connection_file):
                 os.chown(path, uid, uid)
             os.chmod(self._sandbox_dir, 0o700)
-            os.chown(self._sandbox_cwd, uid, uid)
             cmd = sandbox_command(kernel_cmd, uid=uid, cwd=self._sandbox_cwd, private_dir=self._sandbox_dir,
                                   hide=default_hide(self.hide), keep=default_keep(self.keep), memory_bytes=self.memory_bytes,
                                   cpu_seconds=self.cpu_seconds, processes=self.processes)
@@ -231,12 +258,4 @@ if __name__ != "__main__":
             if restart or not getattr(self, "_sandbox_dir", None):
                 return
             shutil.rmtree(self._sandbox_dir, ignore_errors=True)
-            owner = os.stat(os.path.dirname(self._sandbox_cwd))
-            for folder, dirs, files in os.walk(self._sandbox_cwd):
-                for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
-                    try:
-                        if os.lstat(name).st_uid == self._sandbox_uid:
-                            os.lchown(name, owner.st_uid, owner.st_gid)
-                    except OSError:
-                        pass
             self._sandbox_dir = None

@@ -68,6 +68,7 @@ try:
 except OSError as err:
     print("net closed", type(err).__name__)
 open(os.path.join(os.getcwd(), "written.txt"), "w").write("mine")
+print("wrote", open("written.txt").read())
 """
 
 
@@ -98,7 +99,8 @@ def test_launcher_hides_limits_and_cuts_the_network(tmp_path):
     assert lines["secret"] == "False home False pid 1"
     assert lines["limits"] == f"{3 << 30} 77 99"
     assert lines["net"].startswith("closed")
-    assert (cwd / "written.txt").read_text() == "mine"  # its own folder stays writable
+    assert lines["wrote"] == "mine"  # its folder is writable for it...
+    assert not (cwd / "written.txt").exists()  # ...but its changes stay in the sandbox
 
 
 # ------------------------------------------------------------------ real nbgrader, hostile class
@@ -143,7 +145,12 @@ def hostile_class(course: Path, port: int) -> dict[str, dict[str, str]]:
         "fork_bomb": "import os\nwhile True:\n    os.fork()\n",
         "allocates_20gb": "import torch\nhoard = torch.empty(20 * 2**30, dtype=torch.uint8)\n",
     }
-    return {student: {"q1-answer": attack + good} for student, attack in attacks.items()}
+    # not stopped, but harmless: the link lands in the sandbox's overlay, not in the folder
+    # nbgrader (as root) writes the graded notebook into, so the gradebook is not overwritten
+    plant = (f"import os\nos.remove('{LAB}.ipynb')\nos.symlink({str(course / 'gradebook.db')!r}, '{LAB}.ipynb')\n"
+             + good)
+    return {**{student: {"q1-answer": attack + good} for student, attack in attacks.items()},
+            "plants_symlink": {"q1-answer": plant}}
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +175,7 @@ def test_hostile_submissions_lose_only_the_attacked_question(hostile_course):
     want = points(release_nb(LAB))
     for student in students:
         got = question_scores(course, LAB, student)
-        if student.startswith("perfect"):
+        if student.startswith("perfect") or student == "plants_symlink":
             assert got == want, student
         elif student == "fork_bomb":  # its kernel may have no threads left for later cells
             assert got["q1-test"] == 0.0, got
@@ -182,7 +189,10 @@ def test_hostile_submissions_left_no_trace(hostile_course):
     assert listener.accepted == 0
     submitted = course / "submitted" / "perfect" / LAB / f"{LAB}.ipynb"
     assert submitted.read_text().startswith("{\n")  and len(submitted.read_text()) > 100
-    # the gradebook is intact (read above) and no process of a sandbox uid is left running
+    graded = course / "autograded" / "plants_symlink" / LAB / f"{LAB}.ipynb"
+    assert graded.is_file() and not graded.is_symlink()
+    assert (course / "gradebook.db").read_bytes().startswith(b"SQLite format 3")
+    # no process of a sandbox uid is left running
     uids = {int(line.split()[1]) for p in Path("/proc").glob("[0-9]*")
             for line in _status(p) if line.startswith("Uid:")}
     assert not [u for u in uids if 200000 <= u < 300000]
