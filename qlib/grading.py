@@ -198,7 +198,7 @@ def submitted_students(course_dir: str | os.PathLike, lab: str) -> list[str]:
 
 
 def autograde_parallel(course_dir: str | os.PathLike, lab: str, jobs: int, *args: str,
-                       nbgrader: str = "nbgrader") -> None:
+                       nbgrader: str = "nbgrader", timeout: float | None = None) -> None:
     """``nbgrader autograde lab --create *args`` for every submission, in ``jobs`` processes.
 
     nbgrader grades one submission after the other; a class of 100 is 100 kernel starts and
@@ -216,8 +216,8 @@ def autograde_parallel(course_dir: str | os.PathLike, lab: str, jobs: int, *args
     students = submitted_students(course_dir, lab)
     groups = shards(students, jobs) if students else []
     if len(groups) <= 1:
-        subprocess.run([nbgrader, "autograde", lab, "--create", *args], cwd=course_dir, check=True)
-        return
+        procs = [(students, subprocess.Popen([nbgrader, "autograde", lab, "--create", *args], cwd=course_dir))]
+        return _wait(lab, procs, timeout)
     config = PyFileConfigLoader("nbgrader_config.py", path=str(course_dir)).load_config()
     db_url = config.CourseDirectory.db_url
     if not isinstance(db_url, str) or not db_url.startswith("sqlite:///"):
@@ -229,7 +229,23 @@ def autograde_parallel(course_dir: str | os.PathLike, lab: str, jobs: int, *args
         cmd = [nbgrader, "autograde", lab, "--create", f"--CourseDirectory.db_url={db_url}",
                f"--CourseDirectory.student_id_exclude={others}", *args]
         procs.append((group, subprocess.Popen(cmd, cwd=course_dir)))
-    failed = [group for group, proc in procs if proc.wait() != 0]
+    return _wait(lab, procs, timeout)
+
+
+def _wait(lab: str, procs: list, timeout: float | None) -> None:
+    import subprocess
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failed = []
+    for group, proc in procs:
+        try:
+            code = proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for _, other in procs:
+                other.kill()
+            raise RuntimeError(f"nbgrader autograde {lab} ran past {timeout} s; stopped") from None
+        if code != 0:
+            failed.append(group)
     if failed:
         raise RuntimeError(f"nbgrader autograde {lab} failed for the groups {failed} (see the log above)")
 

@@ -123,7 +123,7 @@ def graded_lab(course: Path, lab: str, students: dict[str, dict[str, str]], feed
     good = answers(solution_nb(lab))
     for student, replace in students.items():
         write_submission(course, student, lab, submission(release, {**good, **replace}))
-    nbgrader(course, "autograde", lab, "--create")
+    autograde_parallel(course, lab, JOBS, nbgrader=NBGRADER, timeout=900)
     if feedback:
         nbgrader(course, "generate_feedback", lab)
     nbgrader(course, "export", "--to", "grades.csv")
@@ -170,10 +170,10 @@ def graded_course(tmp_path_factory):
     for student, nb in submissions.items():
         write_submission(course, student, LAB, nb)
     # two grading processes per lab (make grade JOBS=2): the same gradebook, written concurrently
-    autograde_parallel(course, LAB, JOBS, f"--Execute.timeout={LOOP_TIMEOUT}", nbgrader=NBGRADER)
+    autograde_parallel(course, LAB, JOBS, f"--Execute.timeout={LOOP_TIMEOUT}", nbgrader=NBGRADER, timeout=900)
     for lab in LABS:
         if lab != LAB:
-            autograde_parallel(course, lab, JOBS, nbgrader=NBGRADER)
+            autograde_parallel(course, lab, JOBS, nbgrader=NBGRADER, timeout=900)
         nbgrader(course, "generate_feedback", lab)
     nbgrader(course, "export", "--to", "grades.csv")
     return course
