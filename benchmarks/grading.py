@@ -86,13 +86,50 @@ def submissions(release, solution, kind: str):
 CORES = os.cpu_count() or 1
 
 
-def _children_cpu() -> float:
-    """CPU seconds (user + system) of every finished child process and its descendants: the
-    grading processes, the sandbox launchers and the kernels."""
-    import resource
+class CpuMeter:
+    """CPU seconds (user + system) of every process below this one while it runs: the
+    grading processes, the sandbox launchers and the kernels.
 
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    A thread reads ``/proc/<pid>/stat`` of each descendant every ``period`` seconds and keeps
+    the last value per process (a process's final fraction of a period is missed). Counting
+    what the kernel reports for finished children is not enough: a kernel killed at shutdown
+    is never waited for by its parent, and its time would be lost.
+    """
+
+    def __init__(self, period: float = 0.2):
+        import threading
+
+        self.period, self.seen, self.running = period, {}, True
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        me = os.getpid()
+        while self.running:
+            parents, stats = {}, {}
+            for entry in os.scandir("/proc"):
+                if entry.name.isdigit():
+                    try:
+                        with open(f"/proc/{entry.name}/stat") as f:
+                            fields = f.read().rsplit(")", 1)[1].split()
+                    except OSError:
+                        continue
+                    pid = int(entry.name)
+                    parents[pid] = int(fields[1])
+                    stats[pid] = (fields[19], int(fields[11]) + int(fields[12]))  # starttime, utime + stime
+            for pid, (start, ticks) in stats.items():
+                p, hops = parents.get(pid), 0
+                while p not in (None, 0, 1, me) and hops < 50:
+                    p, hops = parents.get(p), hops + 1
+                if p == me and pid != me:
+                    self.seen[(pid, start)] = ticks
+            time.sleep(self.period)
+
+    def stop(self) -> float:
+        self.running = False
+        self.thread.join()
+        return sum(self.seen.values()) / self.tick
 
 
 def _ts(text: str) -> float:
@@ -141,9 +178,9 @@ def grade_lab(lab: str, n: int, jobs: int, log) -> dict:
             target = course / "submitted" / student / lab
             target.mkdir(parents=True)
             nbformat.write(submissions(release, solution, student.rstrip("0123456789")), target / f"{lab}.ipynb")
-        start, cpu0 = time.perf_counter(), _children_cpu()
+        start, meter = time.perf_counter(), CpuMeter()
         autograde_parallel(course, lab, jobs, "--log-level=WARN", nbgrader=NBGRADER)
-        wall, cpu = time.perf_counter() - start, _children_cpu() - cpu0
+        wall, cpu = time.perf_counter() - start, meter.stop()
         marks = scores(course, lab, students)
         splits = [time_split(nbformat.read(course / "autograded" / s / lab / f"{lab}.ipynb", as_version=4))
                   for s in students]
