@@ -8,7 +8,8 @@ answer: a sandbox that let it through would give that question its points, so ev
 assertion can fail. The allocation is ``torch.empty`` (virtual memory): without the limit it
 would succeed without touching the machine's memory, and the test would fail, not the
 machine. Tests that need the sandbox skip, saying why, where it cannot run (not root, no
-namespaces); the argument checks run everywhere.
+namespaces); the argument checks and the course configuration's switch (on where the sandbox
+can run, a warning or a refusal where it cannot) run everywhere.
 """
 
 from __future__ import annotations
@@ -223,3 +224,31 @@ def test_hostile_outputs_show_the_attack_was_stopped(hostile_course):
     assert q1_error("opens_socket").ename in ("ConnectionRefusedError", "OSError", "TimeoutError")
     assert q1_error("fork_bomb").ename == "BlockingIOError"
     assert q1_error("allocates_20gb").ename in ("RuntimeError", "MemoryError")
+
+
+# ------------------------------------------------------------------ the course's switch
+
+def load_course_config(monkeypatch, mode: str, problem: str | None):
+    from traitlets.config.loader import PyFileConfigLoader
+
+    monkeypatch.setenv("QLIB_SANDBOX", mode)
+    monkeypatch.setattr(sandbox, "sandbox_problem", lambda: problem)
+    return PyFileConfigLoader("nbgrader_config.py", path=str(ROOT)).load_config()
+
+
+def test_course_config_switches_the_sandbox_on_where_it_can_run(monkeypatch):
+    config = load_course_config(monkeypatch, "auto", None)
+    assert config.ResilientExecute.sandbox is True
+    assert config.SandboxKernelManager.hide == [str(ROOT)]
+
+
+def test_course_config_without_the_sandbox_warns_or_refuses(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["nbgrader", "autograde", "lab00_warmup"])
+    config = load_course_config(monkeypatch, "auto", "no root here")
+    assert "sandbox" not in config.ResilientExecute
+    assert "WARNING: grading WITHOUT the sandbox: no root here" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="QLIB_SANDBOX=on but no root here"):
+        load_course_config(monkeypatch, "on", "no root here")
+    with pytest.raises(ValueError, match="QLIB_SANDBOX must be auto, on or off"):
+        load_course_config(monkeypatch, "maybe", None)
+    assert "sandbox" not in load_course_config(monkeypatch, "off", None).ResilientExecute
