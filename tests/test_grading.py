@@ -252,12 +252,12 @@ def test_gradebook_takes_two_writers_at_once(tmp_path):
     url = f"sqlite:///{db}"
     Gradebook(url).close()  # created once, as `make grade` registers the lab before grading
     waiting = f"{url}?timeout={SQLITE_WAIT_S}"
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, waiting, who, "25"], stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, waiting, who, "10"], stderr=subprocess.PIPE, text=True)
              for who in ("a", "b")]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
     with Gradebook(url) as gb:
-        assert sorted(s.id for s in gb.students) == sorted(f"{w}{i}" for w in "ab" for i in range(25))
+        assert sorted(s.id for s in gb.students) == sorted(f"{w}{i}" for w in "ab" for i in range(10))
 
 
 # -------------------------------------------------------------- one real nbgrader run per lab
