@@ -253,9 +253,25 @@ if __name__ != "__main__":
                                   cpu_seconds=self.cpu_seconds, processes=self.processes)
             return await super()._async_launch_kernel(cmd, **kw)
 
+        async def _async_shutdown_kernel(self, now: bool = False, restart: bool = False) -> None:
+            # remove the private folder whatever happened to the kernel
+            try:
+                await super()._async_shutdown_kernel(now=now, restart=restart)
+            finally:
+                if not restart:
+                    self._remove_private_dir()
+
+        shutdown_kernel = _async_shutdown_kernel  # AsyncKernelManager binds the base's coroutine
+
         async def _async_cleanup_resources(self, restart: bool = False) -> None:
             await super()._async_cleanup_resources(restart)
-            if restart or not getattr(self, "_sandbox_dir", None):
-                return
-            shutil.rmtree(self._sandbox_dir, ignore_errors=True)
-            self._sandbox_dir = None
+            if not restart:
+                self._remove_private_dir()
+
+        # nbclient calls cleanup_resources() alone when the kernel is already dead
+        cleanup_resources = _async_cleanup_resources
+
+        def _remove_private_dir(self) -> None:
+            if getattr(self, "_sandbox_dir", None):
+                shutil.rmtree(self._sandbox_dir, ignore_errors=True)
+                self._sandbox_dir = None

@@ -252,3 +252,36 @@ def test_course_config_without_the_sandbox_warns_or_refuses(monkeypatch, capsys)
     with pytest.raises(ValueError, match="QLIB_SANDBOX must be auto, on or off"):
         load_course_config(monkeypatch, "maybe", None)
     assert "sandbox" not in load_course_config(monkeypatch, "off", None).ResilientExecute
+
+
+@needs_sandbox
+def test_private_folder_is_removed_after_the_kernel_dies(tmp_path):
+    """A kernel that kills itself (os._exit): nbclient then skips ``shutdown_kernel`` and calls
+    ``cleanup_resources`` alone (``NotebookClient._async_cleanup_kernel``), which
+    AsyncKernelManager binds to the base class's coroutine; the sandbox's private folder
+    (HOME, connection file, sockets) must still go (one was seen left behind)."""
+    import asyncio
+
+    async def run() -> str:
+        km = sandbox.SandboxKernelManager(kernel_name="python3")
+        await km.start_kernel(cwd=str(tmp_path))
+        private = km._sandbox_dir
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=120)
+            kc.execute("import os; os._exit(1)")
+            for _ in range(600):
+                if not await km.is_alive():
+                    break
+                await asyncio.sleep(0.1)
+            assert not await km.is_alive()
+        finally:  # what nbclient does after a cell
+            if await km.is_alive():
+                await km.shutdown_kernel(now=True)
+            await km.cleanup_resources()
+            kc.stop_channels()
+        return private
+
+    private = asyncio.run(run())
+    assert private and not os.path.exists(private)
