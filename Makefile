@@ -23,8 +23,8 @@ PIP_TORCH := $(if $(filter cpu,$(TORCH)),--extra-index-url $(TORCH_CPU_INDEX))
 # nbgrader calls `alembic` as a subprocess: the venv's bin must be on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup lab test test-fast test-seeds doctor sync release course grade proxy clean-grading \
-	book browser-deps
+.PHONY: setup lab test test-fast test-seeds doctor sync release course grade sandbox-check proxy \
+	clean-grading book browser-deps
 
 setup: $(STAMP)
 
@@ -82,12 +82,14 @@ course: sync release
 # grades_LAB.csv (this lab only) and grades.csv (every lab in the gradebook).
 # Works on a fresh clone: the lab is first registered in gradebook.db from solutions/ (its
 # notebooks, grade cells and hidden tests), generated into a scratch folder so the committed
-# labs/ is left as it is.
+# labs/ is left as it is. JOBS grading processes share the class (qlib/grading.py); as root
+# each submission runs in the sandbox of qlib/sandbox.py (`make sandbox-check`).
+JOBS ?= 2
 grade: setup
 	@scratch=$$(mktemp -d) && \
 	$(BIN)/nbgrader generate_assignment $(LAB) --force --log-level=WARN \
 		--CourseDirectory.release_directory=$$scratch; rc=$$?; rm -rf $$scratch; exit $$rc
-	$(BIN)/nbgrader autograde $(LAB) --create
+	$(BIN)/python -m qlib.grading autograde $(LAB) --jobs $(JOBS)
 	$(BIN)/nbgrader generate_feedback $(LAB)
 	$(BIN)/nbgrader export --to grades_$(LAB).csv --assignment=$(LAB)
 	$(BIN)/nbgrader export --to grades.csv
@@ -115,6 +117,10 @@ browser-deps:
 		{ apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } || \
 		echo "could not install chromium: tests/test_browser.py will skip"; \
 	else echo "chromium missing (not root): tests/test_browser.py will skip"; fi; }
+
+# Can this machine grade in the sandbox? Prints yes, or why not and what to do.
+sandbox-check: setup
+	@$(BIN)/python -c "from qlib.sandbox import sandbox_problem as p; m = p(); print('grading sandbox: ' + (m or 'available')); raise SystemExit(1 if m else 0)"
 
 clean-grading:
 	rm -rf autograded feedback gradebook.db grades.csv grades_lab*.csv

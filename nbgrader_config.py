@@ -7,6 +7,7 @@
 """
 
 import os
+import sys
 
 c = get_config()  # noqa: F821  (nbgrader injects get_config)
 
@@ -38,6 +39,26 @@ c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedb
 from nbgrader.converters.autograde import Autograde  # noqa: E402
 from nbgrader.preprocessors import Execute  # noqa: E402
 from qlib.grading import ResilientExecute  # noqa: E402
+
+# Untrusted code: each submission's kernel runs in qlib.sandbox (an unprivileged user that cannot
+# see this folder, no network, limits on memory, CPU time and processes) whenever the sandbox
+# can run here (Linux, root, util-linux's unshare). QLIB_SANDBOX=off skips it; QLIB_SANDBOX=on
+# refuses to grade without it. See the README's "Grading untrusted code".
+_sandbox = os.environ.get("QLIB_SANDBOX", "auto").strip().lower()
+if _sandbox not in ("auto", "on", "off"):
+    raise ValueError(f"QLIB_SANDBOX must be auto, on or off, got {_sandbox!r}")
+if _sandbox != "off":
+    from qlib.sandbox import sandbox_problem  # noqa: E402
+
+    _problem = sandbox_problem()
+    if _problem is None:
+        c.ResilientExecute.sandbox = True
+        c.SandboxKernelManager.hide = [c.CourseDirectory.root]
+    elif _sandbox == "on":
+        raise SystemExit(f"QLIB_SANDBOX=on but {_problem}")
+    elif "autograde" in sys.argv[1:3]:
+        print(f"WARNING: grading WITHOUT the sandbox: {_problem}. Submissions run as you, with your "
+              f"files and network (README: 'Grading untrusted code').", file=sys.stderr)
 
 c.Autograde.autograde_preprocessors = [
     ResilientExecute if step is Execute else step

@@ -5,7 +5,8 @@ Read the modules in the order of the course: ``data``/``models``/``train`` (the 
 ``requant`` -> ``intops``/``intlayers``/``intmodel`` (post-training quantization down to
 integer arithmetic, with ``kernels`` for fast int8 products), then ``qat``, ``datafree`` and
 ``distill``. ``batching`` feeds every loop its batches on the model's device. Nothing is seeded at import; every random function
-takes a ``seed=`` or a ``torch.Generator``.
+takes a ``seed=`` or a ``torch.Generator``. Submodules and the names below load on first
+use (``import qlib`` alone imports nothing heavy, not even torch).
 
 ``qlib.quantize`` is both the module ``qlib/quantize.py`` (``qlib.quantize.dequantize``) and
 its function: ``qlib.quantize(x, scale, zero_point, quant_min, quant_max)`` calls
@@ -14,20 +15,36 @@ its function: ``qlib.quantize(x, scale, zero_point, quant_min, quant_max)`` call
 
 __version__ = "0.1.0"
 
-from . import batching, check, data, kernels, measure, models, runtime, train  # noqa: F401
-from . import datafree, distill, fakequant, fold, intlayers, intmodel, intops, lsq, modules  # noqa: F401
-from . import observers, ptq, qat, qparams, requant  # noqa: F401
-from .data import load_dataset, load_digits  # noqa: F401
-from .fold import fold_batchnorm, fold_bn  # noqa: F401
-from .intmodel import convert_to_integer  # noqa: F401
-from .measure import latency, model_size_bytes  # noqa: F401
-from .models import pretrained  # noqa: F401
-from .modules import QuantConfig, QuantConv2d, QuantLinear, swap_modules  # noqa: F401
-from .observers import make_observer  # noqa: F401
-from .qat import quantization_aware_training  # noqa: F401
-from .ptq import calibrate, convert, prepare, quantize_dynamic, quantize_static  # noqa: F401
-from .qparams import (PerAxis, PerChannel, PerGroup, PerTensor, check_bits, choose_qparams,  # noqa: F401
-                      quant_range, qparams_for)
-from .quantize import dequantize, fake_quantize  # noqa: F401
-from . import quantize  # noqa: F401,E402  the module, callable: qlib.quantize(x, ...) is quantize.quantize
-from .train import evaluate  # noqa: F401
+import importlib
+
+# Loaded on first use (PEP 562), not at ``import qlib``: a graded notebook's kernel imports only
+# what its lab uses, which keeps a class's autograding quick (benchmarks/grading.py).
+_SUBMODULES = {"batching", "check", "data", "kernels", "measure", "models", "runtime", "train", "datafree",
+               "distill", "fakequant", "fold", "intlayers", "intmodel", "intops", "lsq", "modules",
+               "observers", "ptq", "qat", "qparams", "requant", "quantize"}
+_NAMES = {
+    "load_dataset": "data", "load_digits": "data", "fold_batchnorm": "fold", "fold_bn": "fold",
+    "convert_to_integer": "intmodel", "latency": "measure", "model_size_bytes": "measure",
+    "pretrained": "models", "QuantConfig": "modules", "QuantConv2d": "modules", "QuantLinear": "modules",
+    "swap_modules": "modules", "make_observer": "observers", "quantization_aware_training": "qat",
+    "calibrate": "ptq", "convert": "ptq", "prepare": "ptq", "quantize_dynamic": "ptq", "quantize_static": "ptq",
+    "PerAxis": "qparams", "PerChannel": "qparams", "PerGroup": "qparams", "PerTensor": "qparams",
+    "check_bits": "qparams", "choose_qparams": "qparams", "quant_range": "qparams", "qparams_for": "qparams",
+    "dequantize": "quantize", "fake_quantize": "quantize", "evaluate": "train",
+}
+__all__ = sorted(_SUBMODULES | set(_NAMES))
+
+
+def __getattr__(name: str):
+    """``qlib.ptq`` or ``qlib.quantize_static``: import the module that holds it, on first use."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")  # the import also sets qlib.<name>
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

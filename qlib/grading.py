@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import time
 from pathlib import Path
 from queue import Empty
@@ -43,9 +44,11 @@ from nbclient.exceptions import DeadKernelError
 from nbclient.util import run_sync
 from nbformat import NotebookNode
 from nbgrader.preprocessors import Execute
+from traitlets import Bool
 
 __all__ = ["POLL_SLICE_S", "sliced_get_msg", "NeverHangs", "NotebookRunner", "ResilientExecute",
-           "config_timeout", "execute_notebook", "error_output"]
+           "config_timeout", "execute_notebook", "error_output", "shards", "submitted_students",
+           "autograde_parallel", "SQLITE_WAIT_S"]
 
 POLL_SLICE_S = 0.5
 """Longest single wait on the shell channel, in seconds; a missed wake-up costs at most this."""
@@ -132,7 +135,21 @@ def error_output(ename: str, evalue: str) -> NotebookNode:
 
 
 class ResilientExecute(NeverHangs, Execute):
-    """nbgrader's Execute, except that a dead kernel fails the remaining cells, not the grading."""
+    """nbgrader's Execute, except that a dead kernel fails the remaining cells, not the grading.
+
+    ``c.ResilientExecute.sandbox = True`` starts each kernel in the grading sandbox
+    (:class:`qlib.sandbox.SandboxKernelManager`: an unprivileged user, no network, limits);
+    ``nbgrader_config.py`` sets it when the sandbox can run.
+    """
+
+    sandbox = Bool(False, help="run each submission's kernel in qlib.sandbox").tag(config=True)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.sandbox:  # nbgrader's Execute passes its kernel_manager_class as an argument
+            from .sandbox import SandboxKernelManager
+
+            self.kernel_manager_class = SandboxKernelManager
 
     def preprocess(self, nb, resources=None, km=None):
         self._kernel_dead = False
@@ -158,3 +175,96 @@ class ResilientExecute(NeverHangs, Execute):
             cell.outputs.append(error_output("KernelDied", "the kernel died while running this cell "
                                              "(os._exit, a segfault or out of memory?)"))
             return cell, self.resources
+
+
+# ------------------------------------------------------------------ a class graded in parallel
+
+SQLITE_WAIT_S = 120
+"""How long a grading process waits for the gradebook's lock (SQLite allows one writer at a time)."""
+
+
+def shards(students: list[str], jobs: int) -> list[list[str]]:
+    """Split ``students`` into at most ``jobs`` groups of nearly equal size (round robin over the
+    sorted ids, so each group gets a similar mix); empty groups are dropped."""
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+    ordered = sorted(set(students))
+    return [group for group in (ordered[i::jobs] for i in range(jobs)) if group]
+
+
+def submitted_students(course_dir: str | os.PathLike, lab: str) -> list[str]:
+    """The student ids with a submission of ``lab`` in ``submitted/<student>/<lab>/``."""
+    return sorted(p.parent.name for p in Path(course_dir, "submitted").glob(f"*/{lab}") if p.is_dir())
+
+
+def autograde_parallel(course_dir: str | os.PathLike, lab: str, jobs: int, *args: str,
+                       nbgrader: str = "nbgrader", timeout: float | None = None) -> None:
+    """``nbgrader autograde lab --create *args`` for every submission, in ``jobs`` processes.
+
+    nbgrader grades one submission after the other; a class of 100 is 100 kernel starts and
+    100 runs of the checks, so a machine with several cores grades faster with several
+    processes. Each process gets one group of :func:`shards` (the others are excluded with
+    ``--CourseDirectory.student_id_exclude``) and waits up to ``SQLITE_WAIT_S`` seconds for the
+    gradebook's lock instead of SQLite's default 5 (``?timeout=`` on the database URL: each
+    write is short, but two processes do write at the same moment). ``jobs=1`` is plain
+    ``nbgrader autograde``. Raises ``RuntimeError`` naming the groups whose process failed.
+    """
+    import subprocess
+
+    from traitlets.config.loader import PyFileConfigLoader
+
+    students = submitted_students(course_dir, lab)
+    groups = shards(students, jobs) if students else []
+    if len(groups) <= 1:
+        procs = [(students, subprocess.Popen([nbgrader, "autograde", lab, "--create", *args], cwd=course_dir))]
+        return _wait(lab, procs, timeout)
+    config = PyFileConfigLoader("nbgrader_config.py", path=str(course_dir)).load_config()
+    db_url = config.CourseDirectory.db_url
+    if not isinstance(db_url, str) or not db_url.startswith("sqlite:///"):
+        raise ValueError(f"parallel grading needs the SQLite gradebook of nbgrader_config.py, got {db_url!r}")
+    db_url += ("&" if "?" in db_url else "?") + f"timeout={SQLITE_WAIT_S}"
+    procs = []
+    for group in groups:
+        others = ",".join(s for s in students if s not in group)
+        cmd = [nbgrader, "autograde", lab, "--create", f"--CourseDirectory.db_url={db_url}",
+               f"--CourseDirectory.student_id_exclude={others}", *args]
+        procs.append((group, subprocess.Popen(cmd, cwd=course_dir)))
+    return _wait(lab, procs, timeout)
+
+
+def _wait(lab: str, procs: list, timeout: float | None) -> None:
+    import subprocess
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failed = []
+    for group, proc in procs:
+        try:
+            code = proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for _, other in procs:
+                other.kill()
+            raise RuntimeError(f"nbgrader autograde {lab} ran past {timeout} s; stopped") from None
+        if code != 0:
+            failed.append(group)
+    if failed:
+        raise RuntimeError(f"nbgrader autograde {lab} failed for the groups {failed} (see the log above)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qlib.grading autograde LAB [--jobs N] [nbgrader options]`` (``make grade JOBS=N``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m qlib.grading",
+                                     description="Autograde every submission of a lab in parallel processes.")
+    parser.add_argument("command", choices=["autograde"])
+    parser.add_argument("lab")
+    parser.add_argument("--jobs", type=int, default=1, help="grading processes (default 1)")
+    parser.add_argument("--course", default=".", help="the course directory (default: here)")
+    args, rest = parser.parse_known_args(argv)
+    nbgrader = str(Path(sys.executable).parent / "nbgrader")
+    autograde_parallel(args.course, args.lab, args.jobs, *rest, nbgrader=nbgrader)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

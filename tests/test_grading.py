@@ -5,7 +5,9 @@ gradebook (``nbgrader.api.Gradebook``), read per question. One real nbgrader run
 every lab's solution gets full marks on every question and its untouched release none. Lab 00
 also grades a wrong answer, an infinite loop, two kinds of crash (graded, not lost), and a
 submission that passes every visible check but not the hidden ones, which proves that the
-hidden tests run. Feedback HTML is read: each question and the failing check's message appear.
+hidden tests run. Feedback HTML is read: each question and the failing check's message appear. Each lab is
+graded by two processes at once (``qlib.grading.autograde_parallel``, ``make grade JOBS=2``)
+into one SQLite gradebook; a separate test has two processes write it at the same moment.
 The release must hold no hidden-test code at all (the hidden check calls' text, not only the
 markers); that test reads the committed ``labs/`` and runs without nbgrader.
 """
@@ -23,11 +25,14 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from qlib.grading import SQLITE_WAIT_S, autograde_parallel, shards
+
 ROOT = Path(__file__).resolve().parents[1]
 NBGRADER = str(Path(sys.executable).parent / "nbgrader")
 LAB = "lab00_warmup"
 LABS = sorted(p.name for p in (ROOT / "solutions").iterdir() if p.name.startswith("lab"))
 LOOP_TIMEOUT = 20  # seconds per cell for lab 00's autograde, so the looping submission is quick
+JOBS = 2  # grading processes, as `make grade` uses by default
 
 grading = pytest.mark.grading
 
@@ -118,7 +123,7 @@ def graded_lab(course: Path, lab: str, students: dict[str, dict[str, str]], feed
     good = answers(solution_nb(lab))
     for student, replace in students.items():
         write_submission(course, student, lab, submission(release, {**good, **replace}))
-    nbgrader(course, "autograde", lab, "--create")
+    autograde_parallel(course, lab, JOBS, nbgrader=NBGRADER, timeout=900)
     if feedback:
         nbgrader(course, "generate_feedback", lab)
     nbgrader(course, "export", "--to", "grades.csv")
@@ -164,10 +169,11 @@ def graded_course(tmp_path_factory):
     }
     for student, nb in submissions.items():
         write_submission(course, student, LAB, nb)
-    nbgrader(course, "autograde", LAB, "--create", f"--Execute.timeout={LOOP_TIMEOUT}")
+    # two grading processes per lab (make grade JOBS=2): the same gradebook, written concurrently
+    autograde_parallel(course, LAB, JOBS, f"--Execute.timeout={LOOP_TIMEOUT}", nbgrader=NBGRADER, timeout=900)
     for lab in LABS:
         if lab != LAB:
-            nbgrader(course, "autograde", lab, "--create")
+            autograde_parallel(course, lab, JOBS, nbgrader=NBGRADER, timeout=900)
         nbgrader(course, "generate_feedback", lab)
     nbgrader(course, "export", "--to", "grades.csv")
     return course
@@ -217,6 +223,44 @@ def test_visible_only_answers_pass_visible_checks_and_fail_hidden_ones():
         check.lab00.size_in_bytes_hidden(scope["size_in_bytes"])
     with pytest.raises(AssertionError):
         check.lab00.fits_fp16_hidden(scope["fits_in_float16"])
+
+
+def test_shards_split_a_class_evenly_and_keep_everyone():
+    students = [f"s{i:03d}" for i in range(101)]
+    groups = shards(students[::-1] + students[:3], 4)
+    assert sorted(sum(groups, [])) == students  # everyone once, duplicates dropped
+    assert sorted(len(g) for g in groups) == [25, 25, 25, 26]
+    assert shards(["a", "b"], 5) == [["a"], ["b"]]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="jobs"):
+            shards(students, bad)
+
+
+WRITER = """
+import sys
+from nbgrader.api import Gradebook
+url, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with Gradebook(url) as gb:
+    for i in range(n):  # one write transaction each, interleaved with the other process's
+        gb.update_or_create_student(f"{who}{i}", first_name=who, last_name=str(i))
+"""
+
+
+def test_gradebook_takes_two_writers_at_once(tmp_path):
+    """Two processes add students to one SQLite gradebook at the same time, with the lock wait
+    that parallel grading uses: every row arrives and neither process fails."""
+    from nbgrader.api import Gradebook
+
+    db = tmp_path / "gradebook.db"
+    url = f"sqlite:///{db}"
+    Gradebook(url).close()  # created once, as `make grade` registers the lab before grading
+    waiting = f"{url}?timeout={SQLITE_WAIT_S}"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, waiting, who, "10"], stderr=subprocess.PIPE, text=True)
+             for who in ("a", "b")]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    with Gradebook(url) as gb:
+        assert sorted(s.id for s in gb.students) == sorted(f"{w}{i}" for w in "ab" for i in range(10))
 
 
 # -------------------------------------------------------------- one real nbgrader run per lab
