@@ -27,6 +27,12 @@ def fast() -> bool:
     return os.environ.get("QLIB_FAST", "0") == "1"
 
 
+def autograding() -> bool:
+    """True while nbgrader autogrades this notebook (it sets ``NBGRADER_EXECUTION=autograde``):
+    a lab can skip a locked, ungraded study cell that only informs a written answer."""
+    return os.environ.get("NBGRADER_EXECUTION") == "autograde"
+
+
 def quiet() -> bool:
     """True when ``QLIB_QUIET=1``: progress bars stay hidden."""
     return os.environ.get("QLIB_QUIET", "0") == "1"

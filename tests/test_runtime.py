@@ -73,3 +73,16 @@ def test_format_spread_matches_the_hand_written_formats():
 def test_format_spread_rejects_non_stats(bad):
     with pytest.raises(TypeError, match="mean"):
         format_spread(bad)
+
+
+def test_autograding_reads_nbgraders_variable(monkeypatch):
+    """nbgrader's autograde sets NBGRADER_EXECUTION=autograde in the kernel (nbgrader 0.9,
+    converters/autograde.py); validate sets "validate" (validator.py), a student's own run sets nothing."""
+    from qlib import runtime
+
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    assert not runtime.autograding()
+    monkeypatch.setenv("NBGRADER_EXECUTION", "validate")
+    assert not runtime.autograding()
+    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
+    assert runtime.autograding()
