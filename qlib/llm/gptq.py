@@ -184,11 +184,13 @@ def output_error(weight: torch.Tensor, weight_q: torch.Tensor, x: torch.Tensor) 
 @torch.no_grad()
 def quantize_model(model: nn.Module, tokens: torch.Tensor, bits: int = 4, group_size: int | None = 128,
                    symmetric: bool = False, percdamp: float = 0.01, blocksize: int = 128,
-                   act_order: bool = True) -> nn.Module:
+                   act_order: bool = True, layer_fn=None) -> nn.Module:
     """GPTQ every block linear, block after block, on ``tokens`` (``(batch, T)`` windows).
 
     As in the paper's sequential recipe, the inputs of block ``i`` are computed by the model
     whose blocks ``< i`` are already quantized, so later layers correct earlier errors.
+    ``layer_fn(weight, H, bits, group_size) -> weight_dq`` replaces ``gptq_quantize`` for one
+    layer (lab 11 plugs in the student's own GPTQ).
     """
     import copy
     new = copy.deepcopy(model)
@@ -198,8 +200,12 @@ def quantize_model(model: nn.Module, tokens: torch.Tensor, bits: int = 4, group_
         acts = capture_inputs(new, tokens, names)
         for name in names:
             layer = new.get_submodule(name)
-            res = gptq_quantize(layer.weight, hessian(acts[name]), bits, group_size, symmetric,
-                                percdamp, blocksize, act_order)
+            h = hessian(acts[name])
+            if layer_fn is None:
+                w_dq = gptq_quantize(layer.weight, h, bits, group_size, symmetric, percdamp, blocksize,
+                                     act_order).weight_dq
+            else:
+                w_dq = layer_fn(layer.weight.detach().clone(), h, bits, group_size)
             parent, _, attr = name.rpartition(".")
-            setattr(new.get_submodule(parent), attr, FakeQuantWeightLinear(res.weight_dq, layer.bias, info))
+            setattr(new.get_submodule(parent), attr, FakeQuantWeightLinear(w_dq, layer.bias, info))
     return new
