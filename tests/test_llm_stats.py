@@ -45,3 +45,12 @@ def test_layer_report_and_errors():
         layers.capture_inputs(m, torch.zeros(2, 4))
     with pytest.raises(ValueError, match="no block linear"):
         layers.capture_inputs(m, torch.zeros(2, 4, dtype=torch.long), ["nope"])
+
+
+def test_planted_outliers_keep_the_function():
+    m = charlm.create(0, SMALL).eval()
+    tokens = torch.randint(0, 256, (2, 16))
+    big = stats.with_outlier_channels(m, (3, 9), 25.0)
+    torch.testing.assert_close(big(tokens), m(tokens), rtol=1e-4, atol=1e-4)
+    x = layers.capture_inputs(big, tokens, ["blocks.1.fc1"])["blocks.1.fc1"]
+    assert set(stats.channel_absmax(x).topk(2).indices.tolist()) == {3, 9}

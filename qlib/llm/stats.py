@@ -73,3 +73,29 @@ def layer_report(acts: dict[str, torch.Tensor], threshold: float = 6.0) -> list[
                      "token_ratio": outlier_ratio(tok), "top_channel": int(ch.argmax()),
                      "n_outliers": int(outlier_channels(x, threshold).numel())})
     return rows
+
+
+@torch.no_grad()
+def with_outlier_channels(model, channels=(7, 77), factor: float = 20.0):
+    """A copy of ``model`` computing the *same function* but with outlier input channels.
+
+    Large trained transformers grow LayerNorm gains that are tens of times larger in a few
+    channels, and weights that are small in the same columns. This builds that shape by hand,
+    without changing a single output: for every LayerNorm that feeds projections (``ln1 ->
+    q, k, v`` and ``ln2 -> fc1``) channel ``j`` in ``channels`` gets ``gamma_j, beta_j *=
+    factor`` and the weight column ``W[:, j] /= factor`` (the inverse of SmoothQuant's
+    migration). Used to show, honestly labelled, what the methods do when outliers exist.
+    """
+    import copy
+
+    if not factor > 0:
+        raise ValueError(f"factor must be > 0, got {factor}")
+    new = copy.deepcopy(model)
+    idx = torch.as_tensor(list(channels), dtype=torch.long)
+    for block in new.blocks:
+        for ln, fcs in ((block.ln1, (block.attn.q, block.attn.k, block.attn.v)), (block.ln2, (block.fc1,))):
+            ln.weight[idx] *= factor
+            ln.bias[idx] *= factor
+            for fc in fcs:
+                fc.weight[:, idx] /= factor
+    return new
