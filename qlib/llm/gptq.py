@@ -43,7 +43,6 @@ from torch import nn
 
 from ..granularity import PerChannel
 from ..qparams import qparams_for
-from ..quantize import dequantize, quantize
 from .layers import FakeQuantWeightLinear, capture_inputs, linear_layers
 from .weight_only import weight_range
 
@@ -100,8 +99,10 @@ def _group_params(cols: torch.Tensor, bits: int, symmetric: bool):
 
 
 def _quant_col(w, scale, zp, qmin, qmax):
-    codes = quantize(w, scale, zp, qmin, qmax, axis=0, dtype=torch.int64)
-    return codes, dequantize(codes, scale, zp, axis=0).to(w.dtype)
+    """``quantize``/``dequantize`` of one column (per-row qparams), written out: this runs once
+    per column, so it skips the argument checks (float32 reciprocal, round half to even)."""
+    codes = torch.clamp(torch.round(w * (1.0 / scale).to(w.dtype)) + zp.to(w.dtype), qmin, qmax)
+    return codes.to(torch.int64), ((codes - zp.to(w.dtype)) * scale.to(w.dtype)).to(w.dtype)
 
 
 def _finish(weight, Q, codes, scales, zps, perm, g):
