@@ -246,7 +246,7 @@ for bits in (4, 3):
     assert e_gptq < e_rtn
 
 # %%
-for bits in (4, 3):
+for bits in runtime.pick((4, 3), (3,)):  # fast mode: 3 bits only (4 bits is in the table below)
     live[f"GPTQ W{bits} g128"] = measure(f"GPTQ W{bits} g128", lambda m: gptq.quantize_model(m, calib, bits, 128))
     print(f"GPTQ W{bits} g128: perplexity {live[f'GPTQ W{bits} g128']['ppl']:.3f} "
           f"({live[f'GPTQ W{bits} g128']['seconds']:.1f} s)")
@@ -308,7 +308,7 @@ if saved is not None:
 
 # %%
 prompt = "    def __init__(self"
-n_new = runtime.pick(60, 40)
+n_new = runtime.pick(60, 30)
 for m, r in live.items():
     print(f"{m:28s} {charlm.generate(r['model'], prompt, n_new)!r}")
 
