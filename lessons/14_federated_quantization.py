@@ -12,9 +12,14 @@
 # Setup: on Google Colab this installs qlib from the course repository;
 # anywhere else (JupyterLab from `make lab`) it does nothing.
 import subprocess, sys
+REPO = "https://github.com/qdm-course/quantization-course@main"
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "qlib @ git+https://github.com/qdm-course/quantization-course@main"], check=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qlib @ git+" + REPO],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError("Could not install qlib from " + REPO + " (is the repository public, and is "
+                           "this its address?). For a fork: run `make sync REPO=owner/name` and commit, "
+                           "or edit REPO in this cell.\n" + r.stderr[-800:])
 
 # %% [markdown]
 # # 14 · Federated learning with quantized updates

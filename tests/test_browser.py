@@ -21,15 +21,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from test_lab_server import _api, _copy_checkout, free_port
+from test_lab_server import _copy_checkout, make_lab
 
 ROOT = Path(__file__).resolve().parents[1]
 LABS = sorted(p.name for p in (ROOT / "solutions").iterdir() if p.name.startswith("lab"))
@@ -60,30 +57,12 @@ def lab(tmp_path_factory):
     for name, value in SETTINGS.items():
         (settings / name).parent.mkdir(parents=True, exist_ok=True)
         (settings / name).write_text(json.dumps(value))
-    bin_dir = Path(sys.executable).parent
     env = dict(os.environ, PYTHONPATH=str(course), JUPYTER_CONFIG_PATH="", QLIB_FAST="1",
                QLIB_QUIET="1", JUPYTERLAB_SETTINGS_DIR=str(settings),
                MPLBACKEND="module://matplotlib_inline.backend_inline")
-    port, token = free_port(), "qlib-browser"
-    args = f"--no-browser --ip=127.0.0.1 --IdentityProvider.token={token}"
-    proc = subprocess.Popen(["make", "-o", ".venv/.installed", "lab", f"BIN={bin_dir}", f"PORT={port}",
-                             f"LAB_ARGS={args}"], cwd=course, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                _api(port, token, "api/status")
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read().decode()
-                assert time.time() < deadline, "JupyterLab did not answer within 180 s"
-                time.sleep(1)
+    token = "qlib-browser"
+    with make_lab(course, env, token) as (port, _):
         yield f"http://127.0.0.1:{port}", token, course
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
 
 
 @pytest.fixture

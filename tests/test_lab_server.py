@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,34 @@ def _copy_checkout(dest: Path) -> Path:
     return dest
 
 
+@contextmanager
+def make_lab(course: Path, env: dict, token: str, wait_path: str = "api/status", timeout: float = 180):
+    """``make lab`` in ``course`` (this Python's environment: ``BIN``; ``-o`` keeps make from
+    reinstalling) on a free 127.0.0.1 port with ``token``; yields ``(port, first answer of
+    wait_path)`` once the server answers it, and stops the server's whole process group after."""
+    bin_dir = Path(sys.executable).parent
+    port = free_port()
+    args = f"--no-browser --ip=127.0.0.1 --IdentityProvider.token={token}"
+    proc = subprocess.Popen(["make", "-o", ".venv/.installed", "lab", f"BIN={bin_dir}", f"PORT={port}",
+                             f"LAB_ARGS={args}"], cwd=course, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                first = _api(port, token, wait_path)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                assert time.time() < deadline, f"JupyterLab did not answer within {timeout:.0f} s"
+                time.sleep(1)
+        yield port, first
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_make_lab_assignment_list_works_without_root(tmp_path):
@@ -145,21 +174,8 @@ def test_make_lab_assignment_list_works_without_root(tmp_path):
     course = _copy_checkout(tmp_path / "course")
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, PYTHONPATH=str(course), JUPYTER_CONFIG_PATH="")
-    port, token = free_port(), "qlib-exchange"
-    args = f"--no-browser --ip=127.0.0.1 --IdentityProvider.token={token}"
-    proc = subprocess.Popen(["make", "-o", ".venv/.installed", "lab", f"BIN={bin_dir}", f"PORT={port}",
-                             f"LAB_ARGS={args}"], cwd=course, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                courses = _api(port, token, "courses")
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read().decode()
-                assert time.time() < deadline, "JupyterLab did not answer within 120 s"
-                time.sleep(1)
+    token = "qlib-exchange"
+    with make_lab(course, env, token, wait_path="courses", timeout=120) as (port, courses):
         assert courses["success"], courses
         listed = _api(port, token, "assignments?course_id=quantization")
         assert listed["success"] and listed["value"] == [], listed
@@ -173,7 +189,3 @@ def test_make_lab_assignment_list_works_without_root(tmp_path):
         listed = _api(port, token, "assignments?course_id=quantization")
         assert [(a["assignment_id"], a["status"]) for a in listed["value"]] == [("lab00_warmup", "released")]
         assert (course / "deploy" / "local" / "exchange" / "quantization" / "outbound" / "lab00_warmup").is_dir()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)

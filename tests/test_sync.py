@@ -113,3 +113,16 @@ def test_setup_cell_says_what_to_change_when_the_repository_cannot_be_installed(
     src = runtime.setup_cell().replace(runtime.REPO_URL, "https://127.0.0.1:9/nobody/nothing")
     with pytest.raises(RuntimeError, match=r"make sync REPO=owner/name"):
         exec(src, {})
+
+
+def test_each_source_and_its_notebook_hold_the_same_cells():
+    """jupytext pairs each .py with its .ipynb (JupyterLab opens either): their cells must be the
+    same text, setup cell included, or JupyterLab reports "File Load Error" when the .ipynb is
+    the newer file, and shows the .py's old cells when the .py is (both happen on a checkout).
+    This held for every cell but the setup cell, which sync wrote into the .ipynb only."""
+    import jupytext
+
+    for py in sorted(ROOT.glob("lessons/*.py")) + sorted(ROOT.glob("solutions/*/*.py")):
+        paired = [c.source for c in jupytext.read(py).cells]
+        written = [c.source for c in nbformat.read(py.with_suffix(".ipynb"), as_version=4).cells]
+        assert paired == written, f"{py.relative_to(ROOT)} and its .ipynb differ: run `make sync`"

@@ -71,6 +71,26 @@ def build_notebook(py: Path) -> nbformat.NotebookNode:
     return nb
 
 
+SETUP_BLOCK = re.compile(r'(^# %% tags=\["colab-setup"\]\n)(.*?)(?=^# %%)', re.S | re.M)
+
+
+def source_setup_stale(py: Path) -> str | None:
+    """The ``.py`` source with its setup cell made the current one (None when in step).
+
+    The ``.ipynb`` gets the cell from ``build_notebook``; the paired ``.py`` must carry the same
+    cell, or jupytext (JupyterLab, ``make lab``) reports the pair as different, and a student
+    whose checkout left the ``.py`` newer sees the old cell.
+    """
+    text = py.read_text()
+    match = SETUP_BLOCK.search(text)
+    if match is None:
+        return None
+    body = runtime.setup_cell().rstrip("\n") + "\n\n"
+    if match.group(2) == body:
+        return None
+    return text[:match.start(2)] + body + text[match.end(2):]
+
+
 def notebook_text(py: Path) -> str:
     return nbformat.writes(build_notebook(py)) + "\n"
 
@@ -116,6 +136,11 @@ def main(check: bool, repo: str | None = None) -> int:
         set_repo(repo)
     stale = []
     for py in sources():
+        updated = source_setup_stale(py)
+        if updated is not None:
+            stale.append(py)
+            if not check:
+                py.write_text(updated)
         target = py.with_suffix(".ipynb")
         text = notebook_text(py)
         if not target.exists() or target.read_text() != text:
