@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "benchmarks" / "results" / "grading.json"
 LAB_KEYS = {"submissions", "wall_s", "seconds_per_submission", "class_of_100_min", "cpu_s_per_submission",
             "class_of_100_min_idle", "kernel_and_grader_s", "imports_s", "answers_s", "checks_s",
-            "solution_full_marks", "release_no_marks", "scores"}
+            "solution_full_marks", "release_no_marks", "scores", "cells_s"}
 
 
 def check_shape(result: dict, labs: list[str], n: int) -> None:
