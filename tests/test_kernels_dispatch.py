@@ -58,6 +58,7 @@ def test_cpu_picks_triton_only_when_the_user_sets_the_interpreter(monkeypatch):
     monkeypatch.setattr(triton_runtime, "_set_by_qlib", True)  # qlib turned it on: keep the fast CPU path
     assert choose_backend(a, a.t()) == "int_mm"
     monkeypatch.setattr(triton_runtime, "_set_by_qlib", False)  # the user asked for it
+    monkeypatch.delenv(triton_runtime.SET_BY_QLIB_ENV, raising=False)
     choice = choose_backend(a, a.t())
     assert choice == "triton" and "TRITON_INTERPRET" in choice.reason
 

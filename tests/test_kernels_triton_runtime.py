@@ -20,7 +20,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter 
 
 
 def fresh(code: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("TRITON_INTERPRET", "QLIB_TRITON_INTERPRET")}
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 
@@ -53,3 +53,22 @@ def test_status_on_the_cpu_says_why():
     assert "interpreter" in why or "TRITON_INTERPRET" in why
     ok, why = triton_runtime.triton_status(torch.device("meta"))
     assert not ok and "meta" in why
+
+
+def test_a_child_process_knows_qlib_set_the_interpreter(tmp_path):
+    """A notebook kernel or test worker started after qlib turned the interpreter on inherits
+    TRITON_INTERPRET=1: it must still pick the fast CPU path, not read it as the user's choice
+    (seen failing: under pytest-xdist the workers chose Triton's interpreter for every product)."""
+    import os
+    import subprocess
+    import sys
+
+    from qlib.kernels import triton_runtime
+
+    env = dict(os.environ, TRITON_INTERPRET="1", **{triton_runtime.SET_BY_QLIB_ENV: "auto"})
+    code = "from qlib.kernels import triton_runtime as r; print(r.interpreter_set_by_user())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["False"], out.stderr
+    del env[triton_runtime.SET_BY_QLIB_ENV]
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["True"], out.stderr

@@ -35,6 +35,9 @@ MIN_CAPABILITY = (8, 0)
 """Triton's int8 ``tl.dot`` needs int8 tensor cores (Ampere, sm80, and later); a T4 is sm75."""
 
 _set_by_qlib = False
+SET_BY_QLIB_ENV = "QLIB_TRITON_INTERPRET"
+"""qlib marks the ``TRITON_INTERPRET=1`` it sets with ``QLIB_TRITON_INTERPRET=auto``: a child
+process (a notebook kernel, a test worker) inherits both and still knows the user did not ask."""
 
 
 def interpreting() -> bool:
@@ -44,7 +47,7 @@ def interpreting() -> bool:
 
 def interpreter_set_by_user() -> bool:
     """True when ``TRITON_INTERPRET=1`` was set outside qlib (then dispatch may pick Triton on the CPU)."""
-    return interpreting() and not _set_by_qlib
+    return interpreting() and not _set_by_qlib and os.environ.get(SET_BY_QLIB_ENV) != "auto"
 
 
 def triton_installed() -> bool:
@@ -70,6 +73,7 @@ def load_triton():
                 "tl.dot (sm80+): restart the Python kernel and call qlib.kernels.load_triton() (or set "
                 "TRITON_INTERPRET=1) before anything imports triton")
         os.environ["TRITON_INTERPRET"] = "1"
+        os.environ[SET_BY_QLIB_ENV] = "auto"
         _set_by_qlib = True
     import triton
     import triton.language as tl
