@@ -42,10 +42,10 @@ lab: setup
 
 # One torch thread per process: tests and notebook kernels share two cores, and
 # oversubscribed threads made small tensor ops 5-10x slower there. Instead, TEST_WORKERS
-# pytest processes (pytest-xdist, one per core) run test modules side by side; a module's tests
-# stay on one worker (tests/conftest.py) so its module fixtures run once. TEST_WORKERS=0: serial.
+# pytest processes (pytest-xdist, one per core) run test modules side by side; each module stays
+# on one worker (--dist loadfile) so its module fixtures run once. TEST_WORKERS=0: serial.
 TEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadgroup)
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 test: setup browser-deps
 	OMP_NUM_THREADS=1 QLIB_FAST=1 QLIB_QUIET=1 $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 

@@ -140,27 +140,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"{sum(times.values()):7.1f} s  total")
 
 
-# Modules whose tests are independent of each other and share no costly fixture: under
-# pytest-xdist (`make test`, --dist loadgroup) each of their tests may go to any worker.
-UNGROUPED = {"test_notebooks.py"}
-
-
-def _lesson_run(item) -> bool:
-    return item.path.name == "test_notebooks.py" and "[lessons/" in item.nodeid
-
-
 def pytest_collection_modifyitems(config, items):
-    """Keep each test module on one xdist worker, so a module-scoped fixture (a graded course, a
-    running JupyterHub) is built once, not once per worker; solution notebooks spread freely.
-    The lesson runs and the website (test_book.py) share one group, the website last: it reuses
-    the lessons executed just before (tools/book.py) instead of executing them again."""
-    for item in items:
-        if _lesson_run(item) or item.path.name == "test_book.py":
-            item.add_marker(pytest.mark.xdist_group("lessons_and_book"))
-        elif item.path.name not in UNGROUPED and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    """The website's tests come last: under `make test` (pytest-xdist, --dist loadfile: each test
+    module on one worker, so its module fixtures run once) they then find most lessons already
+    executed by test_notebooks.py (tools/book.py reuses them) and execute only the rest."""
     book = [item for item in items if item.path.name == "test_book.py"]
     if book:
-        rest = [item for item in items if item.path.name != "test_book.py"]
-        last_lesson = max((i for i, item in enumerate(rest) if _lesson_run(item)), default=len(rest) - 1)
-        items[:] = rest[:last_lesson + 1] + book + rest[last_lesson + 1:]
+        items[:] = [item for item in items if item.path.name != "test_book.py"] + book

@@ -3,8 +3,8 @@ has a search index, and publishes no solution.
 
 Reference: Jupyter Book 1 (Sphinx + MyST-NB), whose HTML pages and ``searchindex.js`` are read
 back here. The lessons are executed in fast mode: ``tests/test_notebooks.py`` stores each executed
-lesson keyed by its source's SHA-256 and, in the same xdist group, runs before this module
-(tests/conftest.py orders it), so the build reuses those runs instead of executing twice.
+lesson keyed by its source's SHA-256, and this module is ordered last (tests/conftest.py), so the
+build reuses the lessons already run and executes only the others.
 """
 
 from __future__ import annotations
