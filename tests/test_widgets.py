@@ -78,6 +78,24 @@ w_demo = torch.randn(4096, generator=torch.Generator().manual_seed(1))
 """,
 }
 # Cells of a lesson that define what its widget cell calls (run verbatim, before it).
+SETUP["16_quantizing_transformers"] = """
+import ipywidgets as ipw
+import matplotlib.pyplot as plt
+import torch
+from qlib.llm import gptq, smoothquant, stats, w8a8, weight_only
+from qlib.widgets import interact
+gen = torch.Generator().manual_seed(0)
+big = torch.nn.Module()  # stands in for the lesson's model with planted outliers
+big.blocks = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module()])
+big.blocks[1].attn = torch.nn.Module()
+big.blocks[1].attn.q = torch.nn.Linear(128, 128)
+acts_big = torch.randn(64, 128, generator=gen)
+acts_big[:, 7] *= 20
+name = "blocks.2.fc1"
+w = torch.randn(512, 128, generator=gen) * 0.05
+acts = {name: torch.randn(64, 128, generator=gen)}
+"""
+
 DEFINITIONS = {"03_calibration": ["def calibrated_range("]}
 
 
