@@ -20,8 +20,9 @@ cell timings nbclient writes into each autograded notebook: ``kernel_and_grader_
 wall time per submission outside any cell: kernel start, nbgrader's own work), ``imports_s``
 (the lab's first code cells, up to the first answer: ``import torch``, qlib, data, models),
 ``answers_s`` (the student's cells) and ``checks_s`` (the graded test cells, hidden tests
-included). Target: 100 submissions of any lab in at most 10 minutes on a 2-core CPU (two targets are
-recorded: from CPU time on an idle machine, and the wall time as measured).
+included). Target: 100 submissions of any lab in at most 10 minutes on a 2-core CPU, judged from CPU
+time (an idle machine); the slowest lab's wall time as measured is recorded in ``measured_wall``
+with the load averages.
 
 The header records the machine's load average before and after: on a shared machine a
 high load stretches every number here (the committed run says what it ran beside).
@@ -216,6 +217,26 @@ def table(result: dict) -> str:
     return "\n".join(lines + target_lines(result["targets"]))
 
 
+def explain_limit(result: dict) -> None:
+    """A missed target gets ``limit``: where the slowest lab's time goes (issue 14 accepts a
+    measured, explained limit where nbgrader cannot reach the target)."""
+    target = result["targets"][0]
+    if target["met"]:
+        return
+    worst = max(result["labs"], key=lambda lab: result["labs"][lab][target["key"]])
+    row = result["labs"][worst]
+    parts = {k: row[k] for k in ("kernel_and_grader_s", "imports_s", "answers_s", "checks_s")}
+    dominant = max(parts, key=parts.get)
+    target["limit"] = {
+        "lab": worst, "seconds_per_part": parts, "dominant": dominant,
+        "reading": {"answers_s": "the answer cells themselves (the lab's own computation: a faster "
+                                 "grader cannot remove it, only a lighter lab)",
+                    "checks_s": "the graded checks (lighter fast-mode checks would cut it)",
+                    "imports_s": "the imports and set-up cells",
+                    "kernel_and_grader_s": "kernel start and nbgrader's own work (more processes "
+                                           "would cut it)"}[dominant]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=3, help="submissions of each kind per lab (default 3)")
@@ -238,13 +259,20 @@ def main(argv=None) -> int:
     result["load_before"] = list(os.getloadavg())
     result["labs"] = {lab: grade_lab(lab, args.n, args.jobs, log=lambda s: print(s, flush=True)) for lab in args.labs}
     result["load_after"] = list(os.getloadavg())
-    result["targets"] = []
-    for key, what in (("class_of_100_min_idle", "from CPU time, on an idle machine"),
-                      ("class_of_100_min", "wall time measured beside the load recorded")):
-        worst = max(result["labs"], key=lambda lab: result["labs"][lab][key])
-        value = result["labs"][worst][key]
-        result["targets"].append({"name": f"100 submissions of the slowest lab ({worst}), minutes, {what}",
-                                  "key": key, "value": value, "threshold": TARGET_MIN, "met": value <= TARGET_MIN})
+    # The target is judged on CPU time (what an idle 2-core machine needs); the wall time of this
+    # run is recorded beside the load averages, as a measurement, not as the target: on a shared
+    # machine it says more about the other users than about grading.
+    worst = max(result["labs"], key=lambda lab: result["labs"][lab]["class_of_100_min_idle"])
+    value = result["labs"][worst]["class_of_100_min_idle"]
+    result["targets"] = [{"name": f"100 submissions of the slowest lab ({worst}), minutes, from CPU time, on an "
+                                  f"idle machine, at most {TARGET_MIN:g}",
+                          "key": "class_of_100_min_idle", "value": value, "threshold": TARGET_MIN,
+                          "met": value <= TARGET_MIN}]
+    explain_limit(result)
+    slowest_wall = max(result["labs"], key=lambda lab: result["labs"][lab]["class_of_100_min"])
+    result["measured_wall"] = {"lab": slowest_wall,
+                               "class_of_100_min": result["labs"][slowest_wall]["class_of_100_min"],
+                               "load_before": result["load_before"], "load_after": result["load_after"]}
     print()
     print(table(result))
     print(f"\nwrote {write(result, args.out)}")

@@ -68,6 +68,9 @@ def test_results_are_there():
 # Timing studies draw random inputs once and report medians of repeats: no accuracy spreads,
 # so the three-seed rule of the accuracy studies does not apply to them.
 TIMING_ONLY = {"int8_gemm"}
+# grading.json times real nbgrader autograde runs of fixed submissions (copies of the solution, the
+# release and a partial answer): the benchmark draws nothing at random, so it has no seed to report.
+NO_SEEDS = {"grading"}
 
 
 @pytest.mark.parametrize("path", RESULTS, ids=[p.stem for p in RESULTS])
@@ -76,8 +79,11 @@ def test_schema_machine_versions_seeds_full_run(path):
     assert result.get("benchmark", result.get("study")) == path.stem
     assert result["fast"] is False, f"{path.name} is a --fast run; commit a full run"
     seeds = result["seeds"]
-    assert seeds and len(set(seeds)) == len(seeds) and all(isinstance(s, int) for s in seeds)
-    if path.stem not in TIMING_ONLY:
+    if path.stem in NO_SEEDS:
+        assert seeds == [], f"{path.name} draws nothing at random: it should report no seeds"
+    else:
+        assert seeds and len(set(seeds)) == len(seeds) and all(isinstance(s, int) for s in seeds)
+    if path.stem not in TIMING_ONLY | NO_SEEDS:
         assert len(seeds) >= 3, f"{path.name}: accuracy studies report at least three seeds"
     for key in ("platform", "processor", "cpu_count", "torch_threads"):
         assert key in result["machine"], key
@@ -123,6 +129,12 @@ def test_mixed_targets_follow_from_their_numbers():
                          ids=lambda p: p.stem)
 def test_targets_are_met_and_name_their_threshold(path):
     for t in json.loads(path.read_text())["targets"]:
+        if "limit" in t and t["met"] is False:
+            # grading.json may miss its target if it explains the measured limit (issue 14's
+            # alternative): the part named dominant must really be the largest
+            parts = t["limit"]["seconds_per_part"]
+            assert t["value"] > t["threshold"] and t["limit"]["dominant"] == max(parts, key=parts.get), t
+            continue
         assert t["met"] is True, f"{path.name}: target missed: {t}"
         assert math.isfinite(t["value"])
         assert f"{t['threshold']:g}" in t["name"] or t["threshold"] == 0, t
