@@ -159,4 +159,9 @@ def test_a_failing_check_shows_its_message_not_a_traceback():
     result = shell.run_cell("from qlib.check import CheckFailed\nraise CheckFailed('expected 3, got 4')")
     assert isinstance(result.error_in_exec, check.CheckFailed)  # still an error
     assert shown == [["FAIL  expected 3, got 4", check.RUN_ALL_NOTE]]
+    # a real check's message carries its own "FAIL  <name>:" prefix: shown once, not twice
+    # (seen as "FAIL  FAIL  size_in_bytes: ..." in nbgrader's Validate dialog)
+    shown.clear()
+    shell.run_cell("from qlib import check\ncheck.lab00.size_in_bytes(lambda n, b: 0)")
+    assert len(shown) == 1 and shown[0][0].startswith("FAIL  size_in_bytes") and "FAIL  FAIL" not in shown[0][0]
     InteractiveShell.clear_instance()

@@ -69,7 +69,8 @@ def friendly_failures(shell=None) -> bool:
         return False
 
     def show(sh, etype, value, tb, tb_offset=None):
-        sh._showtraceback(etype, value, [f"FAIL  {value}", RUN_ALL_NOTE])
+        text = str(value)  # a check's own message already starts "FAIL  <name>: "
+        sh._showtraceback(etype, value, [text if text.startswith("FAIL") else f"FAIL  {text}", RUN_ALL_NOTE])
 
     shell.set_custom_exc((CheckFailed,), show)
     return True
