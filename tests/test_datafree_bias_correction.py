@@ -5,6 +5,12 @@ and Bias Correction", section 4.2 and appendix: E[y_q - y] = (W_q - W) E[x], E[x
 x = relu(z), z ~ N(beta, gamma^2) is the clipped-normal mean
 mu * Phi(mu/sigma) + sigma * phi(mu/sigma) (checked against Monte Carlo); correcting the
 bias by it reduces the mean output error of a quantized layer (checked on sampled inputs).
+For ReLU6 (MobileNet) E[clamp(z, 0, 6)] is the doubly clipped normal mean
+mu (Phi(b) - Phi(a)) + sigma (phi(a) - phi(b)) + 6 (1 - Phi(b)), a = -mu/sigma, b = (6 - mu)/sigma
+(checked against Monte Carlo, tolerance from the sample count). Depthwise and grouped layers
+(the paper's MobileNetV2 experiments): the correction equals a brute-force E over inputs of
+the quantized minus the float layer's output, computed with circular padding so that every
+kernel tap sees the same input mean exactly.
 """
 
 import math
@@ -21,6 +27,7 @@ from qlib.fold import fold_batchnorm
 from qlib.models import create
 from qlib.modules import QuantConfig
 from qlib.ptq import prepare, quantize_static
+from qlib.models import pretrained
 from qlib.qparams import PerTensor
 
 
@@ -191,3 +198,98 @@ def test_empirical_means_restore_every_mode_on_error():
     with pytest.raises(RuntimeError):
         empirical_input_means(model, torch.randn(4, 3))  # wrong width: torch's own shape error
     assert [m.training for m in model.modules()] == modes
+
+
+# --- ReLU6 and depthwise/grouped layers (issue 11) --------------------------------------------
+
+def test_relu6_mean_matches_monte_carlo_within_the_sampling_error():
+    """E[clamp(z, 0, 6)]: Monte Carlo with n samples has standard error sd / sqrt(n); allow 5 of them."""
+    mean = torch.tensor([-2.0, 0.0, 3.0, 5.5, 6.0, 8.0, 20.0, 1.0], dtype=torch.float64)
+    std = torch.tensor([1.0, 2.0, 2.0, 1.0, 3.0, 2.0, 4.0, 0.0], dtype=torch.float64)
+    n = 400_000
+    samples = (mean + std * torch.randn(n, len(mean), generator=gen(0), dtype=torch.float64)).clamp(0, 6)
+    mc, sd = samples.mean(0), samples.std(0)
+    got = clipped_normal_mean(mean, std, upper=6)
+    assert got.dtype == torch.float64
+    assert ((got - mc).abs() <= 5 * sd / math.sqrt(n) + 1e-12).all(), (got, mc)
+    assert got[-1] == 1.0 and got[4] < 6  # std 0: clamp(mean); mean at the clip: below it
+    # far above the clip it is the ReLU mean (the clip is never reached)
+    torch.testing.assert_close(clipped_normal_mean(mean[:4], std[:4], upper=1e4), clipped_normal_mean(mean[:4], std[:4]))
+    with pytest.raises(ValueError, match="upper"):
+        clipped_normal_mean(mean, std, upper=-1.0)
+
+
+def test_expected_inputs_know_relu6():
+    """Regression (issue 11): pairs through ReLU6 were not searched, so dsc16 got no E[x] at all."""
+    model = pretrained("dsc16", 0)
+    stats = bn_preactivation_stats(model)
+    ex = expected_inputs(model, stats)
+    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert sorted(ex) == sorted(convs[1:])  # every layer but the stem reads relu6(BN output)
+    for first, second in zip(convs[:-1], convs[1:]):
+        torch.testing.assert_close(ex[second], clipped_normal_mean(*stats[first], upper=6))
+    assert all((v >= 0).all() and (v <= 6).all() for v in ex.values())
+
+
+def test_analytic_relu6_means_agree_with_measured_ones():
+    """BN with running stats (0, 1) after an identity layer: its output is exactly N(beta, gamma^2)."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU6(),
+                          nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(4).reshape(4, 4, 1, 1))
+        model[0].bias.zero_()
+        model[1].running_mean.zero_()
+        model[1].running_var.fill_(1.0 - model[1].eps)
+        model[1].weight.copy_(torch.tensor([1.0, 3.0, 2.0, 0.5]))
+        model[1].bias.copy_(torch.tensor([0.5, 5.0, 7.0, 5.8]))
+    x = torch.randn(4_000, 4, 6, 6, generator=gen(0))
+    emp = empirical_input_means(model, [x], ["3"])["3"]
+    ana = expected_inputs(model, bn_preactivation_stats(model))["3"]
+    torch.testing.assert_close(emp, ana, atol=0.01, rtol=0)
+
+
+def circular_conv(x, weight, bias, groups):
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="circular"),
+                                      weight, bias, groups=groups)
+
+
+@pytest.mark.parametrize("groups, c_out", [(6, 6), (6, 12), (2, 4), (1, 4)])
+def test_grouped_bias_correction_equals_the_brute_force_mean_error(groups, c_out):
+    """delta = E over inputs of (quantized - float) layer output, computed directly. Circular
+    padding: every tap reads every input position once, so the mean over positions is exact.
+    Regression (issue 11): correct_bias refused grouped convolutions (depthwise included)."""
+    c_in = 6
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode="circular", groups=groups).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen(1), dtype=torch.float64)
+                          * torch.exp(torch.randn(c_out, 1, 1, 1, generator=gen(2), dtype=torch.float64)))
+    x = (torch.randn(64, c_in, 5, 5, generator=gen(3), dtype=torch.float64)
+         + torch.linspace(-1, 3, c_in, dtype=torch.float64).reshape(1, -1, 1, 1)).clamp(0, 6)
+    q = quantize_static(nn.Sequential(conv), [x], QuantConfig(weight_bits=3, act_bits=16,
+                                                              weight_granularity=PerTensor()))
+    means = empirical_input_means(q, [x], ["0"])
+    torch.testing.assert_close(means["0"], x.mean(dim=(0, 2, 3)).float())
+    ex = {"0": x.mean(dim=(0, 2, 3))}  # the same, in float64
+    corrected = correct_bias(q, ex)
+    w_q = q[0].weight_fq(q[0].weight)
+    assert not torch.equal(w_q, conv.weight)
+    with torch.no_grad():
+        brute = (circular_conv(x, w_q, conv.bias, groups) - circular_conv(x, conv.weight, conv.bias, groups)
+                 ).mean(dim=(0, 2, 3))
+        torch.testing.assert_close(q[0].bias - corrected[0].bias, brute, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(expected_output_error(conv.weight, w_q, ex["0"], groups=groups), brute,
+                                   rtol=1e-9, atol=1e-12)
+        after = (circular_conv(x, w_q, corrected[0].bias, groups)
+                 - circular_conv(x, conv.weight, conv.bias, groups)).mean(dim=(0, 2, 3))
+        torch.testing.assert_close(after, torch.zeros_like(after), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="groups"):
+        expected_output_error(conv.weight, w_q, ex["0"], groups=5)
+    with pytest.raises(ValueError, match="input_mean"):
+        expected_output_error(conv.weight, w_q, ex["0"][:3], groups=groups)
+
+
+def test_depthwise_correction_is_the_per_channel_tap_sum():
+    """The depthwise case written out: delta_c = sum_taps (W_q - W)[c] * E[x_c]."""
+    w, wq = torch.randn(5, 1, 3, 3, generator=gen(0)), torch.randn(5, 1, 3, 3, generator=gen(1))
+    ex = torch.rand(5, generator=gen(2))
+    torch.testing.assert_close(expected_output_error(w, wq, ex, groups=5), (wq - w).flatten(1).sum(1) * ex)

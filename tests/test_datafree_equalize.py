@@ -5,6 +5,10 @@ and Bias Correction", section 4.1: s_i = sqrt(r1_i * r2_i) / r2_i makes the rang
 channel i equal in both layers (sqrt(r1_i * r2_i)), leaves the fp32 function unchanged
 through ReLU (positive homogeneity), and maximizes sum_i (r1_i/R1)(r2_i/R2). Checked on
 random Sequential models (conv, linear, pooling, flatten) against the unequalized model.
+Depthwise and grouped convolutions (section 4.1 applies CLE to MobileNetV2, after replacing
+ReLU6 by ReLU, section 5.1): input channel i of a grouped layer is column i mod (C_in/g) of
+its group's rows (a depthwise layer's row i), checked against a written-out loop and by the
+function of a float64 depthwise-separable net (MobileNet's block: Howard et al. 2017).
 """
 
 import pytest
@@ -12,7 +16,9 @@ import torch
 from torch import nn
 
 from qlib.datafree.equalize import (channel_ranges, cross_layer_equalize, equalization_scales, equalize_pair,
-                                    find_equalization_pairs, pair_precision, rescale_pair, unbalance)
+                                    find_equalization_pairs, input_channel_ranges, is_depthwise, pair_precision,
+                                    relu6_to_relu, rescale_pair, unbalance)
+from qlib.fold import fold_batchnorm
 from qlib.models import create
 from qlib.modules import QuantConfig
 from qlib.ptq import quantize_static
@@ -58,8 +64,10 @@ def test_find_pairs_and_bn_must_be_folded():
     assert find_equalization_pairs(fold_batchnorm(cnn)) == [("0", "3"), ("3", "7"), ("7", "12")]
     mlp = fold_batchnorm(create("mlp", seed=0))
     assert find_equalization_pairs(mlp) == [("1", "4"), ("4", "7")]
-    # a non-homogeneous activation or a grouped conv breaks the chain
+    # a non-homogeneous activation breaks the chain; a grouped conv does not (since issue 11)
     m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Sigmoid(), nn.Conv2d(4, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    assert find_equalization_pairs(m) == [("2", "4")]
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU6(), nn.Conv2d(4, 2, 1))
     assert find_equalization_pairs(m) == []
 
 
@@ -189,4 +197,117 @@ def test_equalization_on_cuda():
     unbalanced, c = unbalance(model, seed=0)
     equalized, s = cross_layer_equalize(unbalanced)
     assert all(v.is_cuda for v in list(c.values()) + list(s.values()))
+    torch.testing.assert_close(equalized(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+# --- depthwise and grouped convolutions, ReLU6 (issue 11) ------------------------------------
+
+def depthwise_separable_net(seed=0, act=nn.ReLU):
+    """Stem conv, two MobileNet blocks (depthwise 3x3 + BN + act, pointwise 1x1 + BN + act),
+    a grouped conv (groups=2), average pool, linear head; BN statistics spread widely."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), act(),
+            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), act(),
+            nn.Conv2d(8, 12, 1, bias=False), nn.BatchNorm2d(12), act(),
+            nn.Conv2d(12, 12, 3, stride=2, padding=1, groups=12, bias=False), nn.BatchNorm2d(12), act(),
+            nn.Conv2d(12, 8, 3, padding=1, groups=2), act(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.exp(2 * torch.randn(m.num_features, generator=g)))  # gammas e^-4..e^4
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model.eval().double()
+
+
+DSC_PAIRS = [("0", "3"), ("3", "6"), ("6", "9"), ("9", "12"), ("12", "16")]
+
+
+def test_input_channel_ranges_of_grouped_layers_written_out():
+    """Input channel i of a conv with groups g is column i % (C_in/g) of group i // (C_in/g)."""
+    g = torch.Generator().manual_seed(0)
+    for groups, c_in, c_out in [(1, 6, 4), (2, 6, 4), (3, 6, 6), (6, 6, 6), (6, 6, 12)]:
+        conv = nn.Conv2d(c_in, c_out, 3, groups=groups)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        cpg, opg = c_in // groups, c_out // groups
+        ref = torch.stack([conv.weight[(i // cpg) * opg:(i // cpg + 1) * opg, i % cpg].abs().max()
+                           for i in range(c_in)])
+        torch.testing.assert_close(input_channel_ranges(conv), ref.detach(), rtol=0, atol=0)
+        if groups == 1:
+            torch.testing.assert_close(input_channel_ranges(conv), channel_ranges(conv.weight, 1))
+        if is_depthwise(conv):  # the depthwise case: input channel c is row c
+            torch.testing.assert_close(input_channel_ranges(conv), channel_ranges(conv.weight, 0))
+    assert not is_depthwise(nn.Conv2d(6, 12, 3, groups=6)) and not is_depthwise(nn.Conv2d(6, 6, 3))
+
+
+def test_cle_through_depthwise_layers_keeps_the_function_and_evens_ranges():
+    """Regression (issue 11): depthwise and grouped pairs were dropped, so this net had no pair
+    at all ("no consecutive ... layers") and its depthwise ranges stayed as folded."""
+    model = depthwise_separable_net(seed=0)
+    x = torch.randn(16, 2, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    folded = fold_batchnorm(model)
+    assert find_equalization_pairs(folded) == DSC_PAIRS
+    equal, scales = cross_layer_equalize(model, iterations=500, tol=1e-10)
+    assert sorted(scales) == sorted(n1 for n1, _ in DSC_PAIRS)
+    with torch.no_grad():
+        torch.testing.assert_close(equal(x), model(x), rtol=1e-10, atol=1e-10)
+    for n1, n2 in DSC_PAIRS:  # converged: each channel has one range in both layers
+        r1 = channel_ranges(equal.get_submodule(n1).weight, 0)
+        r2 = input_channel_ranges(equal.get_submodule(n2), len(r1))
+        torch.testing.assert_close(r1, r2, rtol=1e-6, atol=0)
+    for name in ("3", "9"):  # the depthwise layers: their channel ranges spread less
+        spread = lambda m: (lambda r: (r.max() / r.min()).item())(channel_ranges(m.get_submodule(name).weight))  # noqa: E731
+        assert spread(equal) < spread(folded) / 2, name
+
+
+def test_unbalance_through_depthwise_layers_and_cle_undoes_it():
+    model = depthwise_separable_net(seed=1)
+    x = torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    unbal, c = unbalance(model, spread=100.0, seed=0)
+    assert sorted(c) == sorted(n1 for n1, _ in DSC_PAIRS)
+    eq_a, _ = cross_layer_equalize(model, iterations=500, tol=1e-10)
+    eq_b, _ = cross_layer_equalize(unbal, iterations=500, tol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(unbal(x), model(x), rtol=1e-10, atol=1e-10)
+    for (name, a), b in zip(eq_a.named_parameters(), eq_b.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_relu6_is_refused_or_replaced_as_dfq_does():
+    """ReLU6 is not positive homogeneous: CLE says so instead of skipping the pairs silently
+    (before issue 11: "no consecutive layers" on an all-ReLU6 net, no word about ReLU6)."""
+    model = depthwise_separable_net(seed=2, act=nn.ReLU6)
+    with pytest.raises(ValueError, match="ReLU6 between layers '0' and '3'.*relu6_to_relu"):
+        cross_layer_equalize(model)
+    with pytest.raises(ValueError, match="ReLU6"):
+        unbalance(model)
+    relu = relu6_to_relu(model)
+    assert not any(isinstance(m, nn.ReLU6) for m in relu.modules())
+    assert sum(isinstance(m, nn.ReLU6) for m in model.modules()) == 5  # the original is untouched
+    equal, _ = cross_layer_equalize(model, replace_relu6=True)
+    x = 3 * torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(equal(x), relu(x), rtol=1e-10, atol=1e-10)  # the ReLU model's function
+        assert not torch.allclose(relu(x), model(x))  # which is not ReLU6's: activations above 6 pass
+
+
+def test_grouped_layer_2_must_take_layer_1s_channels():
+    with pytest.raises(ValueError, match="groups=2"):
+        equalize_pair(nn.Conv2d(2, 4, 1), nn.Conv2d(8, 4, 1, groups=2))
+    with pytest.raises(TypeError):
+        relu6_to_relu("model")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_depthwise_equalization_on_cuda():
+    model = depthwise_separable_net(seed=0).float().cuda()
+    x = torch.randn(8, 2, 8, 8, device="cuda")
+    equalized, s = cross_layer_equalize(model)
+    assert all(v.is_cuda for v in s.values())
     torch.testing.assert_close(equalized(x), model(x), rtol=1e-4, atol=1e-4)

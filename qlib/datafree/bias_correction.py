@@ -16,7 +16,8 @@ is what BatchNorm does). Assuming ``z_c ~ N(mu, sigma^2)``, the ReLU output has 
 
     E[relu(z)] = mu * Phi(mu / sigma) + sigma * phi(mu / sigma)
 
-with ``Phi``/``phi`` the standard normal cdf/pdf. Mean-preserving modules between the ReLU
+with ``Phi``/``phi`` the standard normal cdf/pdf; a ReLU6 clips at 6 as well (MobileNet),
+which adds ``6 * P(z > 6)`` and removes the part above 6 (:func:`clipped_normal_mean`). Mean-preserving modules between the ReLU
 and the layer (average pooling, flatten, identity) keep it; max-pooling does not (its
 output mean is larger), so such layers are skipped here. ``empirical_input_means``
 measures E[x] on (synthetic) inputs instead: the paper's "empirical bias correction".
@@ -46,17 +47,37 @@ __all__ = ["clipped_normal_mean", "bn_preactivation_stats", "scale_stats", "expe
 MEAN_PRESERVING = (nn.Identity, nn.Dropout, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
 
 
-def clipped_normal_mean(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``E[relu(z)]`` for ``z ~ N(mean, std^2)``, elementwise; ``relu(mean)`` where std is 0."""
-    mean, std = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
+def clipped_normal_mean(mean: torch.Tensor, std: torch.Tensor, upper: float | None = None) -> torch.Tensor:
+    """``E[clamp(z, 0, upper)]`` for ``z ~ N(mean, std^2)``, elementwise: the mean of a ReLU
+    (``upper=None``) or ReLU6 (``upper=6``) output. With ``a = -mean/std``, ``b = (upper - mean)/std``::
+
+        E = mean (Phi(b) - Phi(a)) + std (phi(a) - phi(b)) + upper (1 - Phi(b))
+
+    (the three parts: ``z`` inside ``[0, upper]``, and ``upper`` where it clips; ``upper -> inf``
+    gives ReLU's ``mean Phi(mean/std) + std phi(mean/std)``). ``clamp(mean, 0, upper)`` where
+    std is 0. Computed in float64; returned in ``mean``'s float dtype (float32 otherwise).
+    """
+    out_dtype = mean.dtype if isinstance(mean, torch.Tensor) and mean.is_floating_point() else torch.float32
+    mean = torch.as_tensor(mean, dtype=torch.float64)
+    std = torch.as_tensor(std, dtype=torch.float64, device=mean.device)
     if (std < 0).any() or not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
         raise ValueError("need finite means and finite std >= 0")
+    if upper is not None and not (isinstance(upper, (int, float)) and math.isfinite(upper) and upper > 0):
+        raise ValueError(f"upper must be a finite number > 0 (6 for ReLU6) or None (ReLU), got {upper!r}")
     safe = torch.where(std > 0, std, torch.ones_like(std))
-    a = mean / safe
-    cdf = 0.5 * (1 + torch.erf(a / math.sqrt(2)))
-    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
-    out = mean * cdf + std * pdf
-    return torch.where(std > 0, out, mean.clamp_min(0)).to(torch.float32)
+
+    def cdf(t):
+        return 0.5 * torch.erfc(-t / math.sqrt(2))
+
+    def pdf(t):
+        return torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+    a = -mean / safe
+    if upper is None:
+        out = mean * cdf(-a) + std * pdf(a)
+    else:
+        b = (upper - mean) / safe
+        out = mean * (cdf(b) - cdf(a)) + std * (pdf(a) - pdf(b)) + upper * cdf(-b)
+    return torch.where(std > 0, out, mean.clamp(0, upper)).to(out_dtype)
 
 
 def bn_preactivation_stats(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -84,30 +105,38 @@ def scale_stats(stats: dict, scales: dict[str, torch.Tensor]) -> dict:
     return out
 
 
+ACTIVATIONS = {nn.ReLU: None, nn.ReLU6: 6.0}
+"""Activations whose output mean :func:`clipped_normal_mean` knows: type -> upper clip."""
+
+
 def expected_inputs(model: nn.Module, stats: dict) -> dict[str, torch.Tensor]:
-    """``{layer2: E[x]}`` for layers whose input is ``relu`` of a layer with known ``stats``
-    (its BatchNorm in between, or folded away), through mean-preserving modules only
+    """``{layer2: E[x]}`` for layers whose input is ``relu`` or ``relu6`` of a layer with known
+    ``stats`` (its BatchNorm in between, or folded away), through mean-preserving modules only
     (max-pool: skipped).
 
     The pairs are ``qlib.fold.find_layer_pairs(model, first=LAYERS, second=LAYERS,
-    through=BATCHNORMS + (nn.ReLU,) + MEAN_PRESERVING)`` (the traced data flow: layer 1's
-    output reaches nothing else), keeping those with exactly one ReLU on the way and no
-    BatchNorm after it.
+    through=BATCHNORMS + (nn.ReLU, nn.ReLU6) + MEAN_PRESERVING)`` (the traced data flow: layer 1's
+    output reaches nothing else), keeping those with exactly one activation on the way and no
+    BatchNorm after it. ``E[x_c]`` is ``clipped_normal_mean(mean_c, std_c, upper)`` with
+    ``upper = 6`` after a ReLU6 (statistics moved by ``scale_stats`` assume ReLU: a rescaled
+    ReLU6 would no longer clip at 6).
 
     ``E[x]`` has one value per input channel of ``layer2``, shape ``(C_in,)`` (a linear
-    layer after ``Flatten`` gets each channel's value repeated over its block).
+    layer after ``Flatten`` gets each channel's value repeated over its block; a depthwise
+    layer 2 gets one value per channel, the channel its row ``c`` reads).
     """
     out = {}
     pairs = find_layer_pairs(model, first=LAYERS, second=LAYERS,
-                             through=BATCHNORMS + (nn.ReLU,) + MEAN_PRESERVING)
+                             through=BATCHNORMS + tuple(ACTIVATIONS) + MEAN_PRESERVING)
     for first, second, between in pairs:
         kinds = [type(model.get_submodule(n)) for n in between]
         if first not in stats or type(model.get_submodule(second)) not in LAYERS:
             continue
-        if kinds.count(nn.ReLU) != 1 or any(issubclass(k, BATCHNORMS) for k in kinds[kinds.index(nn.ReLU):]):
-            continue  # E[x] is the clipped-normal mean only right after one ReLU of the BN output
+        acts = [i for i, k in enumerate(kinds) if k in ACTIVATIONS]
+        if len(acts) != 1 or any(issubclass(k, BATCHNORMS) for k in kinds[acts[0]:]):
+            continue  # E[x] is the clipped-normal mean only right after one activation of the BN output
         mean, std = stats[first]
-        ex = clipped_normal_mean(mean, std)
+        ex = clipped_normal_mean(mean, std, ACTIVATIONS[kinds[acts[0]]])
         fan = _in_features(model.get_submodule(second))
         if fan % len(ex) == 0:
             out[second] = ex.repeat_interleave(fan // len(ex))
@@ -157,26 +186,36 @@ def empirical_input_means(model: nn.Module, data, names=None) -> dict[str, torch
 
 
 def expected_output_error(weight: torch.Tensor, weight_q: torch.Tensor,
-                          input_mean: torch.Tensor) -> torch.Tensor:
+                          input_mean: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """``(W_q - W) E[x]`` per output channel, shape ``(C_out,)``.
 
-    ``weight``/``weight_q``: ``(C_out, C_in)`` or ``(C_out, C_in, kh, kw)`` (groups = 1;
-    each kernel tap sees the same ``E[x]``); ``input_mean``: ``(C_in,)``.
+    ``weight``/``weight_q``: ``(C_out, C_in)`` or ``(C_out, C_in / groups, kh, kw)``; each
+    kernel tap sees the same ``E[x]``; ``input_mean``: ``(C_in,)``. With ``groups = g``,
+    output channel ``o`` of group ``j`` reads input channels ``j * C_in/g + i`` only::
+
+        delta_o = sum_i sum_taps (W_q - W)[o, i, taps] * E[x_{j C_in/g + i}]
+
+    A depthwise layer (``g = C_in = C_out``): ``delta_c = sum_taps (W_q - W)[c, 0, taps] * E[x_c]``.
     """
     if weight.shape != weight_q.shape:
         raise ValueError(f"weight {tuple(weight.shape)} and weight_q {tuple(weight_q.shape)} differ in shape")
-    if weight.dim() < 2 or input_mean.shape != (weight.shape[1],):
-        raise ValueError(f"input_mean must have shape ({weight.shape[1] if weight.dim() > 1 else '?'},), "
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+        raise ValueError(f"groups must be a positive int dividing C_out = {weight.shape[0]}, got {groups!r}")
+    c_in = weight.shape[1] * groups if weight.dim() > 1 else None
+    if weight.dim() < 2 or input_mean.shape != (c_in,):
+        raise ValueError(f"input_mean must have shape ({c_in if c_in else '?'},) (C_in = weight.shape[1] * groups), "
                          f"got {tuple(input_mean.shape)}")
     err = (weight_q - weight).detach()
-    err = err.reshape(err.shape[0], err.shape[1], -1).sum(dim=2)  # sum over kernel taps
-    return err @ input_mean.to(device=err.device, dtype=err.dtype)
+    err = err.reshape(groups, err.shape[0] // groups, err.shape[1], -1).sum(dim=3)  # (g, C_out/g, C_in/g)
+    ex = input_mean.to(device=err.device, dtype=err.dtype).reshape(groups, -1, 1)  # (g, C_in/g, 1)
+    return (err @ ex).reshape(-1)
 
 
 def correct_bias(quant_model: nn.Module, input_means: dict[str, torch.Tensor]) -> nn.Module:
     """A copy of a converted fake-quant model (``qlib.ptq``) with ``b -= (W_q - W) E[x]``
     for every layer named in ``input_means`` (:func:`expected_inputs` or
-    :func:`empirical_input_means`). ``W_q`` is what the layer's frozen ``weight_fq`` makes
+    :func:`empirical_input_means`); grouped and depthwise convolutions included
+    (:func:`expected_output_error`). ``W_q`` is what the layer's frozen ``weight_fq`` makes
     of ``W``; a layer without bias gains one."""
     if not input_means:
         raise ValueError("input_means is empty: no layer to correct")
@@ -188,10 +227,9 @@ def correct_bias(quant_model: nn.Module, input_means: dict[str, torch.Tensor]) -
             raise ValueError(f"layer {name!r} is not a fake-quant layer: quantize the model first (qlib.ptq)")
         if fq.observe or not fq.quantize:
             raise ValueError(f"layer {name!r} is not converted: call qlib.ptq.convert first")
-        if getattr(layer, "groups", 1) != 1:
-            raise ValueError(f"layer {name!r} is a grouped convolution: not supported")
         with torch.no_grad():
-            delta = expected_output_error(layer.weight, fq(layer.weight), ex.to(layer.weight.device))
+            delta = expected_output_error(layer.weight, fq(layer.weight), ex.to(layer.weight.device),
+                                          groups=getattr(layer, "groups", 1))
             if layer.bias is None:
                 layer.bias = nn.Parameter(torch.zeros_like(delta))
             layer.bias.sub_(delta.to(layer.bias.dtype))
