@@ -21,12 +21,12 @@ calibration digits (seed 0) and the 360 test digits:
   per-channel weight scales (min-max, activations min-max); each plain, after cross-layer
   equalization (CLE, Nagel et al. 2019: ReLU6 replaced by ReLU first, as DFQ does, since
   ReLU6 does not commute with a positive scale), with empirical bias correction (the
-  calibration batches' input means), and both; plus the folded weights' per-channel range
-  spread, layer by layer (seed 0), and min-max vs entropy activations at W8A8.
-  ``qlib.datafree`` skips grouped convolutions (CLE pairs, ``correct_bias``): for the
-  depthwise layers this file applies the same formulas itself (``equalize_depthwise``,
-  ``correct_depthwise_bias``), the depthwise weight ``(C, 1, kh, kw)`` holding its input
-  channel ``c`` in row ``c``.
+  calibration batches' input means) or analytic bias correction (no data), and with both; plus the folded weights' per-channel range
+  spread, layer by layer (seed 0), and min-max vs entropy activations at W8A8. CLE and
+  bias correction are ``qlib.datafree``'s (``cross_layer_equalize(..., replace_relu6=True)``,
+  ``correct_bias``), depthwise layers included; the analytic (data-free) bias correction
+  takes E[x] from the BatchNorm statistics (``expected_inputs``: the mean of a normal clipped
+  to [0, 6] after ReLU6, to [0, inf) after the ReLU that replaces it for CLE).
 
 Targets: W8A8 (min-max) within 0.5 points of fp32; the integer path at least 3x smaller than
 the (folded) fp32 model; the integer model (int8 kernels) within 1.5x of fp32's time at batch 64.
@@ -37,7 +37,6 @@ the (folded) fp32 model; the integer model (int8 kernels) within 1.5x of fp32's 
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 import warnings
@@ -52,10 +51,10 @@ from benchmarks.common import header, target_lines  # noqa: E402
 from torch import nn  # noqa: E402
 
 from qlib import data, measure, models  # noqa: E402
-from qlib.datafree.bias_correction import correct_bias, empirical_input_means  # noqa: E402
-from qlib.datafree.equalize import (LAYERS, POSITIVE_HOMOGENEOUS, channel_ranges,  # noqa: E402
-                                    equalization_scales, rescale_pair)
-from qlib.fold import find_layer_pairs  # noqa: E402
+from qlib.datafree.bias_correction import (bn_preactivation_stats, correct_bias,  # noqa: E402
+                                           empirical_input_means, expected_inputs, scale_stats)
+from qlib.datafree.equalize import (LAYERS, channel_ranges, cross_layer_equalize, is_depthwise,  # noqa: E402
+                                    relu6_to_relu)
 from qlib.granularity import PerChannel, PerTensor  # noqa: E402
 from qlib.engines import compare_latency, torch_x86_quantize  # noqa: E402
 from qlib.fold import fold_batchnorm  # noqa: E402
@@ -68,7 +67,10 @@ MODEL = "cnn16"
 DEPTHWISE_MODEL = "dsc16"
 DEPTHWISE_CONFIGS = {"W8A8": (8, 8), "W4A8": (4, 8)}
 GRANULARITIES = {"per_tensor": PerTensor(), "per_channel": PerChannel(0)}
-METHODS = ("plain", "bias_correction", "cle", "cle+bias_correction")
+METHODS = ("plain", "bias_correction", "cle", "cle+bias_correction",
+           "analytic_bias_correction", "cle+analytic_bias_correction")
+"""Depthwise rows: ``bias_correction`` is empirical (calibration batches' input means);
+``analytic_bias_correction`` is data-free (E[x] from the BatchNorm statistics)."""
 CONFIGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
 ACT_OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "entropy")
 WEIGHT_OBSERVERS = ("minmax", "mse")
@@ -89,7 +91,9 @@ def settings(fast: bool) -> dict:
                           "observers": "weights symmetric min-max, activations affine min-max per-tensor",
                           "cle": "ReLU6 -> ReLU, BN folded, pairs across ReLU/pooling incl. depthwise, "
                                  "20 sweeps (tol 1e-4)",
-                          "bias_correction": "empirical: input means of every layer on the calibration batches"},
+                          "bias_correction": "empirical: input means of every layer on the calibration batches",
+                          "analytic_bias_correction": "data-free: E[x] = clipped-normal mean of BN (beta, |gamma|) "
+                                                      "after ReLU6 ([0, 6]) or ReLU (CLE)"},
             "latency": {"batch": 16 if fast else 64, "repeats": 3 if fast else 20, "warmup": 1 if fast else 3,
                         "model_seed": 0},
             "quant_scheme": "weights symmetric per-channel signed, activations affine per-tensor unsigned, "
@@ -112,69 +116,6 @@ def _summary(values) -> dict:
     out = accuracy_over_seeds(values)
     out["values"] = [round(v, 4) for v in values]
     return out
-
-
-def is_depthwise(layer: nn.Module) -> bool:
-    """A depthwise convolution: one filter per channel (``groups == in == out channels``)."""
-    return isinstance(layer, nn.Conv2d) and 1 < layer.groups == layer.in_channels == layer.out_channels
-
-
-def relu6_to_relu(model: nn.Module) -> nn.Module:
-    """A copy with every ``ReLU6`` replaced by ``ReLU`` (DFQ's step before CLE)."""
-    model = copy.deepcopy(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.ReLU6):
-                setattr(parent, name, nn.ReLU())
-    return model
-
-
-@torch.no_grad()
-def equalize_depthwise(model: nn.Module, iterations: int = 20, tol: float = 1e-4) -> nn.Module:
-    """``qlib.datafree.equalize.cross_layer_equalize`` with depthwise layers included.
-
-    A depthwise layer's output channel ``c`` comes from its input channel ``c`` alone, so
-    it can be layer 1 of a pair (rescale its output channels: ``rescale_pair``) and layer 2
-    (its input channel ``c`` is weight row ``c``: ``r2 = channel_ranges(w, 0)``, and the
-    row is multiplied by ``s_c``). Folds BN; returns an equalized copy.
-    """
-    model = fold_batchnorm(model)
-    pairs = [(p.first, p.second) for p in find_layer_pairs(model, first=LAYERS, second=LAYERS,
-                                                             through=POSITIVE_HOMOGENEOUS)]
-    for _ in range(iterations):
-        worst = 0.0
-        for n1, n2 in pairs:
-            layer1, layer2 = model.get_submodule(n1), model.get_submodule(n2)
-            c = layer1.weight.shape[0]
-            if is_depthwise(layer2):
-                s = equalization_scales(channel_ranges(layer1.weight, 0), channel_ranges(layer2.weight, 0))
-                layer1.weight.div_(s.reshape(-1, *[1] * (layer1.weight.dim() - 1)))
-                layer1.bias.div_(s)
-                layer2.weight.mul_(s.reshape(-1, 1, 1, 1))
-            else:
-                s = equalization_scales(channel_ranges(layer1.weight, 0),
-                                        channel_ranges(layer2.weight, 1, channels=c))
-                rescale_pair(layer1, layer2, s)
-            worst = max(worst, (s - 1).abs().max().item())
-        if worst < tol:
-            break
-    return model
-
-
-@torch.no_grad()
-def correct_depthwise_bias(quant_model: nn.Module, input_means: dict) -> nn.Module:
-    """Empirical bias correction of every layer: ``qlib.datafree.bias_correction.correct_bias``
-    for plain layers; for a depthwise layer the same ``b -= (W_q - W) E[x]`` with channel
-    ``c`` seeing only ``E[x_c]``: ``delta_c = sum_taps (W_q - W)[c] * E[x_c]``."""
-    depthwise = {n for n in input_means if is_depthwise(quant_model.get_submodule(n))}
-    model = correct_bias(quant_model, {n: v for n, v in input_means.items() if n not in depthwise})
-    for name in depthwise:
-        layer = model.get_submodule(name)
-        delta = (layer.weight_fq(layer.weight) - layer.weight).flatten(1).sum(1) * input_means[name]
-        if layer.bias is None:
-            layer.bias = nn.Parameter(torch.zeros_like(delta))
-        layer.bias.sub_(delta)
-    return model
 
 
 def weight_range_spread(model: nn.Module) -> dict:
@@ -202,17 +143,23 @@ def depthwise_study(cfg: dict, log=print) -> dict:
         relu = relu6_to_relu(model)
         fp32.append(evaluate(model, digits.test))
         fp32_relu.append(evaluate(relu, digits.test))
-        sources = {"plain": model, "cle": equalize_depthwise(relu)}
+        equalized, scales = cross_layer_equalize(model, replace_relu6=True)
+        sources = {"plain": model, "cle": equalized}
         means = {k: empirical_input_means(fold_batchnorm(m), calib) for k, m in sources.items()}
+        stats = bn_preactivation_stats(model)  # (beta, |gamma|) per layer, read before folding
+        analytic = {"plain": expected_inputs(model, stats),
+                    "cle": expected_inputs(equalized, scale_stats(stats, scales))}
         for label, (wb, ab) in DEPTHWISE_CONFIGS.items():
             for gname, gran in GRANULARITIES.items():
                 config = QuantConfig(weight_bits=wb, act_bits=ab, weight_granularity=gran)
                 for key, src in sources.items():
                     q = quantize_static(src, calib, config)
+                    prefix = "" if key == "plain" else "cle+"
                     acc[label][gname][key].append(evaluate(q, digits.test))
-                    corrected = correct_depthwise_bias(q, means[key])
-                    name = "bias_correction" if key == "plain" else "cle+bias_correction"
-                    acc[label][gname][name].append(evaluate(corrected, digits.test))
+                    acc[label][gname][prefix + "bias_correction"].append(
+                        evaluate(correct_bias(q, means[key]), digits.test))
+                    acc[label][gname][prefix + "analytic_bias_correction"].append(
+                        evaluate(correct_bias(q, analytic[key]), digits.test))
             log(f"{DEPTHWISE_MODEL} seed {seed} {label}: " + ", ".join(
                 f"{g} {'/'.join(f'{acc[label][g][m][-1]:.1f}' for m in METHODS)}" for g in GRANULARITIES)
                 + f"  ({time.perf_counter() - start:.0f} s)")
@@ -343,7 +290,7 @@ def table(result: dict) -> str:
     d = result["depthwise"]
     lines.append(f"{d['model']} (depthwise-separable): fp32 {acc(d['fp32'])}, ReLU6 -> ReLU {acc(d['fp32_relu'])}; "
                  f"weights min-max, activations min-max")
-    lines.append(f"  {'':24s}" + "  ".join(f"{m:>21s}" for m in METHODS))
+    lines.append(f"  {'':24s}" + "  ".join(f"{m.replace('analytic_', 'an. '):>21s}" for m in METHODS))
     for c, per_g in d["accuracy"].items():
         for g, per_m in per_g.items():
             lines.append(f"  {c + ' ' + g:24s}" + "  ".join(f"{acc(per_m[m]):>21s}" for m in METHODS))
