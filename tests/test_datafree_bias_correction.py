@@ -214,7 +214,8 @@ def test_relu6_mean_matches_monte_carlo_within_the_sampling_error():
     assert ((got - mc).abs() <= 5 * sd / math.sqrt(n) + 1e-12).all(), (got, mc)
     assert got[-1] == 1.0 and got[4] < 6  # std 0: clamp(mean); mean at the clip: below it
     # far above the clip it is the ReLU mean (the clip is never reached)
-    torch.testing.assert_close(clipped_normal_mean(mean[:4], std[:4], upper=1e4), clipped_normal_mean(mean[:4], std[:4]))
+    torch.testing.assert_close(clipped_normal_mean(mean[:4], std[:4], upper=1e4),
+                               clipped_normal_mean(mean[:4], std[:4]))
     with pytest.raises(ValueError, match="upper"):
         clipped_normal_mean(mean, std, upper=-1.0)
 

@@ -261,9 +261,11 @@ def test_cle_through_depthwise_layers_keeps_the_function_and_evens_ranges():
         r1 = channel_ranges(equal.get_submodule(n1).weight, 0)
         r2 = input_channel_ranges(equal.get_submodule(n2), len(r1))
         torch.testing.assert_close(r1, r2, rtol=1e-6, atol=0)
+    def spread(m, name):
+        r = channel_ranges(m.get_submodule(name).weight)
+        return (r.max() / r.min()).item()
     for name in ("3", "9"):  # the depthwise layers: their channel ranges spread less
-        spread = lambda m: (lambda r: (r.max() / r.min()).item())(channel_ranges(m.get_submodule(name).weight))  # noqa: E731
-        assert spread(equal) < spread(folded) / 2, name
+        assert spread(equal, name) < spread(folded, name) / 2, name
 
 
 def test_unbalance_through_depthwise_layers_and_cle_undoes_it():

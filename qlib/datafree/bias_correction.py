@@ -17,15 +17,20 @@ is what BatchNorm does). Assuming ``z_c ~ N(mu, sigma^2)``, the ReLU output has 
     E[relu(z)] = mu * Phi(mu / sigma) + sigma * phi(mu / sigma)
 
 with ``Phi``/``phi`` the standard normal cdf/pdf; a ReLU6 clips at 6 as well (MobileNet),
-which adds ``6 * P(z > 6)`` and removes the part above 6 (:func:`clipped_normal_mean`). Mean-preserving modules between the ReLU
-and the layer (average pooling, flatten, identity) keep it; max-pooling does not (its
-output mean is larger), so such layers are skipped here. ``empirical_input_means``
+which adds ``6 * P(z > 6)`` and removes the part above 6 (:func:`clipped_normal_mean`).
+Mean-preserving modules between the activation and the layer (average pooling, flatten,
+identity) keep it; max-pooling does not (its output mean is larger), so such layers are
+skipped here. ``empirical_input_means``
 measures E[x] on (synthetic) inputs instead: the paper's "empirical bias correction".
 
 The statistics ``(beta, |gamma|)`` must be read *before* folding (``bn_preactivation_stats``);
 if the folded layers are later rescaled (``equalize.unbalance``, ``cross_layer_equalize``),
 ``scale_stats`` carries the rescaling over. Zero padding at the borders of a convolution
 sees 0, not E[x]; the correction ignores this (as does the paper).
+
+Grouped and depthwise convolutions (MobileNet): output channel ``o`` only reads the input
+channels of its group, so ``E[x]`` enters only through those; for a depthwise layer
+``delta_c = sum_taps (W_q - W)[c] * E[x_c]`` (:func:`expected_output_error`).
 """
 
 from __future__ import annotations
