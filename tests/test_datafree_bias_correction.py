@@ -294,3 +294,15 @@ def test_depthwise_correction_is_the_per_channel_tap_sum():
     w, wq = torch.randn(5, 1, 3, 3, generator=gen(0)), torch.randn(5, 1, 3, 3, generator=gen(1))
     ex = torch.rand(5, generator=gen(2))
     torch.testing.assert_close(expected_output_error(w, wq, ex, groups=5), (wq - w).flatten(1).sum(1) * ex)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_relu6_means_and_depthwise_correction_on_cuda():
+    mean, std = torch.tensor([0.5, 5.0, 7.0], device="cuda"), torch.tensor([1.0, 2.0, 0.0], device="cuda")
+    got = clipped_normal_mean(mean, std, upper=6)
+    assert got.is_cuda
+    torch.testing.assert_close(got.cpu(), clipped_normal_mean(mean.cpu(), std.cpu(), upper=6))
+    w, wq = torch.randn(3, 1, 3, 3, device="cuda"), torch.randn(3, 1, 3, 3, device="cuda")
+    delta = expected_output_error(w, wq, got, groups=3)
+    assert delta.is_cuda
+    torch.testing.assert_close(delta, (wq - w).flatten(1).sum(1) * got)
