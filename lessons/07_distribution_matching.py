@@ -498,10 +498,10 @@ if ptq_bench is not None and "depthwise" in ptq_bench:
 
 # %% [markdown]
 # How our `dsc16` compares with MobileNetV2 is in the printed lines, not in this text (the
-# weights may be retrained; the sentences are computed from the benchmark). In an ImageNet
-# MobileNet, channels that ReLU6 almost always switches off get a tiny BN variance and a huge fold
-# factor, so the depthwise ranges spread by orders of magnitude: compare the max/min ratios in the
-# plot. Where one scale per tensor does cost points, CLE and bias correction are the data-free
+# weights may be retrained; the sentences are computed from the benchmark). In MobileNetV2 the
+# folded depthwise ranges spread widely (Nagel et al.'s figure 2: some channels' ranges are many
+# times others'; a channel whose BN variance is tiny, for example, gets a huge fold factor):
+# compare the max/min ratios in the plot above. Where one scale per tensor does cost points, CLE and bias correction are the data-free
 # repair DFQ describes; per-channel weight scales remain the baseline to beat (section 4).
 # Replacing ReLU6 by ReLU is what CLE costs, and the last lines say whether that is measurable
 # on the digits.
