@@ -38,6 +38,16 @@ from .requant import INT32_MAX, _check_int32, _int_tensor, _require_int, requant
 __all__ = ["IntLinear", "IntConv2d", "int_conv2d_grouped"]
 
 
+def _float32_exact(device: torch.device, bound: int, lo: int, hi: int, z_x: int) -> bool:
+    """Whether a float32 convolution gives the exact integers: every number below ``2**24``
+    (8-bit depthwise: ``9 * 255 * 128``), and full IEEE float32 arithmetic. Only on the CPU
+    with oneDNN at its default precision: cuDNN rounds float32 convolutions to TF32 (10-bit
+    mantissa) by default on Ampere and later, so CUDA takes float64."""
+    precision = getattr(getattr(torch.backends.mkldnn, "conv", None), "fp32_precision", "none")  # torch >= 2.9
+    return (device.type == "cpu" and precision in ("none", "ieee")
+            and bound < 2**24 and max(abs(lo), abs(hi), abs(z_x)) < 2**24)
+
+
 def int_conv2d_grouped(x_q: torch.Tensor, w_q: torch.Tensor, x_zp=0, w_zp=0, stride=1, padding=0, dilation=1,
                        groups: int = 1, bias=None, backend: str | None = None) -> torch.Tensor:
     """Grouped 2-D convolution of codes with int32 accumulation: ``qlib.intops.int_conv2d`` per group.
@@ -59,7 +69,8 @@ def int_conv2d_grouped(x_q: torch.Tensor, w_q: torch.Tensor, x_zp=0, w_zp=0, str
     floating point, which is exact: every term and every partial sum is an integer of magnitude
     at most ``bound = K * max|x - x_zp| * max|w - w_zp| < 2**31`` (``K = C / G * kh * kw``,
     checked first: OverflowError otherwise), so float64 (53-bit significand) adds them without
-    rounding, in any order; so does float32 (24 bits) when ``bound < 2**24``, which it uses then. (An int8 GEMM per group does not pay for depthwise layers: ``K = 9``, one column.)
+    rounding, in any order; so does float32 (24 bits) when ``bound < 2**24``, which it then uses on
+    the CPU (not on CUDA, where cuDNN computes float32 convolutions in TF32 by default). (An int8 GEMM per group does not pay for depthwise layers: ``K = 9``, one column.)
     """
     _check_backend(backend)
     for name, t in (("x_q", x_q), ("w_q", w_q)):
@@ -87,7 +98,7 @@ def int_conv2d_grouped(x_q: torch.Tensor, w_q: torch.Tensor, x_zp=0, w_zp=0, str
     z_x = int(_int_tensor(x_zp, "x_zp"))
     w = _int_tensor(w_q, "w_q") - w_zp.reshape(-1, 1, 1, 1)
     k = w[0].numel()
-    bound = 0
+    bound, lo, hi = 0, 0, 0
     if x_q.numel() and w.numel():
         lo, hi = (int(v) for v in torch.aminmax(x_q))
         bound = k * max(abs(hi - z_x), abs(lo - z_x)) * int(w.abs().max())
@@ -103,9 +114,8 @@ def int_conv2d_grouped(x_q: torch.Tensor, w_q: torch.Tensor, x_zp=0, w_zp=0, str
         else:  # no integer matmul on CUDA: float64 is exact here (the bound above)
             acc = torch.einsum("nhwgk,gok->nhwgo", cols.double(), filters.double()).to(torch.int64)
         acc = acc.reshape(*acc.shape[:3], c_out).permute(0, 3, 1, 2)
-    else:  # float32 is exact too while every number is below 2**24 (8-bit depthwise: 9 * 255 * 128), and faster
-        small = bound < 2**24 and max(abs(lo), abs(hi), abs(z_x)) < 2**24 if bound else True
-        dtype = torch.float32 if small else torch.float64
+    else:
+        dtype = torch.float32 if _float32_exact(x_q.device, bound, lo, hi, z_x) else torch.float64
         acc = F.conv2d(x_q.to(dtype) - z_x, w.to(dtype), None, stride, padding, dilation, groups).to(torch.int64)
     if bias is not None:
         acc = acc + bias.reshape(-1, 1, 1)

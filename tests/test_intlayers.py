@@ -228,11 +228,16 @@ def test_grouped_conv_equals_pytorchs_quantized_conv(c_in, c_out, groups, x86_en
     assert torch.equal(direct.long(), ((want - z_y) / (s_x * s_w / s_y).reshape(-1, 1, 1)).round().long())
 
 
-def test_int_conv2d_grouped_is_the_sum_over_each_group():
+@pytest.mark.parametrize("wide", [False, True])
+def test_int_conv2d_grouped_is_the_sum_over_each_group(wide):
     """The written definition, per group in int64, with per-channel weight zero points and a
-    non-zero input zero point (the padding is a real 0, the code z_x)."""
-    g = gen(10)
-    x_q = torch.randint(0, 256, (2, 6, 6, 6), generator=g).to(torch.uint8)
+    non-zero input zero point (the padding is a real 0, the code z_x). ``wide``: int32 codes up
+    to 2**16, so partial sums pass 2**24 (float32 rounds them: the float64 path runs)."""
+    g = gen(10 + wide)
+    if wide:
+        x_q = torch.randint(-(2**16), 2**16, (2, 6, 6, 6), generator=g).to(torch.int32)
+    else:
+        x_q = torch.randint(0, 256, (2, 6, 6, 6), generator=g).to(torch.uint8)
     w_q = torch.randint(-128, 128, (4, 3, 3, 3), generator=g).to(torch.int8)
     w_zp = torch.randint(-5, 6, (4,), generator=g)
     bias = torch.randint(-1000, 1000, (4,), generator=g).to(torch.int32)
@@ -244,7 +249,11 @@ def test_int_conv2d_grouped_is_the_sum_over_each_group():
         w = w_q[o].long() - w_zp[o]
         want[:, o] = sum(patch[:, c, u:u + 6, v:v + 6] * w[c, u, v]
                          for c in range(3) for u in range(3) for v in range(3)) + bias[o]
-    for backend in BACKENDS + (None,):
+    if wide:  # float32 would not be exact here
+        w_real = (w_q.long() - w_zp.reshape(-1, 1, 1, 1)).float()
+        f32 = F.conv2d((x_q.long() - 77).float(), w_real, bias.float(), 1, 1, 1, 2)
+        assert not torch.equal(f32.long(), want)
+    for backend in (("reference", None) if wide else BACKENDS + (None,)):  # kernels take 8-bit codes
         got = int_conv2d_grouped(x_q, w_q, 77, w_zp, 1, 1, 1, 2, bias, backend)
         assert got.dtype == torch.int32 and torch.equal(got.long(), want), backend
 
