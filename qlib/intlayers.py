@@ -69,8 +69,9 @@ def int_conv2d_grouped(x_q: torch.Tensor, w_q: torch.Tensor, x_zp=0, w_zp=0, str
     floating point, which is exact: every term and every partial sum is an integer of magnitude
     at most ``bound = K * max|x - x_zp| * max|w - w_zp| < 2**31`` (``K = C / G * kh * kw``,
     checked first: OverflowError otherwise), so float64 (53-bit significand) adds them without
-    rounding, in any order; so does float32 (24 bits) when ``bound < 2**24``, which it then uses on
-    the CPU (not on CUDA, where cuDNN computes float32 convolutions in TF32 by default). (An int8 GEMM per group does not pay for depthwise layers: ``K = 9``, one column.)
+    rounding, in any order; so does float32 (24 bits) when ``bound < 2**24``, which it then uses
+    on the CPU (not on CUDA, where cuDNN computes float32 convolutions in TF32 by default). An
+    int8 GEMM per group does not pay for depthwise layers: ``K = 9``, one output column.
     """
     _check_backend(backend)
     for name, t in (("x_q", x_q), ("w_q", w_q)):

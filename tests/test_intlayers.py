@@ -3,8 +3,8 @@
 References: PyTorch's quantized convolution (``torch.ao.nn.quantized.Conv2d``, x86 engine) for
 grouped and depthwise ``IntConv2d``, bit for bit on a grid where its float requantization is
 exact (power-of-two scales, multipliers 1 and 2, codes inside the output range); and the
-fake-quant layers of qlib.modules that the integer layers implement. The latter two
-differ by the int32 bias rounding (at most half an accumulator unit) and by float32 rounding
+fake-quant layers of qlib.modules that the integer layers implement. An integer layer and
+its fake-quant layer differ by the int32 bias rounding (at most half an accumulator unit) and by float32 rounding
 in the fake-quant layer, bounded from the arithmetic: a float32 dot product of K terms is
 within ``(K + 4) * eps32 * sum_k |x_k| |w_k|`` of the exact one (Higham's gamma_K, plus the
 float32 rounding of the dequantized codes and of the bias). Torch draws use generators seeded
