@@ -270,3 +270,17 @@ def test_int_conv2d_grouped_errors():
     big = torch.full((1, 4, 5, 5), 2**20, dtype=torch.int32)
     with pytest.raises(OverflowError, match="overflow"):
         int_conv2d_grouped(big, torch.full((4, 2, 3, 3), 127, dtype=torch.int8), groups=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grouped_conv_on_cuda_gives_the_cpu_integers():
+    """On CUDA: float64 (cuDNN's float32 may be TF32) and the float64 reference, the same integers."""
+    g = gen(12)
+    x_q = torch.randint(0, 256, (4, 32, 9, 9), generator=g).to(torch.uint8)
+    w_q = torch.randint(-128, 128, (32, 1, 3, 3), generator=g).to(torch.int8)
+    w_zp = torch.randint(-3, 4, (32,), generator=g)
+    bias = torch.randint(-5000, 5000, (32,), generator=g).to(torch.int32)
+    want = int_conv2d_grouped(x_q, w_q, 131, w_zp, 2, 1, 1, 32, bias)
+    for backend in ("reference", None):
+        got = int_conv2d_grouped(x_q.cuda(), w_q.cuda(), 131, w_zp.cuda(), 2, 1, 1, 32, bias.cuda(), backend)
+        assert got.device.type == "cuda" and torch.equal(got.cpu(), want), backend

@@ -388,3 +388,14 @@ def test_pretrained_dsc16_on_the_test_digits(digits16):
     agreement = (out_int.argmax(1) == out_fq.argmax(1)).float().mean()
     acc_int, acc_fq = (100 * (o.argmax(1) == y).float().mean() for o in (out_int, out_fq))
     assert agreement >= 0.99 and abs(acc_int - acc_fq) <= 0.6, (agreement, acc_int, acc_fq)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_relu6_depthwise_model_on_cuda_equals_the_cpu():
+    g = gen(15)
+    q = quantize_static(mobile_block(g), randn(g, 32, 1, 8, 8))
+    x = randn(g, 16, 1, 8, 8)
+    cpu = convert_to_integer(q)
+    with torch.no_grad():
+        want, got = cpu(x), convert_to_integer(q).cuda()(x.cuda())
+    assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
