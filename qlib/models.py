@@ -15,9 +15,13 @@ folding, BN-statistics synthetic data and bias correction all have something to 
 3x3 filter per channel) and a pointwise 1x1 convolution, each followed by BatchNorm and ReLU6.
 A depthwise filter sees a single channel, so after BN folding (``w * gamma / sqrt(var + eps)``)
 its channels' weight ranges differ by orders of magnitude, and one per-tensor scale for all of
-them wastes most codes (Nagel et al. 2019, DFQ). It lives in ``DEPTHWISE_ZOO``, not in ``ZOO``:
-``ZOO`` holds the plain-convolution models that every qlib path (integer-only inference
-included) supports; ``ALL_MODELS`` holds both, and every function here accepts any of them.
+them wastes most codes (Nagel et al. 2019, DFQ). Integer-only inference runs it too (grouped
+``IntConv2d``, ReLU6 fused into the requantization: ``qlib.intmodel``). It lives in
+``DEPTHWISE_ZOO``, not in ``ZOO``, because cross-layer equalization does not apply to it as it
+stands: CLE pairs only ``groups = 1`` layers through positive-homogeneous activations, and
+ReLU6 is not one (DFQ replaces it by ReLU first). ``ZOO`` holds the plain-convolution models
+that every qlib path supports; ``ALL_MODELS`` holds both, and every function here accepts any
+of them.
 
 The models are plain ``nn.Sequential`` chains (``res16`` holds ``BasicBlock`` modules), which
 keeps module swapping and integer conversion readable.
@@ -129,7 +133,8 @@ every qlib path (integer-only inference, cross-layer equalization, bias correcti
 DEPTHWISE_ZOO = {
     "dsc16": (make_dsc, 16),
 }
-"""Depthwise-separable models (grouped convolutions, ReLU6): the zoo's hard case for PTQ."""
+"""Depthwise-separable models (grouped convolutions, ReLU6): the zoo's hard case for PTQ.
+Integer-only inference supports them; cross-layer equalization only after ReLU6 -> ReLU."""
 
 ALL_MODELS = {**ZOO, **DEPTHWISE_ZOO}
 """Every model ``create``/``pretrained`` can build."""

@@ -3,12 +3,15 @@
 Reference: the zero-point expansion of Jacob et al. 2018 (section 2.3) written directly
 (``(x_q - z_x) @ (w_q - z_w).T + b``), TFLite's single-rounding requantization on Python
 integers, and ``qlib.requant`` (``quantize_multiplier``, ``requantize``), which the checks'
-own references must agree with bit for bit.
+own references must agree with bit for bit. Near-ties: the exact rational ``acc * m / 2**t``
+(``fractions.Fraction``) against IEEE float64 arithmetic on the same numbers.
 """
 
 from __future__ import annotations
 
 import math
+import random
+from fractions import Fraction
 
 import pytest
 import torch
@@ -143,3 +146,69 @@ def test_requantize_mistakes_fail_the_visible_check_with_a_hint():
         lab03.requantize(no_rounding)
     with pytest.raises(AssertionError, match="codes differ"):
         lab03.requantize(no_clamp)
+
+
+# ------------------------------------------------------------------ float64 is not integer-only
+def float64_ties_up(acc, m, shift, z_y, qmin, qmax):
+    """Round half up in float64: right on every exact tie, wrong a hair below one."""
+    M = m * 2.0 ** (shift - 31)  # exact: m has 31 bits
+    return torch.clamp(torch.floor(acc.double() * M + 0.5).to(torch.int64) + z_y, qmin, qmax)
+
+
+def float64_shift(acc, m, shift, z_y, qmin, qmax):
+    """The integer formula, but ``acc * m`` taken in float64 (62 bits into 53)."""
+    t = 31 - shift
+    y = torch.floor((acc.double() * m + 2.0 ** (t - 1)) / 2.0**t).to(torch.int64)
+    return torch.clamp(y + z_y, qmin, qmax)
+
+
+@pytest.mark.parametrize("wrong", [float64_ties_up, float64_shift])
+def test_float64_requantize_fails_visible_and_hidden_with_a_hint(wrong):
+    """Regression: both float64 versions passed every requantize check (random accumulators
+    almost never land within float64's error of a tie)."""
+    with pytest.raises(AssertionError, match="just below a tie.*float64 holds 53"):
+        lab03.requantize(wrong)
+    from qlib.check.draws import seeded
+    for base in ("a", "b"):
+        with seeded(base), pytest.raises(AssertionError, match="just below a tie"):
+            lab03.requantize_hidden(wrong)
+
+
+def test_first_in_window_is_the_smallest_solution():
+    rng = random.Random(torch.seed())
+    for _ in range(2000):
+        mod = rng.randint(2, 300)
+        a, lo = rng.randrange(mod), rng.randrange(mod)
+        hi = rng.randint(lo, mod - 1)
+        want = next((x for x in range(mod + 1) if lo <= a * x % mod <= hi), None)
+        assert L._first_in_window(a, mod, lo, hi) == want, (a, mod, lo, hi)
+
+
+def _exact_and_float64(acc, m, shift):
+    t = 31 - shift
+    exact = (acc * m + (1 << (t - 1))) >> t                      # Python ints: exact
+    return exact, math.floor(acc * (m * 2.0 ** (shift - 31)) + 0.5)  # IEEE float64
+
+
+@pytest.mark.parametrize("bits", [15, 16])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_near_ties_are_where_float64_rounds_the_wrong_way(bits, sign):
+    rng = random.Random(torch.seed())
+    acc, m, shift = L.near_tie(rng, bits, sign)
+    value = Fraction(acc * m, 2 ** (31 - shift))
+    assert -(2**31) <= acc < 2**31 and 2**30 <= m < 2**31 and sign * acc > 0
+    assert 2 ** (bits - 2) <= abs(value) < 2 ** (bits - 1)
+    assert 0 < math.floor(value) + Fraction(1, 2) - value <= Fraction(64, 2 ** (31 - shift))  # a hair below
+    exact, fl = _exact_and_float64(acc, m, shift)
+    assert fl == exact + 1 and torch.equal(L.reference_requantize(torch.tensor([acc]), m, shift, 0, -2**15, 2**15 - 1),
+                                           torch.tensor([exact]))
+
+
+def test_stored_8bit_near_ties():
+    """Each stored case: the exact answer rounds down, float64 rounds up, and the value fits 8-bit codes."""
+    assert {a > 0 for a, _, _ in L.NEAR_TIES_8BIT} == {True, False}
+    for acc, m, shift in L.NEAR_TIES_8BIT:
+        exact, fl = _exact_and_float64(acc, m, shift)
+        assert fl == exact + 1 and 64 <= abs(Fraction(acc * m, 2 ** (31 - shift))) < 127
+        assert torch.equal(requant.requantize(torch.tensor([acc]), m, shift, 128, 0, 255).to(torch.int64),
+                           torch.tensor([exact + 128]))

@@ -1,7 +1,10 @@
 """Tests for qlib.intlayers (IntLinear / IntConv2d built from frozen fake-quant layers).
 
-Reference: the fake-quant layers of qlib.modules that the integer layers implement. The two
-differ by the int32 bias rounding (at most half an accumulator unit) and by float32 rounding
+References: PyTorch's quantized convolution (``torch.ao.nn.quantized.Conv2d``, x86 engine) for
+grouped and depthwise ``IntConv2d``, bit for bit on a grid where its float requantization is
+exact (power-of-two scales, multipliers 1 and 2, codes inside the output range); and the
+fake-quant layers of qlib.modules that the integer layers implement. An integer layer and
+its fake-quant layer differ by the int32 bias rounding (at most half an accumulator unit) and by float32 rounding
 in the fake-quant layer, bounded from the arithmetic: a float32 dot product of K terms is
 within ``(K + 4) * eps32 * sum_k |x_k| |w_k|`` of the exact one (Higham's gamma_K, plus the
 float32 rounding of the dequantized codes and of the bias). Torch draws use generators seeded
@@ -15,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlib.intlayers import IntConv2d, IntLinear
+from qlib.intlayers import IntConv2d, IntLinear, int_conv2d_grouped
 from qlib.intops import BACKENDS
 from qlib.modules import QuantConfig, QuantConv2d, QuantLinear, fake_quantizers
 from qlib.ptq import quantize_dynamic
@@ -37,13 +40,24 @@ def frozen(layer, x):
     return layer
 
 
+CONVS = {  # kind -> (C_in, C_out, groups, stride)
+    "conv": (3, 8, 1, 1),
+    "depthwise": (8, 8, 8, 2),   # MobileNet's 3x3 layer: one filter per channel
+    "grouped": (6, 4, 2, 1),     # two groups of 3 inputs -> 2 outputs
+}
+KINDS = ["linear", *CONVS]
+
+
 def make(kind, g, config=None, bias=True):
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))  # the layer's init
     if kind == "linear":
         q = QuantLinear.from_float(nn.Linear(30, 12, bias=bias), config)
         return frozen(q, torch.randn(64, 30, generator=g)), torch.randn(64, 30, generator=g) * 1.2
-    q = QuantConv2d.from_float(nn.Conv2d(3, 8, 3, padding=1, bias=bias), config)
-    return frozen(q, torch.randn(8, 3, 10, 10, generator=g)), torch.randn(8, 3, 10, 10, generator=g) * 1.2
+    c_in, c_out, groups, stride = CONVS[kind]
+    q = QuantConv2d.from_float(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, groups=groups, bias=bias),
+                               config)
+    return (frozen(q, torch.randn(8, c_in, 10, 10, generator=g)),
+            torch.randn(8, c_in, 10, 10, generator=g) * 1.2)
 
 
 def float_error_bound(q, x) -> torch.Tensor:
@@ -53,13 +67,13 @@ def float_error_bound(q, x) -> torch.Tensor:
     if isinstance(q, QuantLinear):
         k, s = w_dq.shape[1], F.linear(x_dq, w_dq, b)
     else:
-        k, s = w_dq[0].numel(), F.conv2d(x_dq, w_dq, b, q.stride, q.padding, q.dilation)
+        k, s = w_dq[0].numel(), F.conv2d(x_dq, w_dq, b, q.stride, q.padding, q.dilation, q.groups)
     return (k + 4) * EPS32 * s
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_int_layer_matches_fake_quant_layer(kind):
-    g = gen(1 if kind == "linear" else 2)
+    g = gen(1 + KINDS.index(kind) * 100)
     q, x = make(kind, g)
     layer = (IntLinear if kind == "linear" else IntConv2d).from_float(q)
     assert layer.weight_q.dtype == torch.int8 and layer.bias_q.dtype == torch.int32
@@ -85,9 +99,9 @@ def test_int_layer_matches_fake_quant_layer(kind):
     assert (near_boundary | (diff == 0)).all()
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_every_backend_gives_the_same_integers(kind):
-    g = gen(3 if kind == "linear" else 4)
+    g = gen(3 + KINDS.index(kind) * 100)
     q, x = make(kind, g)
     cls = IntLinear if kind == "linear" else IntConv2d
     x_q = cls.from_float(q).quantize_input(x)
@@ -140,11 +154,133 @@ def test_int_layer_errors():
     with pytest.raises(TypeError, match="QuantConv2d"):
         IntConv2d.from_float(nn.Conv2d(3, 2, 1))
     g = gen(8)
-    grouped = frozen(QuantConv2d.from_float(nn.Conv2d(4, 4, 3, groups=2)), torch.randn(2, 4, 5, 5, generator=g))
-    with pytest.raises(NotImplementedError, match="groups"):
-        IntConv2d.from_float(grouped)
+    reflect = frozen(QuantConv2d.from_float(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")),
+                     torch.randn(2, 4, 5, 5, generator=g))
+    with pytest.raises(NotImplementedError, match="zero padding"):
+        IntConv2d.from_float(reflect)
     q, _ = make("linear", g)
     with pytest.raises(ValueError, match="backend"):
         IntLinear.from_float(q, backend="gpu")
     with pytest.raises(TypeError, match="double_rounding"):
         IntLinear.from_float(q, double_rounding="yes")
+
+
+# ------------------------------------------------------------------ grouped convolutions
+def test_grouped_layers_build_and_no_longer_raise():
+    """Regression: IntConv2d.from_float raised NotImplementedError for groups != 1."""
+    g = gen(9)
+    for kind in ("depthwise", "grouped"):
+        q, x = make(kind, g)
+        layer = IntConv2d.from_float(q)
+        assert layer.groups == q.groups > 1 and layer.weight_q.shape == q.weight.shape
+        assert f"groups={q.groups}" in repr(layer)
+        with torch.no_grad():
+            assert layer(layer.quantize_input(x)).shape == q(x).shape
+
+
+@pytest.fixture
+def x86_engine():
+    """PyTorch's x86 quantized engine for the test, the previous engine restored after it."""
+    if "x86" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no x86 quantized engine in this PyTorch build")
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "x86"
+    yield
+    torch.backends.quantized.engine = before
+
+
+@pytest.mark.filterwarnings("ignore:.*deprecated")  # PyTorch's quantized tensors
+@pytest.mark.parametrize("c_in, c_out, groups", [(8, 8, 8), (8, 16, 8), (4, 6, 2)])
+def test_grouped_conv_equals_pytorchs_quantized_conv(c_in, c_out, groups, x86_engine):
+    """``IntConv2d`` (accumulate, requantize) vs ``torch.ao.nn.quantized.Conv2d``, bit for bit.
+
+    groups = C_in (depthwise; with a channel multiplier of 2 too) and groups = 2. Per-channel
+    weight scales 2**-4 or 2**-5 and output scale s_x * 2**-5: every requantization multiplier
+    is 1 or 2, which PyTorch's float requantization and qlib's Q31 one both apply exactly; the
+    codes stay inside [0, 255] (checked), so no clamp can hide a difference.
+    """
+    import torch.ao.nn.quantized as nnq
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
+    k = c_in // groups * 9
+    dx, dw = (3, 2) if k == 9 else (2, 1)                   # K * dx * dw * 2 + |b| < 128
+    s_x, z_x, z_y = 2.0**-3, int(torch.randint(10, 240, (1,), generator=g)), 128
+    s_w = 2.0 ** -torch.randint(4, 6, (c_out,), generator=g).double()
+    s_y = s_x * 2.0**-5
+    x_q = (z_x + torch.randint(-dx, dx + 1, (2, c_in, 7, 7), generator=g)).to(torch.uint8)
+    w_q = torch.randint(-dw, dw + 1, (c_out, c_in // groups, 3, 3), generator=g).to(torch.int8)
+    b_q = torch.randint(-10, 11, (c_out,), generator=g)
+    # PyTorch: quantized tensors with these codes and scales; the bias as a float, b_q * s_x * s_w
+    ref = nnq.Conv2d(c_in, c_out, 3, stride=1, padding=1, groups=groups)
+    w = torch._make_per_channel_quantized_tensor(w_q, s_w, torch.zeros(c_out, dtype=torch.int64), 0)
+    ref.set_weight_bias(w, (b_q.double() * s_x * s_w).float())
+    ref.scale, ref.zero_point = s_y, z_y
+    want = ref(torch._make_per_tensor_quantized_tensor(x_q, s_x, z_x)).int_repr().long()
+    # qlib: an IntConv2d of a grouped QuantConv2d, its codes and scales replaced by the same ones
+    q = frozen(QuantConv2d.from_float(nn.Conv2d(c_in, c_out, 3, padding=1, groups=groups)),
+               torch.randn(2, c_in, 7, 7, generator=g))
+    layer = IntConv2d.from_float(q)
+    layer.weight_q.copy_(w_q), layer.weight_scale.copy_(s_w), layer.weight_zero_point.zero_()
+    layer.input_scale.fill_(s_x), layer.input_zero_point.fill_(z_x), layer.bias_q.copy_(b_q)
+    got = layer.requantize(layer(x_q), torch.tensor(s_y), z_y, 0, 255).long()
+    assert (want > 0).all() and (want < 255).all()
+    assert torch.equal(got, want)
+    direct = int_conv2d_grouped(x_q, w_q, z_x, 0, 1, 1, 1, groups, b_q)  # the accumulator itself
+    assert torch.equal(direct.long(), ((want - z_y) / (s_x * s_w / s_y).reshape(-1, 1, 1)).round().long())
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_int_conv2d_grouped_is_the_sum_over_each_group(wide):
+    """The written definition, per group in int64, with per-channel weight zero points and a
+    non-zero input zero point (the padding is a real 0, the code z_x). ``wide``: int32 codes up
+    to 2**16, so partial sums pass 2**24 (float32 rounds them: the float64 path runs)."""
+    g = gen(10 + wide)
+    if wide:
+        x_q = torch.randint(-(2**16), 2**16, (2, 6, 6, 6), generator=g).to(torch.int32)
+    else:
+        x_q = torch.randint(0, 256, (2, 6, 6, 6), generator=g).to(torch.uint8)
+    w_q = torch.randint(-128, 128, (4, 3, 3, 3), generator=g).to(torch.int8)
+    w_zp = torch.randint(-5, 6, (4,), generator=g)
+    bias = torch.randint(-1000, 1000, (4,), generator=g).to(torch.int32)
+    x = F.pad(x_q.long() - 77, (1, 1, 1, 1))
+    want = torch.empty(2, 4, 6, 6, dtype=torch.int64)
+    for o in range(4):
+        grp = o // 2
+        patch = x[:, grp * 3:(grp + 1) * 3]
+        w = w_q[o].long() - w_zp[o]
+        want[:, o] = sum(patch[:, c, u:u + 6, v:v + 6] * w[c, u, v]
+                         for c in range(3) for u in range(3) for v in range(3)) + bias[o]
+    if wide:  # float32 would not be exact here
+        w_real = (w_q.long() - w_zp.reshape(-1, 1, 1, 1)).float()
+        f32 = F.conv2d((x_q.long() - 77).float(), w_real, bias.float(), 1, 1, 1, 2)
+        assert not torch.equal(f32.long(), want)
+    for backend in (("reference", None) if wide else BACKENDS + (None,)):  # kernels take 8-bit codes
+        got = int_conv2d_grouped(x_q, w_q, 77, w_zp, 1, 1, 1, 2, bias, backend)
+        assert got.dtype == torch.int32 and torch.equal(got.long(), want), backend
+
+
+def test_int_conv2d_grouped_errors():
+    x = torch.zeros(1, 4, 5, 5, dtype=torch.uint8)
+    w = torch.zeros(4, 2, 3, 3, dtype=torch.int8)
+    with pytest.raises(ValueError, match="groups=4 dividing"):
+        int_conv2d_grouped(x, w, groups=4)
+    with pytest.raises(ValueError, match="groups must be an int"):
+        int_conv2d_grouped(x, w, groups=0)
+    with pytest.raises(TypeError, match="integers"):
+        int_conv2d_grouped(x.float(), w, groups=2)
+    big = torch.full((1, 4, 5, 5), 2**20, dtype=torch.int32)
+    with pytest.raises(OverflowError, match="overflow"):
+        int_conv2d_grouped(big, torch.full((4, 2, 3, 3), 127, dtype=torch.int8), groups=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grouped_conv_on_cuda_gives_the_cpu_integers():
+    """On CUDA: float64 (cuDNN's float32 may be TF32) and the float64 reference, the same integers."""
+    g = gen(12)
+    x_q = torch.randint(0, 256, (4, 32, 9, 9), generator=g).to(torch.uint8)
+    w_q = torch.randint(-128, 128, (32, 1, 3, 3), generator=g).to(torch.int8)
+    w_zp = torch.randint(-3, 4, (32,), generator=g)
+    bias = torch.randint(-5000, 5000, (32,), generator=g).to(torch.int32)
+    want = int_conv2d_grouped(x_q, w_q, 131, w_zp, 2, 1, 1, 32, bias)
+    for backend in ("reference", None):
+        got = int_conv2d_grouped(x_q.cuda(), w_q.cuda(), 131, w_zp.cuda(), 2, 1, 1, 32, bias.cuda(), backend)
+        assert got.device.type == "cuda" and torch.equal(got.cpu(), want), backend

@@ -1,8 +1,9 @@
 """Tests for qlib.intmodel (convert_to_integer: whole models in integer arithmetic).
 
 Reference: the converted fake-quant model (qlib.ptq.quantize_static) that the integer model
-implements, Jacob et al. 2018. The two differ only by the int32 bias rounding (half an
-accumulator unit) and the Q31 multiplier (2**-31 relative), which now and then move an
+implements, Jacob et al. 2018; for ReLU6's code clamp, PyTorch's quantized ReLU6
+(``torch.ao.nn.quantized.ReLU6``: codes clamped to ``[z, quantize(6)]``). The integer and the
+fake-quant model differ only by the int32 bias rounding (half an accumulator unit) and the Q31 multiplier (2**-31 relative), which now and then move an
 intermediate code by one (0.05% of the codes after the first layer, a few % after ten).
 Those flips propagate, so the whole-model bounds below are measured, not derived: each is
 about twice the largest value seen over 100 seeds (``MAX_STEPS``, ``MEAN_RATIO``). Between
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlib.intlayers import IntConv2d, IntLinear
-from qlib.intmodel import Accumulator, IntegerModel, _add, convert_to_integer
-from qlib.models import ZOO, BasicBlock, create
+from qlib.intmodel import Accumulator, IntegerModel, _add, activation_code, convert_to_integer, to_codes
+from qlib.models import ALL_MODELS, BasicBlock, create
 from qlib.modules import QuantConfig
 from qlib.ptq import prepare, quantize_dynamic, quantize_static
 from qlib.quantize import quantize
@@ -80,10 +81,10 @@ def assert_integer_matches(fq_model, x, fp_model=None, bits=8, **kwargs):
 
 
 def size(name):
-    return ZOO[name][1]
+    return ALL_MODELS[name][1]
 
 
-@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))  # dsc16 included: grouped convolutions, ReLU6
 def test_zoo_models_w8a8(name):
     g = gen(1)
     model = zoo_model(name, g)
@@ -94,7 +95,7 @@ def test_zoo_models_w8a8(name):
     assert len(layers) == sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules())
 
 
-@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
 @pytest.mark.parametrize("bits", [8, 4])
 def test_zoo_models_both_backends_are_bit_identical(name, bits, digits8, digits16):
     """The int8-kernel path and the int64 reference give equal outputs (shipped weights where present)."""
@@ -254,3 +255,147 @@ def test_integer_max_pool_equals_the_float64_one(kw):
     out = _MODULE_RULES[nn.MaxPool2d](nn.MaxPool2d(**kw), a)
     assert torch.equal(out.values.long(), F.max_pool2d(values.double(), **kw).long())
     assert torch.equal(out.scale, a.scale)
+
+
+# ------------------------------------------------------------------ ReLU6 and depthwise (MobileNet)
+class MobileBlock(nn.Module):
+    """Stem, depthwise 3x3 + BN + ReLU6 (module), max-pool, pointwise + F.relu6, mean, head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.dw, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.act = nn.ReLU6()
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu6(self.bn0(self.stem(x)))
+        x = F.max_pool2d(self.act(self.bn1(self.dw(x))), 2)  # the 6 stays pending through the max
+        x = F.relu6(self.pw(x)).mean((2, 3))                   # ...and is applied before a mean
+        return self.fc(x)
+
+
+def mobile_block(g):
+    """A ``MobileBlock`` whose BN gains are 4x larger, so that many activations pass 6."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+    model = randomize_bn(MobileBlock(), g).eval()
+    with torch.no_grad():
+        model.bn0.weight.mul_(4), model.bn1.weight.mul_(4)
+    return model
+
+
+def test_relu6_code_clamp_equals_pytorchs_quantized_relu6():
+    """``clamp(codes, q(0), q(6))`` is what ``torch.ao.nn.quantized.ReLU6`` does to quantized codes,
+    including scales where 6 lies beyond the code range (q(6) clipped to quant_max)."""
+    import warnings
+    import torch.ao.nn.quantized as nnq
+    g = gen(11)
+    for scale in [0.01, 0.023, 0.05, 6 / 255, 0.1, 0.3]:
+        z = int(torch.randint(0, 120, (1,), generator=g))
+        codes = torch.randint(0, 256, (1000,), generator=g).to(torch.uint8)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*deprecated")
+            want = nnq.ReLU6()(torch._make_per_tensor_quantized_tensor(codes, scale, z)).int_repr()
+        q0, q6 = activation_code(0.0, scale, z, 0, 255), activation_code(6.0, scale, z, 0, 255)
+        assert int(q0) == z and int(q6) == min(255, z + round(6 / scale))
+        assert torch.equal(codes.long().clamp(int(q0), int(q6)), want.long()), scale
+
+
+def test_pending_relu6_is_fused_into_the_requantization():
+    """``to_codes``: requantize first, then clamp the codes at q(6); equal to the fake-quant order
+    (ReLU6 in float, then quantize) wherever the real value is not within float error of a tie."""
+    from qlib.intmodel import _relu6
+    g = gen(12)
+    q = quantize_static(nn.Sequential(nn.Conv2d(3, 4, 1)), randn(g, 8, 3, 4, 4) * 5)  # range beyond 6
+    layer = convert_to_integer(q).graph_module.get_submodule("0")
+    q6 = int(activation_code(6.0, layer.input_scale, layer.input_zero_point, 0, 255))
+    assert q6 < 255  # a clamp of its own, not the range's
+    s_acc = torch.tensor([2e-4, 5e-4, 1e-3], dtype=torch.float64).reshape(3, 1, 1)
+    a = Accumulator(torch.randint(-40000, 40000, (64, 3, 2, 2), generator=g), s_acc)
+    fused = to_codes(_relu6(a), layer)
+    real = (a.values.double() * s_acc).clamp(0, 6)  # ReLU6 in float64, then the layer's quantizer
+    want = quantize(real.float(), layer.input_scale, layer.input_zero_point, 0, 255)
+    assert (a.values.double() * s_acc > 6).any() and (fused.long() == q6).any() and fused.max() == q6
+    assert (fused.long() - want.long()).abs().max() <= 1 and (fused == want).float().mean() > 0.99
+
+
+def test_materialized_relu6_is_within_one_accumulator_unit():
+    g = gen(13)
+    scale = torch.tensor([1e-3, 3e-3, 7e-3], dtype=torch.float64).reshape(3, 1)
+    a = Accumulator(torch.randint(0, 10000, (16, 3, 5), generator=g), scale, act_max=6.0)
+    m = a.materialized()
+    real, clipped = m.values.double() * scale, (a.values.double() * scale).clamp(max=6)
+    assert m.act_max is None and (real <= 6).all() and (real > clipped - scale).all()
+    assert torch.equal(m.values.long()[clipped < 6], a.values.long()[clipped < 6])
+    assert torch.equal(a.dequantize(), (a.values.double() * scale).float().clamp(max=6))
+
+
+def test_relu6_depthwise_model_matches_fake_quant():
+    """Regression: ReLU6 (module and F.relu6) and depthwise convolutions used to raise
+    NotImplementedError. After a ReLU6, min-max calibration gives the next layer the range
+    [0, 6], where q(6) is quant_max and the clamp hides in the range's own; so the layers after
+    a ReLU6 get the range [0, 10] here (as learned ranges or a shared range can give), q(6) = 153.
+    Layer inputs: the model's input identical; the stem's output (one requantization of the
+    same codes, then the clamp) never more than one code apart; the next, after a depthwise
+    layer, at most two (a flipped input code moves a depthwise output by up to |w| codes);
+    equal almost everywhere, and many codes at q(6), none above."""
+    g = gen(14)
+    model = mobile_block(g)
+    q = quantize_static(model, [randn(g, 32, 1, 8, 8) for _ in range(2)])
+    for name in ("dw", "pw", "fc"):
+        q.get_submodule(name).input_fq.frozen_scale.fill_(10 / 255)
+        q.get_submodule(name).input_fq.frozen_zero_point.fill_(0)
+    int_model = convert_to_integer(q)
+    fq_codes, int_codes, tops = [], [], []
+    for m in q.modules():
+        if hasattr(m, "input_fq"):
+            m.input_fq.register_forward_hook(lambda mod, i, out: fq_codes.append(
+                quantize(out, *mod.qparams(), mod.quant_min, mod.quant_max).long()))
+    for m in int_model.modules():
+        if isinstance(m, (IntLinear, IntConv2d)):
+            m.register_forward_hook(lambda mod, i, out: int_codes.append(i[0].long()))
+            tops.append(int(activation_code(6.0, m.input_scale, m.input_zero_point, m.input_quant_min,
+                                            m.input_quant_max)))
+    x = randn(g, 32, 1, 8, 8)
+    with torch.no_grad():
+        out_fq, out_int = q(x), int_model(x)
+    assert len(fq_codes) == len(int_codes) == 4 and tops[1:] == [153, 153, 153]
+    assert torch.equal(fq_codes[0], int_codes[0])
+    for i, max_diff in ((1, 1), (2, 2), (3, 2)):
+        a, b = fq_codes[i], int_codes[i]
+        assert (a - b).abs().max() <= max_diff and (a == b).float().mean() > 0.99, i
+        assert b.max() <= tops[i]
+    assert (int_codes[1] == 153).float().mean() > 0.002 and (int_codes[2] == 153).float().mean() > 0.01
+    assert (out_fq.argmax(1) == out_int.argmax(1)).float().mean() >= 0.9
+
+
+def test_pretrained_dsc16_on_the_test_digits(digits16):
+    """The MobileNet-style zoo model end to end on the 360 test digits, W8A8: within the bounds
+    the other zoo models meet (outputs within MAX_STEPS, argmax agreement >= 99% and accuracy
+    within 0.6 points of the fake-quant model, as benchmarks/ptq.py's integer_path requires)."""
+    from qlib.models import pretrained
+    model = pretrained("dsc16")
+    q = quantize_static(model, digits16.train.tensors[0][:256])
+    x, y = digits16.test.tensors
+    int_model = convert_to_integer(q)
+    assert sum(isinstance(m, IntConv2d) and m.groups > 1 for m in int_model.modules()) == 4
+    with torch.no_grad():
+        out_int, out_fq, out_fp = int_model(x), q(x), model(x)
+    step = (out_fq.max() - out_fq.min()) / 255  # as assert_integer_matches measures
+    diff, quant_error = (out_int - out_fq).abs() / step, ((out_fp - out_fq).abs() / step).mean()
+    assert diff.max() <= MAX_STEPS[8] and diff.mean() <= MEAN_RATIO[8] * quant_error
+    agreement = (out_int.argmax(1) == out_fq.argmax(1)).float().mean()
+    acc_int, acc_fq = (100 * (o.argmax(1) == y).float().mean() for o in (out_int, out_fq))
+    assert agreement >= 0.99 and abs(acc_int - acc_fq) <= 0.6, (agreement, acc_int, acc_fq)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_relu6_depthwise_model_on_cuda_equals_the_cpu():
+    g = gen(15)
+    q = quantize_static(mobile_block(g), randn(g, 32, 1, 8, 8))
+    x = randn(g, 16, 1, 8, 8)
+    cpu = convert_to_integer(q)
+    with torch.no_grad():
+        want, got = cpu(x), convert_to_integer(q).cuda()(x.cuda())
+    assert got.device.type == "cuda" and torch.equal(got.cpu(), want)

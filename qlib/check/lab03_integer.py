@@ -14,18 +14,28 @@ and requantizes it to the next layer's codes with ``M = s_x s_w / s_y`` written 
 
 (one rounding of the exact 64-bit product, ties toward +infinity: TFLite's single rounding).
 
+Why integers and not float64: ``acc * m`` needs up to 62 bits and a float64 holds 53, so
+``floor(acc * M + 0.5)`` in float64 rounds the product first. Where ``acc * M`` lies within
+that rounding error *below* a tie (``k + 1/2 - 2**-50``, say), float64 lands on the tie and
+rounds up: one code too many. Such near-ties are rare in random draws (about 2**-38 of them
+at 16-bit codes, 2**-46 at 8 bits), so the checks construct them (``near_tie``: a Euclid-like
+search for ``acc`` with ``acc * m mod 2**t`` in a window just below ``2**(t - 1)``) and show
+a float64 answer what it got wrong.
+
 References, computed here from first principles so that the checks depend on nothing the
 student could call: the direct sum ``(x_q - z_x) @ (w_q - z_w).T + b_q`` in int64, the
 multiplier from Python's exact :class:`fractions.Fraction` arithmetic, the rounding shift on
 Python ints; ``qlib.requant.requantize`` is asserted to agree (tests/test_check_lab03_integer.py).
 Visible checks cover every stated requirement (uint8 and int8 codes, a non-zero weight zero
 point, no bias, a multiplier that rounds up to ``2**31``, ties of both signs, the int32
-extremes); hidden checks draw fresh shapes, codes and scales.
+extremes, near-ties that float64 rounds onto the tie, at 8 and 16 bits); hidden checks draw
+fresh shapes, codes, scales and near-ties.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from fractions import Fraction
 from numbers import Integral
 
@@ -36,7 +46,7 @@ from .draws import Draw, hidden
 
 __all__ = ["reference_offset", "reference_accumulator", "reference_multiplier_ok", "reference_requantize",
            "zero_point_offset", "zero_point_offset_hidden", "int_linear", "int_linear_hidden",
-           "quantize_multiplier", "quantize_multiplier_hidden", "requantize", "requantize_hidden"]
+           "quantize_multiplier", "quantize_multiplier_hidden", "requantize", "requantize_hidden", "near_tie"]
 
 
 # ------------------------------------------------------------------ references (first principles)
@@ -243,6 +253,72 @@ def quantize_multiplier_hidden(fn) -> None:
     hidden("quantize_multiplier: random multipliers", body)
 
 
+# ------------------------------------------------------------------ near-ties float64 cannot resolve
+def _first_in_window(a: int, mod: int, lo: int, hi: int) -> int | None:
+    """The smallest ``x >= 0`` with ``lo <= (a * x) % mod <= hi`` (``0 <= lo <= hi < mod``), or None.
+
+    Euclid-like: either a multiple of ``a`` lies in ``[lo, hi]``, or the problem reduces to the
+    same one for ``(mod % a, a)`` (the wrap-arounds ``y`` of ``a * x = lo.. + mod * y``).
+    """
+    a %= mod
+    if lo == 0:
+        return 0
+    if a == 0:
+        return None
+    k = (lo + a - 1) // a
+    if a * k <= hi:
+        return k
+    y = _first_in_window(mod % a, a, (a - hi % a) % a, (a - lo % a) % a)
+    return None if y is None else (lo + mod * y + a - 1) // a
+
+
+def near_tie(rng: random.Random, bits: int, sign: int = 1, max_tries: int = 200_000) -> tuple[int, int, int]:
+    """``(acc, m, shift)``: an int32 ``acc`` and a Q31 multiplier with ``acc * M`` just *below* a
+    tie (``k + 1/2`` minus at most ``64 / 2**t``, ``t = 31 - shift = 62 - bits``) and
+    ``2**(bits - 2) <= |acc * M| < 2**(bits - 1)`` (so it fits signed ``bits``-bit codes).
+
+    The exact answer rounds down; float64 rounds ``acc * M`` onto the tie (its error there is up
+    to ``2**(bits - 2 - 53)`` = 64 units of ``2**-t``) and then up. Expected tries: about
+    ``2**(26.5 - bits)`` (a few ms at 16 bits, seconds at 8: those are precomputed).
+    """
+    t = 62 - bits
+    mod, tie, slack = 2**t, 2 ** (t - 1), 64
+    v_lo, v_hi = 2 ** (bits - 2), 2 ** (bits - 1) - 2
+    # acc * m mod 2**t just below the tie for a positive acc; just above it for |acc| of a negative one
+    lo_r, hi_r = (tie - slack, tie - 1) if sign > 0 else (tie + 1, tie + slack)
+    for _ in range(max_tries):
+        m = rng.randrange(2**30, 2**31)
+        a_lo, a_hi = -(-v_lo * mod // m), min(v_hi * mod // m, 2**31 - 1)
+        off = a_lo * m % mod
+        lo, hi = (lo_r - off) % mod, (hi_r - off) % mod
+        found = [x for x in ((_first_in_window(m, mod, lo, hi),) if lo <= hi else
+                             (_first_in_window(m, mod, lo, mod - 1), _first_in_window(m, mod, 0, hi)))
+                 if x is not None]
+        if found and a_lo + min(found) <= a_hi:
+            return sign * (a_lo + min(found)), m, 31 - t
+    raise RuntimeError(f"no near-tie found in {max_tries} tries")  # pragma: no cover - about e**-100
+
+
+# 8-bit near-ties, seconds each to find, so stored: for seed in (11, 12): rng = random.Random(seed);
+# near_tie(rng, 8, 1), near_tie(rng, 8, -1)
+NEAR_TIES_8BIT = [(619308738, 1934346195, -23), (-1374522794, 1317145891, -23),
+                  (683319090, 1832234332, -23), (-1003773766, 1157560342, -23)]
+
+
+def _near_tie_hint(acc: int, m: int, shift: int) -> str:
+    """What a float64 implementation got wrong at a near-tie, or "" when ``acc * M`` is not one."""
+    t = 31 - shift
+    exact = Fraction(acc * m, 2**t)
+    below = exact - (math.floor(exact) + Fraction(1, 2))  # negative: below the tie
+    if exact.denominator == 2 or not (-abs(exact) * Fraction(1, 2**52) < below < 0):
+        return ""
+    k = math.floor(exact)
+    return (f" acc * M = {k} + 1/2 - {float(-below):.3g}: just below a tie, so the answer rounds down "
+            f"to {k}. acc * m = {acc * m} needs {abs(acc * m).bit_length()} bits and a float64 holds 53: "
+            f"in float64 the product lands exactly on {k}.5, which rounds up. Integer-only means "
+            "(acc * m + 2**(t - 1)) >> t on int64 tensors (exact), no floats")
+
+
 # ------------------------------------------------------------------ Q9b requantize
 def _check_requantize(fn, acc, m, shift, z_y, qmin, qmax, what):
     got = expect_tensor(call(fn, acc.clone(), m, shift, z_y, qmin, qmax, what="requantize"), what, acc.shape,
@@ -257,7 +333,7 @@ def _check_requantize(fn, acc, m, shift, z_y, qmin, qmax, what):
     a = acc.flatten()[i].item()
     t = 31 - shift
     exact = Fraction(a * m, 2**t)
-    hint = ""
+    hint = _near_tie_hint(a, m, shift)
     if exact.denominator == 2:
         hint = (f" acc * M = {float(exact)} is exactly halfway: ties round up (toward +infinity), "
                 f"so expected {math.floor(exact + Fraction(1, 2))}; torch.round rounds half to even and "
@@ -286,6 +362,19 @@ def requantize(fn) -> None:
             _check_requantize(fn, acc, m, shift, z_y, qmin, qmax,
                               f"requantize(random int32 accumulators, M = {real!r} as (m={m}, shift={shift}), "
                               f"z_y = {z_y}, {qmin}, {qmax})")
+        # exact ties at large accumulators (M = 1.5 * 2**-20: acc = 2**20 * odd gives 1.5 * odd)
+        m, shift = _reference_m_shift(1.5 * 2.0**-20)
+        acc = torch.tensor([2**20 * 33, -(2**20) * 33, 2**20 * 85, -(2**20) * 85])
+        _check_requantize(fn, acc, m, shift, 0, -128, 127,
+                          f"requantize([2**20 * 33, -2**20 * 33, 2**20 * 85, -2**20 * 85], M = 1.5 * 2**-20 "
+                          f"(m={m}, shift={shift}), 0, -128, 127) (acc * M = +-49.5, +-127.5: ties)")
+        # near-ties: acc * M a hair below k + 1/2, where float64 rounds onto the tie and then up
+        cases = [(case, (128, 0, 255)) for case in NEAR_TIES_8BIT]
+        cases += [(near_tie(random.Random(95), 16, sign), (0, -(2**15), 2**15 - 1)) for sign in (1, -1)]
+        for (a, m, shift), (z_y, qmin, qmax) in cases:
+            _check_requantize(fn, torch.tensor([a]), m, shift, z_y, qmin, qmax,
+                              f"requantize([{a}], m={m}, shift={shift}, z_y={z_y}, {qmin}, {qmax}) "
+                              f"(acc * M a hair below a tie: float64 cannot tell)")
     run("requantize: worked and random cases", body)
 
 
@@ -303,4 +392,15 @@ def requantize_hidden(fn) -> None:
             acc = torch.randint(-span, span + 1, (300,), generator=gen)
             _check_requantize(fn, acc, m, shift, z_y, qmin, qmax,
                               f"requantize(random accumulators, M = {real:.6g}, z_y = {z_y}, {qmin}, {qmax})")
+        for sign in (1, -1):  # fresh near-ties at 16 and 15 bits, the stored 8-bit ones with fresh zero points
+            bits = rng.choice([15, 16])
+            a, m, shift = near_tie(rng, bits, sign)
+            _check_requantize(fn, torch.tensor([a]), m, shift, 0, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1,
+                              f"requantize([{a}], m={m}, shift={shift}, 0, {bits}-bit signed range) "
+                              "(acc * M a hair below a tie)")
+        for a, m, shift in NEAR_TIES_8BIT:
+            z_y = rng.randint(0, 120) if a > 0 else rng.randint(130, 255)
+            _check_requantize(fn, torch.tensor([a]), m, shift, z_y, 0, 255,
+                              f"requantize([{a}], m={m}, shift={shift}, z_y={z_y}, 0, 255) "
+                              "(acc * M a hair below a tie)")
     hidden("requantize: random multipliers and accumulators", body)
