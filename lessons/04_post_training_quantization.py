@@ -235,9 +235,10 @@ assert dsc_acc[(8, "per-channel")] >= dsc_fp32 - 1 and dsc_acc[(4, "per-channel"
 # $w^{\mathrm{fold}}_c = \gamma_c\, w_c / \sqrt{\sigma_c^2 + \epsilon}$, with $\epsilon = 10^{-5}$.
 # Its input channel $c$ comes from the previous pointwise layer's BN and ReLU6. `dsc16` was
 # trained with MobileNetV2's recipe (`qlib/weights/train_zoo.py`): RMSprop with a large
-# learning rate from the first step, and no weight decay on depthwise weights or BN
-# parameters. A large early step can push a channel's BN shift so low that the ReLU6 outputs 0
-# on **every** input: the channel is *dead*. It gets no gradient again, so it stays dead.
+# learning rate held for many epochs, and no weight decay on depthwise weights or BN
+# parameters. One large step can push a pointwise channel's BN shift so low that its ReLU6
+# outputs 0 on **every** input: the channel is *dead*. It gets no gradient again, so it
+# stays dead.
 # The depthwise filter after it sees only zeros, its BN running variance $\sigma_c^2$ decays
 # to about 0, and the fold multiplies it by $|\gamma_c| / \sqrt{\epsilon} \approx 316\,|\gamma_c|$;
 # its $w_c$ and $\gamma_c$ get no gradient and no decay, so nothing shrinks them. In float the
