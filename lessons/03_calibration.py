@@ -398,8 +398,8 @@ assert layer0["128 digits"][2] < layer0["256 digits"][2] - 10  # "loses tens of 
 # ranges of exactly `[0, 6]`. At W4A8 (its 8-bit rows with per-channel weights, in
 # `benchmarks/results/ptq.json`, are as flat as `cnn16`'s), which observer wins, and by more
 # than a test digit or two? Its *weights* are another story: with one weight scale per
-# tensor, `dsc16` falls to chance even at W8A8, whatever observer calibrates the activations
-# (checked below; lesson 04 finds why, lesson 07 repairs it). This lesson keeps qlib's default,
+# tensor, `dsc16` falls to chance even at W8A8, with min-max and entropy activations alike
+# (checked below; lesson 04 finds why). This lesson keeps qlib's default,
 # per-channel weight scales.
 
 # %%
@@ -428,7 +428,7 @@ per_tensor_w8 = {obs: evaluate(quantize_static(dsc_models[seeds[0]], calib,
                                digits.test) for obs in ("minmax", "entropy")}
 print(f"dsc16 seed {seeds[0]}, W8A8 with per-tensor weights: " +
       ", ".join(f"{obs} activations {a:.2f}%" for obs, a in per_tensor_w8.items()))
-assert max(per_tensor_w8.values()) < 20  # the text above: chance, whatever the activation observer
+assert max(per_tensor_w8.values()) < 20  # the text above: chance with either activation observer
 print(f"{'activations':15s}" + f"{'W4A8':>22s}")
 for obs in OBSERVERS:
     print(f"{obs:15s}" + f"{dsc_acc[('W4A8', obs)]['mean']:8.2f} [{dsc_acc[('W4A8', obs)]['min']:5.1f}, "
