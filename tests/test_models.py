@@ -74,3 +74,47 @@ def test_dsc16_is_depthwise_separable():
     assert "dsc16" in models.DEPTHWISE_ZOO and "dsc16" not in models.ZOO
     assert models.ALL_MODELS == {**models.ZOO, **models.DEPTHWISE_ZOO}
     assert models.image_size("dsc16") == 16
+
+
+def test_dsc16_collapses_with_per_tensor_weights_only():
+    """The lesson-04 claim, on every shipped seed: after batch-norm folding, dsc16's dead
+    channels give some depthwise layers ranges hundreds of times their median (Nagel et al.
+    2019, DFQ fig. 2), so W8A8 with one weight scale per tensor falls to chance while
+    per-channel scales keep the float accuracy (qlib/weights/train_zoo.py, "mobilenet")."""
+    from qlib.fold import fold_batchnorm
+    from qlib.granularity import PerChannel, PerTensor
+    from qlib.modules import QuantConfig
+    from qlib.ptq import quantize_static
+
+    splits = data.load_digits(16)
+    calib = data.calibration_batches(splits.train, 256, 64, seed=0)
+    for seed in models.SEEDS:
+        model = models.pretrained("dsc16", seed)
+        spread = []
+        for layer in fold_batchnorm(model).modules():
+            if isinstance(layer, torch.nn.Conv2d) and layer.groups > 1:
+                r = layer.weight.detach().flatten(1).abs().amax(1)
+                spread.append((r.max() / r.median()).item())
+        assert max(spread) > 100, (seed, spread)
+        fp32 = train.evaluate(model, splits.test)
+        acc = {g: train.evaluate(quantize_static(model, calib, QuantConfig(weight_granularity=gran)), splits.test)
+               for g, gran in (("tensor", PerTensor()), ("channel", PerChannel(0)))}
+        assert acc["tensor"] < 20 and acc["channel"] >= fp32 - 1, (seed, fp32, acc)
+
+
+def test_mobilenet_recipe_decays_plain_weights_only():
+    """MobileNet's recipe (Howard et al. 2017; Sandler et al. 2018): weight decay on the plain
+    conv and linear weights, none on depthwise weights, BN parameters or biases."""
+    from qlib.weights.train_zoo import mobilenet_param_groups
+
+    model = models.create("dsc16")
+    decay, no_decay = mobilenet_param_groups(model, 4e-5)
+    assert decay["weight_decay"] == 4e-5 and no_decay["weight_decay"] == 0.0
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    expected = {id(m.weight) for m in convs if m.groups == 1} | {id(model[-1].weight)}
+    assert {id(p) for p in decay["params"]} == expected
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="conv, linear and BatchNorm"):
+        mobilenet_param_groups(torch.nn.Sequential(torch.nn.LayerNorm(4)), 1e-4)
+    recipe = {str(s): models.zoo_info()["models"]["dsc16"][str(s)]["recipe"]["name"] for s in models.SEEDS}
+    assert set(recipe.values()) == {"mobilenet"}
