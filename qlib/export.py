@@ -12,11 +12,16 @@ converted qlib model (``qlib.ptq.convert`` or ``qlib.qat.convert_qat``)::
     W_q (int8) ------DQ(s_w per channel, axis 0)--> Conv / Gemm --> float accumulator
     b_q (int32) -----DQ(s_x * s_w, axis 0)------/
 
-with qlib's own codes and scales (``qlib.intops.IntConv2d.from_quant``: the same integers as
+with qlib's own codes and scales (``qlib.intlayers.IntConv2d.from_float``: the same integers as
 ``qlib.intmodel.convert_to_integer``). Activations below 8 bits keep a uint8 container and
 a ``Clip`` to their range; weights below 8 bits are int8 codes inside their smaller range.
 ReLU, max/average pooling, flatten and residual ``+`` become ``Relu``, ``MaxPool``,
-``GlobalAveragePool``/``AveragePool``, ``Flatten``, ``Add``. A float model (or a layer kept in
+``GlobalAveragePool``/``AveragePool``, ``Flatten``, ``Add``; ReLU6 (``nn.ReLU6``, ``F.relu6``;
+MobileNet's, after depthwise convolutions) and ``nn.Hardtanh`` become ``Clip(x, min, max)`` on
+the float tensor. In a QDQ graph that ``Clip`` sits between a layer's float output and the next
+``QuantizeLinear``: ``Q(clip(x, 0, 6)) = clamp(Q(x), Q(0), Q(6))`` because ``Q`` is
+non-decreasing, which is the code clamp of qlib's integer model (``qlib.accumulator``) and what
+a runtime fuses into ``QLinearConv`` as its activation range. A float model (or a layer kept in
 float) is written as plain ``Conv``/``Gemm`` (BatchNorms folded first).
 
 ``ort_session`` opens a CPU ONNX Runtime session, ``ort_predict`` runs it on batches.
@@ -40,7 +45,7 @@ from torch import fx, nn
 
 from .batching import input_batches
 from .fold import fold_batchnorm
-from .intops import IntConv2d, IntLinear
+from .intlayers import IntConv2d, IntLinear
 from .modules import FakeQuantize, QuantConv2d, QuantLinear
 
 __all__ = ["OPSET", "to_onnx", "qdq_nodes", "ort_session", "ort_predict", "ort_quantize_static",
@@ -74,8 +79,11 @@ class _Builder:
         return f"{hint.replace('.', '_')}_{self.count}"
 
     def const(self, hint: str, array: np.ndarray) -> str:
+        """An initializer of ``array``'s shape: a 0-dim array stays a scalar, as ``Clip``'s bounds and
+        per-tensor ``QuantizeLinear`` scales are specified (``np.ascontiguousarray`` makes it 1-dim)."""
         name = self.name(hint)
-        self.inits.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.asarray(array)
+        self.inits.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array).reshape(array.shape), name))
         return name
 
     def node(self, op: str, inputs: list[str], hint: str, **attrs) -> str:
@@ -152,11 +160,19 @@ def _pool(b: _Builder, m: nn.Module, x: str, hint: str) -> str:
     return b.node("AveragePool", [x], hint, count_include_pad=int(m.count_include_pad), **attrs)
 
 
+def _clip(b: _Builder, x: str, lo: float, hi: float, hint: str) -> str:
+    """``Clip(x, lo, hi)`` (opset >= 11: the bounds are float32 scalar inputs)."""
+    return b.node("Clip", [x, b.const(hint + "_min", np.array(lo, np.float32)),
+                           b.const(hint + "_max", np.array(hi, np.float32))], hint)
+
+
 def _module(b: _Builder, m: nn.Module, x: str, hint: str) -> str:
     if isinstance(m, (nn.Conv2d, nn.Linear)):
         return _layer(b, m, x, hint)
     if isinstance(m, nn.ReLU):
         return b.node("Relu", [x], hint)
+    if isinstance(m, nn.Hardtanh):  # nn.ReLU6 is Hardtanh(0, 6)
+        return _clip(b, x, float(m.min_val), float(m.max_val), hint)
     if isinstance(m, (nn.Identity, nn.Dropout)):
         return x
     if isinstance(m, nn.Flatten):
@@ -201,6 +217,8 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path | None = N
             env[node.name] = b.node("Add", args[:2], node.name)
         elif node.op == "call_function" and node.target in _RELUS:
             env[node.name] = b.node("Relu", args[:1], node.name)
+        elif node.op == "call_function" and node.target is F.relu6:
+            env[node.name] = _clip(b, args[0], 0.0, 6.0, node.name)
         elif node.op == "call_function" and node.target is torch.flatten and args[1:] in ([], [1]):
             env[node.name] = b.node("Flatten", args[:1], node.name, axis=1)
         elif node.op == "output":

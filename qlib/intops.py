@@ -27,7 +27,9 @@ the same integers (``backend=``):
   that int32 cannot overflow (``K * max|x - z_x| * max|w - z_w| + max|b| < 2**31`` over every
   possible code); elsewhere the reference runs and raises as it does.
 
-Convolutions are matmuls over im2col patches (``Tensor.unfold``: views, no arithmetic).
+Convolutions are matmuls over im2col patches (``Tensor.unfold``: views, no arithmetic);
+a grouped one (``int_conv2d_grouped``: depthwise included) is one per group, or an exact
+floating-point convolution where no int8 GEMM pays.
 The fixed-point pieces (``quantize_multiplier``, ``requantize``...) live in ``qlib.requant``
 and are re-exported here; ``IntLinear``/``IntConv2d`` live in ``qlib.intlayers``.
 """
@@ -46,7 +48,7 @@ from .requant import (INT32_MAX, INT32_MIN, _check_int32, _int_tensor, _require_
 __all__ = [
     "BACKENDS", "INT32_MIN", "INT32_MAX", "quantize_multiplier", "saturating_rounding_doubling_high_mul",
     "rounding_divide_by_pot", "multiply_by_quantized_multiplier", "requantize", "requantize_scaled",
-    "int8_codes", "int_matmul", "im2col", "int_conv2d", "IntLinear", "IntConv2d",
+    "int8_codes", "int_matmul", "im2col", "int_conv2d", "int_conv2d_grouped", "IntLinear", "IntConv2d",
 ]
 
 BACKENDS = ("reference",) + tuple(KERNEL_BACKENDS)
@@ -56,6 +58,14 @@ _OFFSET = {torch.int8: 0, torch.uint8: 128}  # code dtypes the int8 kernels take
 def _check_backend(backend) -> None:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+
+
+def _check_codes(**tensors) -> None:
+    """TypeError unless every argument is an integer tensor (codes), named as the caller names it."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _require_int(t, name)
 
 
 def int8_codes(q: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -140,10 +150,7 @@ def int_matmul(a_q: torch.Tensor, b_q: torch.Tensor, a_zp=0, b_zp=0, bias=None,
     same integers.
     """
     _check_backend(backend)
-    for name, t in (("a_q", a_q), ("b_q", b_q)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _require_int(t, name)
+    _check_codes(a_q=a_q, b_q=b_q)
     if a_q.dim() < 1 or b_q.dim() != 2 or a_q.shape[-1] != b_q.shape[0]:
         raise ValueError(f"expected a_q (..., K) and b_q (K, N), got {tuple(a_q.shape)} and {tuple(b_q.shape)}")
     if not _fast_ok(a_q, b_q, a_zp, b_zp, bias, backend):
@@ -196,10 +203,7 @@ def int_conv2d(x_q: torch.Tensor, w_q: torch.Tensor, x_zp=0, w_zp=0, stride=1, p
     ``(N, C_out, H', W')`` (channels-last memory: ``.contiguous()`` if you need NCHW memory).
     """
     _check_backend(backend)
-    for name, t in (("x_q", x_q), ("w_q", w_q)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _require_int(t, name)
+    _check_codes(x_q=x_q, w_q=w_q)
     if x_q.dim() != 4 or w_q.dim() != 4 or x_q.shape[1] != w_q.shape[1]:
         raise ValueError(f"expected x_q (N, C, H, W) and w_q (C_out, C, kh, kw), "
                          f"got {tuple(x_q.shape)} and {tuple(w_q.shape)}")
@@ -216,6 +220,88 @@ def int_conv2d(x_q: torch.Tensor, w_q: torch.Tensor, x_zp=0, w_zp=0, stride=1, p
         cols = im2col(x - _int_tensor(x_zp, "x_zp", x.device), w_q.shape[2:], stride, padding, dilation)
         acc = _reference_matmul(cols, w2, 0, w_zp, bias)  # (N, H', W', C_out)
     return acc.permute(0, 3, 1, 2)
+
+
+def _float32_exact(device: torch.device, bound: int, lo: int, hi: int, z_x: int) -> bool:
+    """Whether a float32 convolution gives the exact integers: every number below ``2**24``
+    (8-bit depthwise: ``9 * 255 * 128``), and full IEEE float32 arithmetic. Only on the CPU
+    with oneDNN at its default precision: cuDNN rounds float32 convolutions to TF32 (10-bit
+    mantissa) by default on Ampere and later, so CUDA takes float64."""
+    precision = getattr(getattr(torch.backends.mkldnn, "conv", None), "fp32_precision", "none")  # torch >= 2.9
+    return (device.type == "cpu" and precision in ("none", "ieee")
+            and bound < 2**24 and max(abs(lo), abs(hi), abs(z_x)) < 2**24)
+
+
+def int_conv2d_grouped(x_q: torch.Tensor, w_q: torch.Tensor, x_zp=0, w_zp=0, stride=1, padding=0, dilation=1,
+                       groups: int = 1, bias=None, backend: str | None = None) -> torch.Tensor:
+    """Grouped 2-D convolution of codes with int32 accumulation: ``qlib.intops.int_conv2d`` per group.
+
+    ``x_q (N, C, H, W)``, ``w_q (C_out, C / G, kh, kw)``, ``G = groups`` dividing ``C`` and
+    ``C_out`` -> int32 ``(N, C_out, H', W')``. Output channel ``o`` belongs to group
+    ``g = o // (C_out / G)`` and sees only input channels ``g * C / G ... (g + 1) * C / G - 1``::
+
+        acc[n, o, i, j] = sum_{c in group g, u, v} (x_q[n, c, .., ..] - x_zp) * (w_q[o, c', u, v] - w_zp[o]) + bias[o]
+
+    The input zero point is one number (per-tensor activations); ``w_zp`` is an int or one per
+    output channel, so each group takes its own slice of zero points and biases. Depthwise
+    (``G = C``, ``w_q (C, 1, 3, 3)``): each output is a 9-term dot product of one channel.
+
+    All backends give the same integers. ``backend``: a kernel name of ``qlib.kernels.BACKENDS``
+    runs one ``int_conv2d`` (im2col + int8 GEMM) per group; ``"reference"`` forms the int64
+    patches of every group at once (``im2col``) and multiplies them group by group (a batched
+    int64 matmul); ``None`` runs ``F.conv2d(groups=G)`` on the zero-point-shifted codes in
+    floating point, which is exact: every term and every partial sum is an integer of magnitude
+    at most ``bound = K * max|x - x_zp| * max|w - w_zp| < 2**31`` (``K = C / G * kh * kw``,
+    checked first: OverflowError otherwise), so float64 (53-bit significand) adds them without
+    rounding, in any order; so does float32 (24 bits) when ``bound < 2**24``, which it then uses
+    on the CPU (not on CUDA, where cuDNN computes float32 convolutions in TF32 by default). An
+    int8 GEMM per group does not pay for depthwise layers: ``K = 9``, one output column.
+    """
+    _check_backend(backend)
+    _check_codes(x_q=x_q, w_q=w_q)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    if (x_q.dim() != 4 or w_q.dim() != 4 or x_q.shape[1] != w_q.shape[1] * groups
+            or w_q.shape[0] % groups):
+        raise ValueError(f"expected x_q (N, C, H, W) and w_q (C_out, C / groups, kh, kw) with groups={groups} "
+                         f"dividing C and C_out, got {tuple(x_q.shape)} and {tuple(w_q.shape)}")
+    if groups == 1:
+        return int_conv2d(x_q, w_q, x_zp, w_zp, stride, padding, dilation, bias, backend)
+    c_out = w_q.shape[0]
+    w_zp = _int_tensor(w_zp, "w_zp", w_q.device).reshape(-1).expand(c_out)
+    bias = None if bias is None else _int_tensor(bias, "bias", w_q.device).reshape(-1).expand(c_out)
+    if backend in KERNEL_BACKENDS:  # one int8 GEMM per group, as asked
+        c_in_g, c_out_g = w_q.shape[1], c_out // groups
+        parts = [int_conv2d(x_q[:, g * c_in_g:(g + 1) * c_in_g], w_q[g * c_out_g:(g + 1) * c_out_g], x_zp,
+                            w_zp[g * c_out_g:(g + 1) * c_out_g], stride, padding, dilation,
+                            None if bias is None else bias[g * c_out_g:(g + 1) * c_out_g], backend)
+                 for g in range(groups)]
+        return torch.cat(parts, dim=1)
+    z_x = int(_int_tensor(x_zp, "x_zp"))
+    w = _int_tensor(w_q, "w_q") - w_zp.reshape(-1, 1, 1, 1)
+    k = w[0].numel()
+    bound, lo, hi = 0, 0, 0
+    if x_q.numel() and w.numel():
+        lo, hi = (int(v) for v in torch.aminmax(x_q))
+        bound = k * max(abs(hi - z_x), abs(lo - z_x)) * int(w.abs().max())
+    if bound > INT32_MAX:
+        raise OverflowError(f"int32 accumulation may overflow: K * max|x - x_zp| * max|w - w_zp| "
+                            f"= {bound} >= 2**31")
+    if backend == "reference":  # int64 patches (N, H', W', G, K) times the filters (G, C_out / G, K)
+        cols = im2col(_int_tensor(x_q, "x_q") - z_x, w.shape[2:], stride, padding, dilation)
+        cols = cols.reshape(*cols.shape[:3], groups, k)
+        filters = w.reshape(groups, c_out // groups, k)
+        if x_q.device.type == "cpu":
+            acc = torch.einsum("nhwgk,gok->nhwgo", cols, filters)
+        else:  # no integer matmul on CUDA: float64 is exact here (the bound above)
+            acc = torch.einsum("nhwgk,gok->nhwgo", cols.double(), filters.double()).to(torch.int64)
+        acc = acc.reshape(*acc.shape[:3], c_out).permute(0, 3, 1, 2)
+    else:
+        dtype = torch.float32 if _float32_exact(x_q.device, bound, lo, hi, z_x) else torch.float64
+        acc = F.conv2d(x_q.to(dtype) - z_x, w.to(dtype), None, stride, padding, dilation, groups).to(torch.int64)
+    if bias is not None:
+        acc = acc + bias.reshape(-1, 1, 1)
+    return _check_int32(acc, "accumulator + bias").to(torch.int32)
 
 
 def __getattr__(name: str):

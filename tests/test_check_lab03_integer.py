@@ -1,4 +1,5 @@
-"""qlib.check.lab03_integer: right answers pass; wrong ones fail the visible check with a hint.
+"""qlib.check.lab03_integer: right answers pass; wrong ones fail the visible check with a hint;
+and qlib.check.near_ties (re-exported by lab03_integer): the near-tie search.
 
 Reference: the zero-point expansion of Jacob et al. 2018 (section 2.3) written directly
 (``(x_q - z_x) @ (w_q - z_w).T + b``), TFLite's single-rounding requantization on Python

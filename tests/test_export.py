@@ -22,7 +22,7 @@ def digits16():
     return data.load_digits(16)
 
 
-@pytest.mark.parametrize("name", ["cnn16", "res16"])
+@pytest.mark.parametrize("name", ["cnn16", "res16", "dsc16"])  # dsc16: depthwise convs, ReLU6 (Clip)
 def test_onnx_runtime_agrees_with_qlib_integer_model_w8a8(name, digits16, tmp_path):
     model = models.pretrained(name, 0)
     calib = data.calibration_batches(digits16.train, 256, seed=0)
@@ -43,8 +43,9 @@ def test_onnx_runtime_agrees_with_qlib_integer_model_w8a8(name, digits16, tmp_pa
     assert kinds.count("DequantizeLinear") == 3 * layers - no_bias  # input, weight and bias of each layer
 
 
-def test_float_export_matches_pytorch(digits16):
-    model = models.pretrained("res16", 1)
+@pytest.mark.parametrize("name", ["res16", "dsc16"])
+def test_float_export_matches_pytorch(name, digits16):
+    model = models.pretrained(name, 1)
     x = digits16.test.tensors[0][:64]
     got = ort_predict(ort_session(to_onnx(model, x[:2])), x)
     with torch.no_grad():
@@ -70,6 +71,44 @@ def test_mixed_precision_and_float_layers_export(digits16):
     from onnx import numpy_helper
     spans = sorted(int(numpy_helper.to_array(c).max()) - int(numpy_helper.to_array(c).min()) for c in codes)
     assert spans[0] <= 7  # a 3-bit layer: codes within [-4, 3]
+
+
+def test_relu6_is_a_clip_to_0_6_in_float_and_qdq_graphs():
+    """Regression (issue 11): ReLU6 (module and F.relu6) had no ONNX rule. It is ``Clip(x, 0, 6)``:
+    in float, equal to PyTorch; in the QDQ graph, before the next layer's QuantizeLinear, equal to
+    qlib's integer model (which clamps the requantized codes at q(6)) on inputs that pass 6."""
+    import torch.nn.functional as F
+    from onnx import numpy_helper
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(2, 4, 3, padding=1), nn.ReLU6()
+            self.dw, self.fc = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Linear(4 * 5 * 5, 3)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(F.relu6(self.dw(self.act(self.conv(x)))), 1))
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(64, 2, 5, 5, generator=g) * 8
+    with torch.no_grad():
+        model.conv.weight.mul_(4), model.dw.weight.mul_(4)
+        assert (model.conv(x) > 6).float().mean() > 0.1  # both clamps bite: outputs past 6...
+        assert (model.dw(model.act(model.conv(x))) > 6).float().mean() > 0.1
+        want = model(x)
+    proto = to_onnx(model, x[:2])
+    clips = [n for n in proto.graph.node if n.op_type == "Clip"]
+    assert len(clips) == 2  # the module and the function
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert all((inits[c.input[1]].shape, inits[c.input[2]].shape) == ((), ()) for c in clips)  # scalars (ONNX spec)
+    assert all((float(inits[c.input[1]]), float(inits[c.input[2]])) == (0.0, 6.0) for c in clips)
+    assert torch.allclose(ort_predict(ort_session(proto), x), want, atol=1e-4, rtol=1e-4)
+    q = ptq.quantize_static(model, x[:32])
+    got = ort_predict(ort_session(to_onnx(q, x[:2])), x)
+    ref = convert_to_integer(q)(x)
+    step = float(ref.max() - ref.min()) / 255
+    assert (got - ref).abs().max().item() <= step
 
 
 def test_clip_keeps_low_bit_codes_in_range():

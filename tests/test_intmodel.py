@@ -1,4 +1,5 @@
-"""Tests for qlib.intmodel (convert_to_integer: whole models in integer arithmetic).
+"""Tests for qlib.intmodel (convert_to_integer: whole models in integer arithmetic) and for the
+Accumulator rules it applies (qlib.accumulator; imported through qlib.intmodel, which re-exports them).
 
 Reference: the converted fake-quant model (qlib.ptq.quantize_static) that the integer model
 implements, Jacob et al. 2018; for ReLU6's code clamp, PyTorch's quantized ReLU6

@@ -3,7 +3,8 @@
 Reference: the same products in float64 of the centered codes, ``(a - a_zp) @ (b - b_zp)``
 and ``F.conv2d(x - x_zp, w - w_zp)`` (exact: every partial sum is an integer below 2**53);
 ``torch.nn.functional.unfold`` for im2col; Jacob et al. 2018, sec. 2.3 for the zero-point
-expansion the kernel backends use. Every backend must give exactly the reference's integers
+expansion the kernel backends use; for grouped (depthwise) convolutions, the per-group sum
+written out in int64. Every backend must give exactly the reference's integers
 (``torch.equal``), including uint8 activations (shifted by 128) and asymmetric weights.
 Torch draws use generators seeded from ``QLIB_TEST_SEED`` (default 0).
 """
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlib.intops import BACKENDS, _patches_nhwc, im2col, int8_codes, int_conv2d, int_matmul
+from qlib.intops import BACKENDS, _patches_nhwc, im2col, int8_codes, int_conv2d, int_conv2d_grouped, int_matmul
 
 SEED = int(os.environ.get("QLIB_TEST_SEED", "0"))
 
@@ -137,3 +138,62 @@ def test_int_conv2d_checks_its_input():
         int_conv2d(torch.zeros(1, 3, 4, 4), torch.zeros(2, 3, 1, 1, dtype=torch.int8))
     with pytest.raises(TypeError, match="torch.Tensor"):
         int_conv2d([[1]], torch.zeros(2, 3, 1, 1, dtype=torch.int8))
+
+
+# ------------------------------------------------------------------ grouped convolutions (depthwise)
+@pytest.mark.parametrize("wide", [False, True])
+def test_int_conv2d_grouped_is_the_sum_over_each_group(wide):
+    """The written definition, per group in int64, with per-channel weight zero points and a
+    non-zero input zero point (the padding is a real 0, the code z_x). ``wide``: int32 codes up
+    to 2**16, so partial sums pass 2**24 (float32 rounds them: the float64 path runs)."""
+    g = gen(10 + wide)
+    if wide:
+        x_q = torch.randint(-(2**16), 2**16, (2, 6, 6, 6), generator=g).to(torch.int32)
+    else:
+        x_q = torch.randint(0, 256, (2, 6, 6, 6), generator=g).to(torch.uint8)
+    w_q = torch.randint(-128, 128, (4, 3, 3, 3), generator=g).to(torch.int8)
+    w_zp = torch.randint(-5, 6, (4,), generator=g)
+    bias = torch.randint(-1000, 1000, (4,), generator=g).to(torch.int32)
+    x = F.pad(x_q.long() - 77, (1, 1, 1, 1))
+    want = torch.empty(2, 4, 6, 6, dtype=torch.int64)
+    for o in range(4):
+        grp = o // 2
+        patch = x[:, grp * 3:(grp + 1) * 3]
+        w = w_q[o].long() - w_zp[o]
+        want[:, o] = sum(patch[:, c, u:u + 6, v:v + 6] * w[c, u, v]
+                         for c in range(3) for u in range(3) for v in range(3)) + bias[o]
+    if wide:  # float32 would not be exact here
+        w_real = (w_q.long() - w_zp.reshape(-1, 1, 1, 1)).float()
+        f32 = F.conv2d((x_q.long() - 77).float(), w_real, bias.float(), 1, 1, 1, 2)
+        assert not torch.equal(f32.long(), want)
+    for backend in (("reference", None) if wide else BACKENDS + (None,)):  # kernels take 8-bit codes
+        got = int_conv2d_grouped(x_q, w_q, 77, w_zp, 1, 1, 1, 2, bias, backend)
+        assert got.dtype == torch.int32 and torch.equal(got.long(), want), backend
+
+
+def test_int_conv2d_grouped_errors():
+    x = torch.zeros(1, 4, 5, 5, dtype=torch.uint8)
+    w = torch.zeros(4, 2, 3, 3, dtype=torch.int8)
+    with pytest.raises(ValueError, match="groups=4 dividing"):
+        int_conv2d_grouped(x, w, groups=4)
+    with pytest.raises(ValueError, match="groups must be an int"):
+        int_conv2d_grouped(x, w, groups=0)
+    with pytest.raises(TypeError, match="integers"):
+        int_conv2d_grouped(x.float(), w, groups=2)
+    big = torch.full((1, 4, 5, 5), 2**20, dtype=torch.int32)
+    with pytest.raises(OverflowError, match="overflow"):
+        int_conv2d_grouped(big, torch.full((4, 2, 3, 3), 127, dtype=torch.int8), groups=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grouped_conv_on_cuda_gives_the_cpu_integers():
+    """On CUDA: float64 (cuDNN's float32 may be TF32) and the float64 reference, the same integers."""
+    g = gen(12)
+    x_q = torch.randint(0, 256, (4, 32, 9, 9), generator=g).to(torch.uint8)
+    w_q = torch.randint(-128, 128, (32, 1, 3, 3), generator=g).to(torch.int8)
+    w_zp = torch.randint(-3, 4, (32,), generator=g)
+    bias = torch.randint(-5000, 5000, (32,), generator=g).to(torch.int32)
+    want = int_conv2d_grouped(x_q, w_q, 131, w_zp, 2, 1, 1, 32, bias)
+    for backend in ("reference", None):
+        got = int_conv2d_grouped(x_q.cuda(), w_q.cuda(), 131, w_zp.cuda(), 2, 1, 1, 32, bias.cuda(), backend)
+        assert got.device.type == "cuda" and torch.equal(got.cpu(), want), backend

@@ -367,7 +367,8 @@ check.lab03.int_linear_hidden(int_linear)
 #   (`>>` rounds toward $-\infty$), add $z_y$, clamp.
 #
 # The checks compare bit for bit with the exact answer (Python integers), on ties of both
-# signs, the int32 extremes, and multipliers below and above 1.
+# signs, the int32 extremes, multipliers below and above 1, and near-ties that float64 cannot
+# resolve (`acc * m` needs up to 62 bits, a float64 holds 53: do it in integers).
 
 # %% nbgrader={"grade": false, "grade_id": "q9-answer", "locked": false, "schema_version": 3, "solution": true, "task": false}
 import math
