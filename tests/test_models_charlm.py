@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,7 @@ def test_lazy_and_no_import_cycle():
     then imports it (qlib.llm.model imports only batching and corpus, never qlib.models)."""
     code = ("import sys; import qlib.models as m; lazy = 'qlib.llm' not in sys.modules; "
             "print(lazy, m.CharLM.__module__, 'qlib.models' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])          # this checkout's qlib
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "qlib.llm.model", "True"]
