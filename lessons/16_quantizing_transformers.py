@@ -373,7 +373,8 @@ if saved is not None:
         "LLM.int8", "SmoothQuant W8A8", "SmoothQuant O1", "SmoothQuant O3"))
     awq_gap = saved["comparisons"]["AWQ W4 g128 minus W4 RTN g128"]["ppl_difference"]
     assert min(awq_gap) < 0 < max(awq_gap)          # the claim below: better on some seeds, worse on others
-    clip_gain = [a - b for a, b in zip(rows["AWQ W4 g128"]["ppl"]["values"], rows["AWQ W4 g128 scale only"]["ppl"]["values"])]
+    clip_gain = [a - b for a, b in zip(rows["AWQ W4 g128"]["ppl"]["values"],
+                                       rows["AWQ W4 g128 scale only"]["ppl"]["values"])]
     assert min(clip_gain) < 0 < max(clip_gain)      # clipping helps on some seeds and hurts on others
     assert max(rows["GPTQ W4 g128"]["ppl"]["values"][i] - rows["AWQ W4 g128"]["ppl"]["values"][i]
                for i in range(3)) < 0               # GPTQ beats AWQ on every seed
