@@ -56,25 +56,29 @@ W8A8_METHODS = ("fp32", "W8A8 per-tensor", "W8A8 per-token/per-channel", "LLM.in
 SMOOTHQUANT = ("SmoothQuant W8A8", "SmoothQuant O1", "SmoothQuant O3")
 
 
-def w8a8_size(model) -> int:
-    """int8 weights plus a float32 scale per output channel (or one per tensor)."""
+def w8a8_size(model, per_channel: bool = True, static: bool = False) -> int:
+    """int8 weights plus a float32 weight scale per output channel (or one per tensor); a
+    static activation scale adds one float32 per layer (dynamic ones are computed at run time)."""
     total = weight_only.model_size_bytes(model)
     for layer in layers.linear_layers(model).values():
-        total -= layer.weight.numel() * 3 - layer.weight.shape[0] * 4
+        scales = layer.weight.shape[0] if per_channel else 1
+        total -= layer.weight.numel() * 3 - scales * 4 - (4 if static else 0)
     return total
 
 
 def methods(calib: torch.Tensor) -> dict:
     """``{name: (quantize(model) -> model, size(model) -> bytes)}``."""
     wo = lambda b, g: lambda m: weight_only.model_size_bytes(m, b, g)  # noqa: E731
+    per_tensor = lambda m: w8a8_size(m, per_channel=False)  # noqa: E731
     return {
         "fp32": (lambda m: m, weight_only.model_size_bytes),
-        "W8A8 per-tensor": (lambda m: w8a8.quantize_model(m, "tensor", "tensor"), w8a8_size),
+        "W8A8 per-tensor": (lambda m: w8a8.quantize_model(m, "tensor", "tensor"), per_tensor),
         "W8A8 per-token/per-channel": (lambda m: w8a8.quantize_model(m, "token", "channel"), w8a8_size),
         "LLM.int8": (lambda m: int8_mixed.quantize_model(m, THRESHOLD), w8a8_size),
         "SmoothQuant W8A8": (lambda m: smoothquant.quantize_model(m, calib, ALPHA, "tensor", "channel"), w8a8_size),
-        "SmoothQuant O1": (lambda m: smoothquant.quantize_model(m, calib, ALPHA, level="O1"), w8a8_size),
-        "SmoothQuant O3": (lambda m: smoothquant.quantize_model(m, calib, ALPHA, level="O3"), w8a8_size),
+        "SmoothQuant O1": (lambda m: smoothquant.quantize_model(m, calib, ALPHA, level="O1"), per_tensor),
+        "SmoothQuant O3": (lambda m: smoothquant.quantize_model(m, calib, ALPHA, level="O3"),
+                           lambda m: w8a8_size(m, per_channel=False, static=True)),
         "W4 RTN g32": (lambda m: weight_only.quantize_model(m, 4, 32), wo(4, 32)),
         "W4 RTN g64": (lambda m: weight_only.quantize_model(m, 4, 64), wo(4, 64)),
         "W4 RTN g128": (lambda m: weight_only.quantize_model(m, 4, 128), wo(4, 128)),

@@ -42,6 +42,10 @@ def test_fast_run_layout(result):
         assert row["ppl"]["n"] == 1 and 1.0 < row["ppl"]["mean"] < 256.0, name
         assert 0 <= row["acc"]["mean"] <= 100 and row["size_bytes"] > 0
     assert result["rows"]["W4 RTN g128"]["size_bytes"] < 0.4 * fp["size_bytes"]
+    size = {name: row["size_bytes"] for name, row in result["rows"].items()}
+    n_layers, n_out = 24, 4 * 128 + 4 * 128 + 128           # q, k, v, proj, fc1 (4 x 128), fc2 per block
+    assert size["W8A8 per-token/per-channel"] - size["W8A8 per-tensor"] == 4 * (4 * n_out - n_layers)
+    assert size["SmoothQuant O3"] - size["SmoothQuant O1"] == 4 * n_layers     # one static scale per layer
     assert result["rows"]["W3 RTN g128"]["size_bytes"] < result["rows"]["W4 RTN g128"]["size_bytes"]
     assert len(result["outliers"]["0"]) == 24
     planted = result["planted"]["rows"]
