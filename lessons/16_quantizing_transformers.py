@@ -167,6 +167,39 @@ for name, x in (("ours", x_small), ("planted", acts_big)):
         print(f"{name:8s} {how:10s}: relative error of the 126 ordinary channels {err.item():.2e}")
 
 
+# %% [markdown]
+# **Dynamic or static scales?** The scales above are *dynamic*: computed from `x` at every
+# call, a reduction over the whole tensor (or over every token) before the int8 matmul can
+# start. Integer engines (TensorRT, ONNX Runtime's QDQ models) and SmoothQuant's fastest
+# setting use *static* scales, fixed once from calibration data: `s = max|X_calib| / 127` with
+# codes `[-127, 127]` (the calibrated range is exactly the representable one). Nothing is
+# computed at run time, but an input beyond the calibrated range is **clipped**, not rescaled.
+# Built from scratch, checked against `w8a8.static_scale` / `w8a8.fake_quantize_static`:
+
+# %%
+def int8_static(x, scale):
+    return torch.clamp(torch.round(x * (1 / scale)), -127, 127) * scale
+
+
+half = x_small.shape[0] // 2
+x_cal, x_new = x_small[:half], x_small[half:]     # calibrate on half the tokens, apply to the rest
+s_static = x_cal.abs().max() / 127
+assert torch.equal(s_static, w8a8.static_scale(x_cal))
+assert torch.equal(int8_static(x_new, s_static), w8a8.fake_quantize_static(x_new, s_static))
+clipped = (x_new.abs() > 127 * s_static).float().mean().item()
+def rel_error(y):
+    return (((y - x_new) ** 2).mean() / (x_new ** 2).mean()).item()
+
+
+
+print(f"static scale {s_static.item():.4f} from {half} calibration tokens; dynamic per-tensor on the "
+      f"rest {x_new.abs().max().item() / 127.5:.4f}")
+print(f"inputs beyond the calibrated range (clipped): {100 * clipped:.3f}%; relative error static "
+      f"{rel_error(int8_static(x_new, s_static)):.2e}, dynamic {rel_error(int8_per_tensor(x_new)):.2e}")
+big_input = x_new[:1] * 3                          # a token far beyond the calibration data
+assert torch.equal(w8a8.fake_quantize_static(big_input, s_static).abs().max(), 127 * s_static)
+
+
 # %%
 def measure(name, make, base=model):
     start = time.perf_counter()
@@ -219,6 +252,30 @@ print(f"channel max/median of blocks.1 q input: planted {stats.outlier_ratio(sta
       f"smoothed {stats.outlier_ratio(stats.channel_absmax(x_sm)):.1f}")
 
 # %% [markdown]
+# The paper names three settings (its Table 3) that differ only in the activation scale,
+# with per-tensor weights in all three (`smoothquant.LEVELS`): **O1** per-token dynamic,
+# **O2** per-tensor dynamic, **O3** per-tensor *static*, calibrated on the smoothed model's
+# inputs `X / s`. O3 is what an integer engine runs fastest. Does it keep the 2% target?
+
+# %%
+for level in ("O1", "O3"):
+    label = f"SmoothQuant {level}"
+    make = (lambda lv: lambda m: smoothquant.quantize_model(m, calib, 0.5, level=lv))(level)
+    live[label] = measure(label, make)
+    planted[label] = measure(label, make, big)
+    print(f"{label:16s} ours {live[label]['ppl']:.3f} ({100 * (live[label]['ppl'] / fp['ppl'] - 1):+.2f}%)   "
+          f"planted {planted[label]['ppl']:.3f} ({100 * (planted[label]['ppl'] / fp_big - 1):+.2f}%)")
+    assert abs(planted[label]["ppl"] / live[label]["ppl"] - 1) < 1e-3   # the note below
+
+# %% [markdown]
+# Ours and planted give the same perplexity after smoothing, and that is no accident: the
+# planted channel `j` is `c` times larger in `X` and `c` times smaller in `W`, so
+# `s_j = (c max|X_j|)^alpha / (max|W_j| / c)^(1 - alpha)` is exactly `c` times larger, and
+# `X / s`, `W s` are the smoothed tensors of the original model. SmoothQuant undoes this kind
+# of outlier completely, at any `alpha`. In a trained model nothing makes an outlier channel's
+# weights exactly `c` times smaller, so there smoothing *shares* the difficulty, not removes it.
+
+# %% [markdown]
 # ## 7. Weight-only int4 and int3 with groups
 #
 # At batch 1 an LLM is limited by reading its weights, so 4-bit weights (activations in float)
@@ -262,12 +319,25 @@ for bits in runtime.pick((4, 3), (3,)):  # fast mode: 3 bits only (4 bits is in 
 # AWQ (Lin et al. 2023) scales input channel `j` of `W` by `s_j = mean|X_j|^alpha` before
 # rounding (and `X` by `1/s_j`), searching `alpha` over 20 values for the smallest output error.
 # `alpha = 0` is plain RTN, so the search never does worse on its calibration data.
+#
+# Then, as the paper's code does (`auto_clip` after `auto_scale`), it searches a **clipping
+# range** per output channel and group: shrink the group's `max|w|` by a ratio `r` on the grid
+# `1, 0.95, ..., 0.55`, clamp, quantize, and keep the `r` with the smallest error of that
+# group's share of the output. Clipping the few largest weights buys finer steps for all the
+# others. Each group is chosen on its own, so the layer's error with clipping is never above
+# the error without it (on the calibration tokens). `q` and `k` are not clipped (as in the code).
 
 # %%
-w_dq, alpha, losses = awq.awq_search(w, acts[name], 4, 128)
-print(f"{name}: best alpha {alpha:.2f}, output MSE {min(losses):.4g} vs RTN {losses[0]:.4g}")
+scale_only = awq.awq_layer(w, acts[name], 4, 128, clip=False)
+with_clip = awq.awq_layer(w, acts[name], 4, 128, clip=True)
+rtn_mse = with_clip["losses"][0]
+print(f"{name}: best alpha {with_clip['alpha']:.2f}; output MSE RTN {rtn_mse:.4g}, "
+      f"scale only {scale_only['mse']:.4g}, scale + clip {with_clip['mse']:.4g}")
+print(f"clipping ratios chosen (per row and group): mean {with_clip['ratio'].mean().item():.3f}, "
+      f"{100 * (with_clip['ratio'] < 1).float().mean().item():.0f}% of the groups clipped")
+assert with_clip["mse"] <= scale_only["mse"] * (1 + 1e-5) <= rtn_mse * (1 + 1e-5)
 live["AWQ W4 g128"] = measure("AWQ W4 g128", lambda m: awq.quantize_model(m, calib, 4, 128))
-print(f"AWQ W4 g128: perplexity {live['AWQ W4 g128']['ppl']:.3f}")
+print(f"AWQ W4 g128: perplexity {live['AWQ W4 g128']['ppl']:.3f} (RTN {live['W4 RTN g128']['ppl']:.3f})")
 
 # %% [markdown]
 # ## 10. The table
@@ -290,22 +360,41 @@ if saved is not None:
         print(f"{m:28s} {r['ppl']['mean']:8.3f} {100 * r['rel_ppl']['mean']:+7.2f}%")
     for t in saved["targets"]:
         print(("MET    " if t["met"] else "MISSED ") + t["name"])
+    for c, v in saved["comparisons"].items():
+        print(f"{c}: {', '.join(f'{d:+.4f}' for d in v['ppl_difference'])} perplexity (seeds 0, 1, 2)")
     rows = saved["rows"]
     assert rows["GPTQ W4 g128"]["ppl"]["mean"] < rows["W4 RTN g128"]["ppl"]["mean"]
     assert rows["W3 RTN g128"]["rel_ppl"]["mean"] > rows["W4 RTN g128"]["rel_ppl"]["mean"]
-    assert all(rows[m]["rel_ppl"]["max"] < 0.02 for m in W8A8)
+    assert all(rows[m]["rel_ppl"]["max"] < 0.02 for m in list(W8A8) + ["SmoothQuant O1", "SmoothQuant O3"])
     assert rows["W4 RTN g128"]["rel_ppl"]["max"] < 0.02
     assert rows["GPTQ W3 g128"]["rel_ppl"]["mean"] < 0.5 * rows["W3 RTN g128"]["rel_ppl"]["mean"]
     pr = saved["planted"]["rows"]
-    assert pr["W8A8 per-tensor"]["rel_ppl"]["mean"] > max(pr["LLM.int8"]["rel_ppl"]["mean"],
-                                                          pr["SmoothQuant W8A8"]["rel_ppl"]["mean"])
+    assert pr["W8A8 per-tensor"]["rel_ppl"]["mean"] > max(pr[m]["rel_ppl"]["mean"] for m in (
+        "LLM.int8", "SmoothQuant W8A8", "SmoothQuant O1", "SmoothQuant O3"))
+    awq_gap = saved["comparisons"]["AWQ W4 g128 minus W4 RTN g128"]["ppl_difference"]
+    assert min(awq_gap) < 0 < max(awq_gap)          # the claim below: better on some seeds, worse on others
+    clip_gain = [a - b for a, b in zip(rows["AWQ W4 g128"]["ppl"]["values"],
+                                       rows["AWQ W4 g128 scale only"]["ppl"]["values"])]
+    assert min(clip_gain) < 0 < max(clip_gain)      # clipping helps on some seeds and hurts on others
+    assert max(rows["GPTQ W4 g128"]["ppl"]["values"][i] - rows["AWQ W4 g128"]["ppl"]["values"][i]
+               for i in range(3)) < 0               # GPTQ beats AWQ on every seed
 
 # %% [markdown]
 # What the measurements say: on our model every 8-bit method is close to fp32, because there
 # are no outliers to fight; on the planted model per-tensor W8A8 loses the most, and
-# LLM.int8() and SmoothQuant recover. With weights only, 4 bits in groups of 128 cost little
+# LLM.int8() and SmoothQuant recover, with dynamic per-token scales (O1) and with **static**
+# per-tensor scales fixed at calibration (O3) alike: every SmoothQuant row stays within 2% of
+# fp32 on every seed. With weights only, 4 bits in groups of 128 cost little
 # and 3 bits cost more; GPTQ closes most of the 3-bit gap, and at 4 bits GPTQ is closer to
 # fp32 than round-to-nearest (the benchmark's target, checked on every seed).
+#
+# **AWQ does not beat round-to-nearest here.** With its clipping search it is better than RTN
+# W4 g128 on one seed and worse on the others (the `comparisons` line above), and the
+# clipping itself helps on one seed and hurts on the others. Both searches lower each
+# layer's error *on the calibration tokens* (guaranteed by construction), but our small model
+# has no salient channels for the scales to protect, and the gains of a layer-local
+# search on 32 windows of training files do not carry over to the held-out perplexity. GPTQ,
+# which uses the full second-order information of the same inputs, beats AWQ on every seed.
 #
 # ## 11. What does each model write?
 #
@@ -370,7 +459,11 @@ interact(explore, alpha=ipw.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.1),
 #   **LLM.int8()** (float outlier columns) and **SmoothQuant** (migrate with `alpha`) recover.
 # - Weight-only 4-bit with groups of 128 is almost free; 3 bits is where the methods differ:
 #   **GPTQ** propagates each column's rounding error through the inverse Hessian, **AWQ**
-#   rescales salient input channels before rounding.
+#   rescales salient input channels and clips each group's range before rounding (on our
+#   model without salient channels it is no better than RTN; GPTQ is).
+# - Activation scales can be **dynamic** (computed at run time, per tensor or per token) or
+#   **static** (fixed from calibration, as integer engines run them; inputs beyond the range
+#   are clipped). With SmoothQuant both stay within 2% of fp32 here.
 #
 # **Exercises**
 # 1. Plant outliers with `factor=60`: which 8-bit method degrades first? Try LLM.int8() with

@@ -202,3 +202,31 @@ def count_parameters(model: nn.Module) -> int:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     return sum(p.numel() for p in model.parameters())
+
+
+# The transformer of lesson 16. It lives in ``qlib.llm.model`` (one concept per module: the
+# character-level GPT beside its corpus and quantizers) and is reachable from here, with the
+# rest of the course's models. It is *not* in ``ZOO`` / ``ALL_MODELS``: those are the digit
+# classifiers that ``create`` and ``pretrained`` build by name (and that tests loop over with
+# digit images). Loaded on first use: ``import qlib.models`` does not import ``qlib.llm``.
+LANGUAGE_MODELS = ("charlm",)
+
+
+def charlm(seed: int = 0, pretrained: bool = True) -> nn.Module:
+    """The character-level GPT of lesson 16: ``qlib.llm.model.CharLM`` (4 pre-LN blocks, width 128).
+
+    ``pretrained=True``: the shipped weights of ``seed`` (0, 1 or 2; trained on the Python standard
+    library by ``qlib/weights/train_charlm.py``), eval mode, float32, on the CPU; ``False``: a fresh
+    model initialised with ``seed``. Input: ``(batch, T)`` int64 byte codes with ``T <= 128``;
+    output: logits ``(batch, T, 256)``. ``qlib.llm.model.charlm_info()`` lists their perplexity.
+    """
+    from .llm import model as llm_model
+    return llm_model.pretrained(seed) if pretrained else llm_model.create(seed)
+
+
+def __getattr__(name: str):
+    """``models.CharLM`` and ``models.CharLMConfig``: the classes of ``qlib.llm.model`` (PEP 562)."""
+    if name in ("CharLM", "CharLMConfig"):
+        from .llm import model as llm_model
+        return getattr(llm_model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -40,3 +40,20 @@ def test_quantized_model_runs():
     tokens = torch.randint(0, 256, (2, 16))
     q = smoothquant.quantize_model(m, tokens, alpha=0.5)
     assert q(tokens).shape == (2, 16, 256)
+
+
+def test_levels_and_static_scales_of_the_smoothed_model():
+    m = charlm.create(0, SMALL).eval()
+    with torch.no_grad():
+        m.blocks[0].ln1.weight[5] = 40.0
+    tokens = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(torch.seed() % 2**31))
+    o3 = smoothquant.quantize_model(m, tokens, 0.5, level="O3")
+    layer = o3.blocks[0].attn.q
+    assert layer.act == "static" and layer.weight_granularity == "tensor"
+    sm = smoothquant.smooth_model(m, smoothquant.act_scales(m, tokens), 0.5)  # calibrated after smoothing
+    x_sm = layers.capture_inputs(sm, tokens, ["blocks.0.attn.q"])["blocks.0.attn.q"]
+    assert torch.equal(layer.act_scale, x_sm.abs().max() / 127)
+    o1 = smoothquant.quantize_model(m, tokens, 0.5, level="O1").blocks[0].fc1
+    assert (o1.act, o1.weight_granularity, o1.act_scale) == ("token", "tensor", None)
+    with pytest.raises(ValueError, match="level"):
+        smoothquant.quantize_model(m, tokens, level="O4")

@@ -2,7 +2,9 @@
 
 Reference: ``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine``
 with scales ``absmax / 127.5`` (PyTorch's symmetric qint8 convention), and the integer matmul
-``(X_q @ W_q^T) * s_x * s_w`` summed exactly in int64.
+``(X_q @ W_q^T) * s_x * s_w`` summed exactly in int64. Static activation scales: the
+calibration absmax / 127 computed in the test, codes ``[-127, 127]``
+(``torch.fake_quantize_per_tensor_affine(x, s, 0, -127, 127)``); beyond the range, clipped.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlib.llm import model as charlm, w8a8
+from qlib.llm import layers, model as charlm, w8a8
 
 
 def _gen():
@@ -58,3 +60,40 @@ def test_quantize_model_and_errors():
     assert isinstance(q.blocks[0].fc1, w8a8.W8A8Linear) and isinstance(m.blocks[0].fc1, nn.Linear)
     with pytest.raises(ValueError, match="activation granularity"):
         w8a8.quantize_model(m, act="channel")
+
+
+def test_static_scale_is_the_calibration_absmax_over_127():
+    g = _gen()
+    calib = torch.randn(50, 16, generator=g) * 2
+    s = w8a8.static_scale(calib)
+    assert s.dtype == torch.float32 and s.shape == () and torch.equal(s, calib.abs().max() / 127)
+    x = torch.randn(30, 16, generator=g)
+    ref = torch.fake_quantize_per_tensor_affine(x, s.item(), 0, -127, 127)
+    assert torch.equal(w8a8.fake_quantize_static(x, s), ref)
+
+
+def test_static_clips_beyond_the_calibrated_range():
+    calib = torch.randn(40, 8, generator=_gen())
+    s = w8a8.static_scale(calib)
+    top = calib.abs().max()
+    x = torch.stack([top * 3, -top * 3, top * 0.4]).reshape(1, 3)
+    y = w8a8.fake_quantize_static(x, s)
+    torch.testing.assert_close(y[0, :2], torch.stack([127 * s, -127 * s]))   # clipped, not rescaled
+    assert (y[0, 2] - x[0, 2]).abs() <= s / 2 * (1 + 1e-5)
+    # the dynamic per-tensor scale instead grows with the input: within one of its steps
+    assert (w8a8.fake_quantize_int8(x, "tensor")[0, 0] - x[0, 0]).abs() <= x.abs().max() / 127.5
+
+
+def test_static_model_uses_each_layers_calibrated_scale():
+    m = charlm.create(0, charlm.CharLMConfig(width=32, layers=1, heads=2, context=8)).eval()
+    tokens = torch.randint(0, 256, (4, 8), generator=_gen())
+    q = w8a8.quantize_model(m, "static", "tensor", tokens=tokens)
+    x = layers.capture_inputs(m, tokens, ["blocks.0.fc2"])["blocks.0.fc2"]
+    assert torch.equal(q.blocks[0].fc2.act_scale, x.abs().max() / 127)
+    assert q(tokens).shape == (4, 8, 256)
+    with pytest.raises(ValueError, match="calibration tokens"):
+        w8a8.quantize_model(m, "static")
+    with pytest.raises(ValueError, match="act_scale"):
+        w8a8.W8A8Linear(nn.Linear(4, 4), act="static")
+    with pytest.raises(ValueError, match="empty"):
+        w8a8.static_scale(torch.zeros(0, 4))

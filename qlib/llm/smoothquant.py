@@ -21,6 +21,15 @@ As in the paper (OPT, BLOOM), we smooth the two places where a LayerNorm feeds p
 ``ln1 -> q, k, v`` (one ``s`` for the three, with ``max|W_j|`` over all three) and
 ``ln2 -> fc1``. ``proj`` and ``fc2`` are quantized unsmoothed. Then every block linear becomes
 W8A8 (``w8a8.quantize_model``).
+
+The paper's efficiency levels (its Table 3) differ only in the activation scale; weights are
+per-tensor in all three (``LEVELS``, ``quantize_model(..., level="O3")``):
+
+- ``O1``: per-token *dynamic* activation scales (computed at run time for every token);
+- ``O2``: per-tensor dynamic (one scale per call, still a reduction over ``X`` at run time);
+- ``O3``: per-tensor *static* (``w8a8.static_scale``: fixed from calibration, fastest; an
+  input beyond the calibrated range is clipped). Its scales are calibrated on the *smoothed*
+  model, i.e. on ``X / s``, as the official code does.
 """
 
 from __future__ import annotations
@@ -84,7 +93,20 @@ def smooth_model(model: nn.Module, scales: dict[str, torch.Tensor], alpha: float
     return new
 
 
+LEVELS = {"O1": ("token", "tensor"), "O2": ("tensor", "tensor"), "O3": ("static", "tensor")}
+
+
 def quantize_model(model: nn.Module, tokens: torch.Tensor, alpha: float = 0.5,
-                   act: str = "tensor", weight: str = "channel") -> nn.Module:
-    """SmoothQuant W8A8: calibrate ``max|X|`` on ``tokens``, smooth, then ``w8a8.quantize_model``."""
-    return w8a8.quantize_model(smooth_model(model, act_scales(model, tokens), alpha), act, weight)
+                   act: str = "tensor", weight: str = "channel", level: str | None = None) -> nn.Module:
+    """SmoothQuant W8A8: calibrate ``max|X|`` on ``tokens``, smooth, then ``w8a8.quantize_model``.
+
+    ``act``/``weight``: the W8A8 granularities (``act="static"`` calibrates the smoothed model's
+    activation scales on the same ``tokens``). ``level`` (``"O1"``, ``"O2"``, ``"O3"``) sets both
+    as in the paper (``LEVELS``) and overrides them.
+    """
+    if level is not None:
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {list(LEVELS)}, got {level!r}")
+        act, weight = LEVELS[level]
+    smoothed = smooth_model(model, act_scales(model, tokens), alpha)
+    return w8a8.quantize_model(smoothed, act, weight, tokens if act == "static" else None)

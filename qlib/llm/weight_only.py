@@ -42,7 +42,8 @@ def weight_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return quant_range(bits, signed=symmetric)
 
 
-def _group(w: torch.Tensor, group_size: int | None) -> int:
+def group_width(w: torch.Tensor, group_size: int | None) -> int:
+    """The number of columns per group of the ``(out, in)`` weight ``w`` (``None``: all ``in``)."""
     if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
         raise TypeError("w must be a floating-point (out, in) weight matrix")
     g = w.shape[1] if group_size is None else group_size
@@ -54,7 +55,7 @@ def _group(w: torch.Tensor, group_size: int | None) -> int:
 def group_qparams(w: torch.Tensor, bits: int = 4, group_size: int | None = 128,
                   symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max ``(scale, zero_point)`` per group, each of shape ``(out, in // group_size)``."""
-    g = _group(w, group_size)
+    g = group_width(w, group_size)
     weight_range(bits, symmetric)
     return qparams_for(w, bits, symmetric, PerGroup(g), signed=symmetric)
 
@@ -62,7 +63,7 @@ def group_qparams(w: torch.Tensor, bits: int = 4, group_size: int | None = 128,
 def quantize_groups(w: torch.Tensor, bits: int = 4, group_size: int | None = 128,
                     symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(w_q, scale, zero_point)``: integer codes of ``w`` (shape ``(out, in)``) and qparams."""
-    g = _group(w, group_size)
+    g = group_width(w, group_size)
     scale, zp = group_qparams(w, bits, g, symmetric)
     qmin, qmax = weight_range(bits, symmetric)
     return quantize(w, scale, zp, qmin, qmax, axis=-1, group_size=g), scale, zp
@@ -79,7 +80,7 @@ def fake_quantize_groups(w: torch.Tensor, bits: int = 4, group_size: int | None 
                          symmetric: bool = False) -> torch.Tensor:
     """Round-to-nearest quantize-dequantize of ``w`` in groups (the RTN baseline)."""
     w_q, scale, zp = quantize_groups(w, bits, group_size, symmetric)
-    return dequantize_groups(w_q, scale, zp, _group(w, group_size)).to(w.dtype)
+    return dequantize_groups(w_q, scale, zp, group_width(w, group_size)).to(w.dtype)
 
 
 def quantize_model(model: nn.Module, bits: int = 4, group_size: int | None = 128,
