@@ -52,7 +52,7 @@ from qlib.ptq import quantize_static
 from qlib.qat import quantization_aware_training
 from qlib.train import predict, train
 
-torch.set_num_threads(2)
+torch.set_num_threads(runtime.pick(2, 1))  # fast mode (tests) runs beside other work: one thread, no spin-waiting
 SEED = 0
 print("fast mode:", runtime.fast())
 
