@@ -73,6 +73,23 @@ def test_references_agree_with_qlib_on_fresh_draws():
     assert torch.equal(int_linear(x, w, 8, L.reference_offset(w, 7, 8, b)), L.reference_accumulator(x, w, 7, 8, b))
 
 
+def test_every_name_is_still_importable_from_lab03_integer():
+    """Q8 and Q9 moved to lab03_zeropoint and lab03_requant (the near-tie search to near_ties);
+    lab03_integer re-exports every name it held (the same objects), as the notebooks import it."""
+    from qlib.check import lab03_requant, lab03_zeropoint, near_ties
+    moved = {lab03_zeropoint: ["reference_offset", "reference_accumulator", "zero_point_offset",
+                               "zero_point_offset_hidden", "int_linear", "int_linear_hidden", "_check_offset",
+                               "_cases_offset", "_offset_hidden_case", "_check_int_linear"],
+             lab03_requant: ["reference_multiplier_ok", "reference_requantize", "quantize_multiplier",
+                             "quantize_multiplier_hidden", "requantize", "requantize_hidden", "_reference_m_shift",
+                             "_check_multiplier", "_check_requantize"],
+             near_ties: ["near_tie", "NEAR_TIES_8BIT", "_first_in_window", "_near_tie_hint"]}
+    for module, names in moved.items():
+        assert [n for n in names if getattr(L, n, None) is not getattr(module, n)] == [], module.__name__
+    assert set(L.__all__) <= set(lab03_zeropoint.__all__) | set(lab03_requant.__all__) | set(near_ties.__all__)
+    assert all(getattr(lab03, n) is getattr(L, n) for n in ("zero_point_offset", "int_linear", "requantize"))
+
+
 # ------------------------------------------------------------------ visible-only wrong answers
 def test_offset_mistakes_fail_the_visible_check_with_a_hint():
     def no_k_term(w_q, z_x, z_w, bias_q):

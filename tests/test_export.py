@@ -153,3 +153,13 @@ def test_unsupported_and_bad_inputs():
         to_onnx(nn.Linear(4, 2), torch.zeros(4))
     with pytest.raises(ValueError, match="empty"):
         ort_predict(ort_session(to_onnx(nn.Sequential(nn.Linear(4, 2)), torch.zeros(2, 4))), [])
+
+
+def test_litert_names_are_still_importable_from_export():
+    """LiteRT moved to qlib.litert; qlib.export re-exports its three names (lesson 13 and
+    benchmarks/mixed.py call ``export.to_litert``), and ``qlib.litert`` loads lazily like the rest."""
+    import qlib
+    from qlib import export, litert
+    for name in ("litert_available", "to_litert", "litert_predict"):
+        assert getattr(export, name) is getattr(litert, name) and name in export.__all__, name
+    assert "litert" in qlib.__all__ and qlib.litert is litert

@@ -330,3 +330,16 @@ def test_relu6_depthwise_model_on_cuda_equals_the_cpu():
     with torch.no_grad():
         want, got = cpu(x), convert_to_integer(q).cuda()(x.cuda())
     assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
+
+
+def test_accumulator_names_are_still_importable_from_intmodel():
+    """The Accumulator and its rules moved to qlib.accumulator; qlib.intmodel re-exports each of
+    them (the same objects), and ``qlib.accumulator`` is one of qlib's lazily loaded submodules."""
+    import qlib
+    from qlib import accumulator, intmodel
+    names = ["Accumulator", "activation_code", "to_codes", "_MODULE_RULES", "_FUNCTION_RULES", "_METHOD_RULES",
+             "_add", "_adaptive_avg_pool", "_avg_pool", "_common_scale", "_mean", "_monotone", "_per_channel",
+             "_pooled", "_relu", "_relu6", "_reshape"]
+    assert [n for n in names if getattr(intmodel, n, None) is not getattr(accumulator, n)] == []
+    assert {"Accumulator", "activation_code", "to_codes"} <= set(intmodel.__all__)
+    assert "accumulator" in qlib.__all__ and qlib.accumulator is accumulator
