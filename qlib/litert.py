@@ -1,11 +1,11 @@
 """LiteRT (TensorFlow Lite): a second deployment runtime next to ONNX Runtime (``qlib.export``).
 
-Idea. LiteRT runs ``.tflite`` flatbuffers, the format of Android and microcontroller deployments.
-``litert_torch`` converts a PyTorch model to one (it builds on ``torch.export``, which traces the
-model for the example's shape, and maps the traced ATen operators to LiteRT's; a float model
-here, so the file computes the same float32 function), and the ``ai_edge_litert`` interpreter
-runs it. Lesson 13 and ``benchmarks/mixed.py`` compare
-its logits and latency with PyTorch's and ONNX Runtime's.
+Idea. LiteRT runs ``.tflite`` flatbuffers, a format of on-device deployment (Android, iOS,
+embedded Linux). ``litert_torch`` converts a PyTorch model to one (it builds on ``torch.export``,
+which traces the model for the example's shape, and maps the traced ATen operators to LiteRT's;
+a float model here, so the file computes the same float32 function), and the ``ai_edge_litert``
+interpreter runs it. Lesson 13 and ``benchmarks/mixed.py`` compare its logits and latency with
+PyTorch's and ONNX Runtime's.
 
 Both packages are optional (``pip install 'qlib[litert]'``): they bring jax, about 0.75 GB, where
 ONNX and ONNX Runtime take about 110 MB. ``litert_available()`` is None when both import, else
