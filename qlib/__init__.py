@@ -2,11 +2,13 @@
 
 Read the modules in the order of the course: ``data``/``models``/``train`` (the playground),
 ``qparams`` -> ``quantize`` -> ``observers`` -> ``modules`` -> ``fold`` -> ``ptq`` ->
-``requant`` -> ``intops``/``intlayers``/``intmodel`` (post-training quantization down to
-integer arithmetic, with ``zeropoint`` for the zero-point expansion and ``kernels`` for fast
-int8 products), ``nonuniform``/``packing`` (codebooks, NF4, packed 2- and 4-bit codes), then
-``qat`` (with ``pact``), ``datafree``, ``reconstruct`` (AdaRound, BRECQ) and ``distill``; later
-lessons add ``domain``, ``mixed``, ``export``, ``federated``, ``applications`` and ``llm``.
+``requant`` -> ``intops``/``intlayers``/``accumulator``/``intmodel`` (post-training
+quantization down to integer arithmetic: integer products, integer layers, the int32 tensor
+between layers and its rules, the whole-model interpreter; with ``zeropoint`` for the
+zero-point expansion and ``kernels`` for fast int8 products), ``nonuniform``/``packing``
+(codebooks, NF4, packed 2- and 4-bit codes), then ``qat`` (with ``pact``), ``datafree``,
+``reconstruct`` (AdaRound, BRECQ) and ``distill``; later lessons add ``domain``, ``mixed``,
+``export`` (with ``litert``, optional), ``federated``, ``applications`` and ``llm``.
 ``batching`` feeds every loop its batches on the model's device. Nothing is seeded at import; every random function
 takes a ``seed=`` or a ``torch.Generator``. Submodules and the names below load on first
 use (``import qlib`` alone imports nothing heavy, not even torch).
@@ -23,10 +25,10 @@ import importlib
 # Loaded on first use (PEP 562), not at ``import qlib``: a graded notebook's kernel imports only
 # what its lab uses, which keeps a class's autograding quick (benchmarks/grading.py).
 _SUBMODULES = {"batching", "check", "data", "kernels", "measure", "models", "runtime", "train", "datafree",
-               "distill", "fakequant", "fold", "intlayers", "intmodel", "intops", "lsq", "modules",
+               "distill", "fakequant", "fold", "intlayers", "accumulator", "intmodel", "intops", "lsq", "modules",
                "observers", "ptq", "qat", "qparams", "requant", "quantize", "reconstruct", "nonuniform",
                "packing", "pact", "zeropoint", "clipping", "granularity", "entropy", "viz", "widgets",
-               "export", "mixed", "domain", "federated", "applications", "llm"}
+               "export", "litert", "mixed", "domain", "federated", "applications", "llm"}
 _NAMES = {
     "load_dataset": "data", "load_digits": "data", "fold_batchnorm": "fold", "fold_bn": "fold",
     "convert_to_integer": "intmodel", "latency": "measure", "model_size_bytes": "measure",

@@ -28,8 +28,9 @@ float) is written as plain ``Conv``/``Gemm`` (BatchNorms folded first).
 ``ort_quantize_static`` is ONNX Runtime's *own* static quantizer (its calibration, its QDQ
 placement) on the float ONNX model, for a side-by-side. ``qdq_nodes`` lists the Q/DQ nodes
 of a file. LiteRT (TensorFlow Lite) is optional (``pip install qlib[litert]``, about
-0.75 GB with jax): ``litert_available`` says why it is absent, ``to_litert`` converts with
-``litert_torch`` and ``litert_predict`` runs the LiteRT interpreter.
+0.75 GB with jax) and lives in ``qlib.litert``, re-exported here: ``litert_available`` says
+why it is absent, ``to_litert`` converts with ``litert_torch`` and ``litert_predict`` runs the
+LiteRT interpreter.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from torch import fx, nn
 from .batching import input_batches
 from .fold import fold_batchnorm
 from .intlayers import IntConv2d, IntLinear
+from .litert import litert_available, litert_predict, to_litert  # re-exported: export.to_litert as before
 from .modules import FakeQuantize, QuantConv2d, QuantLinear
 
 __all__ = ["OPSET", "to_onnx", "qdq_nodes", "ort_session", "ort_predict", "ort_quantize_static",
@@ -301,48 +303,3 @@ def ort_quantize_static(float_path: str | Path, out_path: str | Path, calib, per
     finally:
         logging.disable(logging.NOTSET)
     return Path(out_path)
-
-
-def litert_available() -> str | None:
-    """None when LiteRT can run here, else the reason (a message to print when skipping)."""
-    missing = []
-    for module, package in (("litert_torch", "litert-torch"), ("ai_edge_litert", "ai-edge-litert")):
-        try:
-            __import__(module)
-        except Exception:  # noqa: BLE001 - any import failure means: not usable here
-            missing.append(package)
-    if missing:
-        return (f"LiteRT is not installed ({', '.join(missing)} missing): it is optional, about 0.75 GB "
-                "with jax; install it with pip install 'qlib[litert]'")
-    return None
-
-
-def to_litert(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
-    """Convert a float ``model`` to a ``.tflite`` file with ``litert_torch`` (optional extra)."""
-    reason = litert_available()
-    if reason:
-        raise RuntimeError(reason)
-    import litert_torch
-
-    edge = litert_torch.convert(model.eval(), (example,))
-    edge.export(str(path))
-    return Path(path)
-
-
-def litert_predict(path: str | Path, data, batch_size: int = 1) -> torch.Tensor:
-    """Logits of the ``.tflite`` model at ``path`` from the LiteRT interpreter."""
-    reason = litert_available()
-    if reason:
-        raise RuntimeError(reason)
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_path=str(path))
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    outs = []
-    for x in input_batches(data, batch_size, device="cpu", dtype=torch.float32, finite=True):
-        interp.resize_tensor_input(inp["index"], list(x.shape))
-        interp.allocate_tensors()
-        interp.set_tensor(inp["index"], x.numpy())
-        interp.invoke()
-        outs.append(interp.get_tensor(out["index"]).copy())
-    return torch.from_numpy(np.concatenate(outs))

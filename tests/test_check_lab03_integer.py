@@ -1,18 +1,16 @@
-"""qlib.check.lab03_integer: right answers pass; wrong ones fail the visible check with a hint;
-and qlib.check.near_ties (re-exported by lab03_integer): the near-tie search.
+"""qlib.check.lab03_integer (Q8: qlib.check.lab03_zeropoint, Q9: qlib.check.lab03_requant, both
+re-exported by lab03_integer and lab03): right answers pass; wrong ones fail the visible check
+with a hint. The near-tie search (qlib.check.near_ties) has its own tests: tests/test_check_near_ties.py.
 
 Reference: the zero-point expansion of Jacob et al. 2018 (section 2.3) written directly
 (``(x_q - z_x) @ (w_q - z_w).T + b``), TFLite's single-rounding requantization on Python
 integers, and ``qlib.requant`` (``quantize_multiplier``, ``requantize``), which the checks'
-own references must agree with bit for bit. Near-ties: the exact rational ``acc * m / 2**t``
-(``fractions.Fraction``) against IEEE float64 arithmetic on the same numbers.
+own references must agree with bit for bit. Float64 answers must fail Q9 at the near-ties.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from fractions import Fraction
 
 import pytest
 import torch
@@ -73,6 +71,23 @@ def test_references_agree_with_qlib_on_fresh_draws():
     assert torch.equal(L.reference_accumulator(x, w, 7, 8, b),
                        int_matmul(x, w.T.contiguous(), 7, 8, b, backend="reference").to(torch.int64))
     assert torch.equal(int_linear(x, w, 8, L.reference_offset(w, 7, 8, b)), L.reference_accumulator(x, w, 7, 8, b))
+
+
+def test_every_name_is_still_importable_from_lab03_integer():
+    """Q8 and Q9 moved to lab03_zeropoint and lab03_requant (the near-tie search to near_ties);
+    lab03_integer re-exports every name it held (the same objects), as the notebooks import it."""
+    from qlib.check import lab03_requant, lab03_zeropoint, near_ties
+    moved = {lab03_zeropoint: ["reference_offset", "reference_accumulator", "zero_point_offset",
+                               "zero_point_offset_hidden", "int_linear", "int_linear_hidden", "_check_offset",
+                               "_cases_offset", "_offset_hidden_case", "_check_int_linear"],
+             lab03_requant: ["reference_multiplier_ok", "reference_requantize", "quantize_multiplier",
+                             "quantize_multiplier_hidden", "requantize", "requantize_hidden", "_reference_m_shift",
+                             "_check_multiplier", "_check_requantize"],
+             near_ties: ["near_tie", "NEAR_TIES_8BIT", "_first_in_window", "_near_tie_hint"]}
+    for module, names in moved.items():
+        assert [n for n in names if getattr(L, n, None) is not getattr(module, n)] == [], module.__name__
+    assert set(L.__all__) <= set(lab03_zeropoint.__all__) | set(lab03_requant.__all__) | set(near_ties.__all__)
+    assert all(getattr(lab03, n) is getattr(L, n) for n in ("zero_point_offset", "int_linear", "requantize"))
 
 
 # ------------------------------------------------------------------ visible-only wrong answers
@@ -173,43 +188,3 @@ def test_float64_requantize_fails_visible_and_hidden_with_a_hint(wrong):
     for base in ("a", "b"):
         with seeded(base), pytest.raises(AssertionError, match="just below a tie"):
             lab03.requantize_hidden(wrong)
-
-
-def test_first_in_window_is_the_smallest_solution():
-    rng = random.Random(torch.seed())
-    for _ in range(2000):
-        mod = rng.randint(2, 300)
-        a, lo = rng.randrange(mod), rng.randrange(mod)
-        hi = rng.randint(lo, mod - 1)
-        want = next((x for x in range(mod + 1) if lo <= a * x % mod <= hi), None)
-        assert L._first_in_window(a, mod, lo, hi) == want, (a, mod, lo, hi)
-
-
-def _exact_and_float64(acc, m, shift):
-    t = 31 - shift
-    exact = (acc * m + (1 << (t - 1))) >> t                      # Python ints: exact
-    return exact, math.floor(acc * (m * 2.0 ** (shift - 31)) + 0.5)  # IEEE float64
-
-
-@pytest.mark.parametrize("bits", [15, 16])
-@pytest.mark.parametrize("sign", [1, -1])
-def test_near_ties_are_where_float64_rounds_the_wrong_way(bits, sign):
-    rng = random.Random(torch.seed())
-    acc, m, shift = L.near_tie(rng, bits, sign)
-    value = Fraction(acc * m, 2 ** (31 - shift))
-    assert -(2**31) <= acc < 2**31 and 2**30 <= m < 2**31 and sign * acc > 0
-    assert 2 ** (bits - 2) <= abs(value) < 2 ** (bits - 1)
-    assert 0 < math.floor(value) + Fraction(1, 2) - value <= Fraction(64, 2 ** (31 - shift))  # a hair below
-    exact, fl = _exact_and_float64(acc, m, shift)
-    assert fl == exact + 1 and torch.equal(L.reference_requantize(torch.tensor([acc]), m, shift, 0, -2**15, 2**15 - 1),
-                                           torch.tensor([exact]))
-
-
-def test_stored_8bit_near_ties():
-    """Each stored case: the exact answer rounds down, float64 rounds up, and the value fits 8-bit codes."""
-    assert {a > 0 for a, _, _ in L.NEAR_TIES_8BIT} == {True, False}
-    for acc, m, shift in L.NEAR_TIES_8BIT:
-        exact, fl = _exact_and_float64(acc, m, shift)
-        assert fl == exact + 1 and 64 <= abs(Fraction(acc * m, 2 ** (31 - shift))) < 127
-        assert torch.equal(requant.requantize(torch.tensor([acc]), m, shift, 128, 0, 255).to(torch.int64),
-                           torch.tensor([exact + 128]))

@@ -1,5 +1,5 @@
-"""Tests for qlib.intmodel (convert_to_integer: whole models in integer arithmetic) and for the
-Accumulator rules it applies (qlib.accumulator; imported through qlib.intmodel, which re-exports them).
+"""Tests for qlib.intmodel (convert_to_integer: whole models in integer arithmetic). The
+Accumulator and its rules (qlib.accumulator) have their own tests: tests/test_accumulator.py.
 
 Reference: the converted fake-quant model (qlib.ptq.quantize_static) that the integer model
 implements, Jacob et al. 2018; for ReLU6's code clamp, PyTorch's quantized ReLU6
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlib.intlayers import IntConv2d, IntLinear
-from qlib.intmodel import Accumulator, IntegerModel, _add, activation_code, convert_to_integer, to_codes
+from qlib.intmodel import IntegerModel, activation_code, convert_to_integer
 from qlib.models import ALL_MODELS, BasicBlock, create
 from qlib.modules import QuantConfig
 from qlib.ptq import prepare, quantize_dynamic, quantize_static
@@ -210,17 +210,6 @@ def test_residual_block_and_float_layers():
     assert isinstance(int_model.graph_module.get_submodule("7"), nn.Linear)
 
 
-def test_accumulator_add_rescales_to_the_coarser_scale():
-    g = gen(8)
-    a = Accumulator(torch.randint(-1000, 1000, (4, 3), generator=g), 
-                    torch.tensor([0.01, 0.02, 0.04], dtype=torch.float64))
-    b = Accumulator(torch.randint(-1000, 1000, (4, 3), generator=g), torch.tensor(0.03, dtype=torch.float64))
-    s = _add(a, b)
-    assert torch.equal(s.scale, torch.tensor([0.03, 0.03, 0.04], dtype=torch.float64))
-    err = (s.dequantize().double() - (a.dequantize().double() + b.dequantize().double())).abs()
-    assert (err <= s.scale + 1e-6).all()  # at most half a unit from each rescaled operand
-
-
 def test_errors():
     g = gen(9)
     model = create("cnn8", seed=SEED)
@@ -243,19 +232,6 @@ def test_errors():
                                          nn.Linear(8, 2)), randn(g, 8, 1, 5, 5))
     with pytest.raises(NotImplementedError, match="windows"):
         convert_to_integer(ceil)(randn(g, 2, 1, 5, 5))
-
-
-@pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
-                                dict(kernel_size=3, padding=1, dilation=2, ceil_mode=True)])
-def test_integer_max_pool_equals_the_float64_one(kw):
-    """Max-pooling int32 accumulators directly (CPU) gives what pooling their float64 copy gives."""
-    from qlib.intmodel import _MODULE_RULES
-    g = gen(10)
-    values = torch.randint(-(2**31), 2**31 - 1, (2, 3, 7, 7), generator=g, dtype=torch.int64).to(torch.int32)
-    a = Accumulator(values, torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64).reshape(3, 1, 1))
-    out = _MODULE_RULES[nn.MaxPool2d](nn.MaxPool2d(**kw), a)
-    assert torch.equal(out.values.long(), F.max_pool2d(values.double(), **kw).long())
-    assert torch.equal(out.scale, a.scale)
 
 
 # ------------------------------------------------------------------ ReLU6 and depthwise (MobileNet)
@@ -284,52 +260,6 @@ def mobile_block(g):
     with torch.no_grad():
         model.bn0.weight.mul_(4), model.bn1.weight.mul_(4)
     return model
-
-
-def test_relu6_code_clamp_equals_pytorchs_quantized_relu6():
-    """``clamp(codes, q(0), q(6))`` is what ``torch.ao.nn.quantized.ReLU6`` does to quantized codes,
-    including scales where 6 lies beyond the code range (q(6) clipped to quant_max)."""
-    import warnings
-    import torch.ao.nn.quantized as nnq
-    g = gen(11)
-    for scale in [0.01, 0.023, 0.05, 6 / 255, 0.1, 0.3]:
-        z = int(torch.randint(0, 120, (1,), generator=g))
-        codes = torch.randint(0, 256, (1000,), generator=g).to(torch.uint8)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*deprecated")
-            want = nnq.ReLU6()(torch._make_per_tensor_quantized_tensor(codes, scale, z)).int_repr()
-        q0, q6 = activation_code(0.0, scale, z, 0, 255), activation_code(6.0, scale, z, 0, 255)
-        assert int(q0) == z and int(q6) == min(255, z + round(6 / scale))
-        assert torch.equal(codes.long().clamp(int(q0), int(q6)), want.long()), scale
-
-
-def test_pending_relu6_is_fused_into_the_requantization():
-    """``to_codes``: requantize first, then clamp the codes at q(6); equal to the fake-quant order
-    (ReLU6 in float, then quantize) wherever the real value is not within float error of a tie."""
-    from qlib.intmodel import _relu6
-    g = gen(12)
-    q = quantize_static(nn.Sequential(nn.Conv2d(3, 4, 1)), randn(g, 8, 3, 4, 4) * 5)  # range beyond 6
-    layer = convert_to_integer(q).graph_module.get_submodule("0")
-    q6 = int(activation_code(6.0, layer.input_scale, layer.input_zero_point, 0, 255))
-    assert q6 < 255  # a clamp of its own, not the range's
-    s_acc = torch.tensor([2e-4, 5e-4, 1e-3], dtype=torch.float64).reshape(3, 1, 1)
-    a = Accumulator(torch.randint(-40000, 40000, (64, 3, 2, 2), generator=g), s_acc)
-    fused = to_codes(_relu6(a), layer)
-    real = (a.values.double() * s_acc).clamp(0, 6)  # ReLU6 in float64, then the layer's quantizer
-    want = quantize(real.float(), layer.input_scale, layer.input_zero_point, 0, 255)
-    assert (a.values.double() * s_acc > 6).any() and (fused.long() == q6).any() and fused.max() == q6
-    assert (fused.long() - want.long()).abs().max() <= 1 and (fused == want).float().mean() > 0.99
-
-
-def test_materialized_relu6_is_within_one_accumulator_unit():
-    g = gen(13)
-    scale = torch.tensor([1e-3, 3e-3, 7e-3], dtype=torch.float64).reshape(3, 1)
-    a = Accumulator(torch.randint(0, 10000, (16, 3, 5), generator=g), scale, act_max=6.0)
-    m = a.materialized()
-    real, clipped = m.values.double() * scale, (a.values.double() * scale).clamp(max=6)
-    assert m.act_max is None and (real <= 6).all() and (real > clipped - scale).all()
-    assert torch.equal(m.values.long()[clipped < 6], a.values.long()[clipped < 6])
-    assert torch.equal(a.dequantize(), (a.values.double() * scale).float().clamp(max=6))
 
 
 def test_relu6_depthwise_model_matches_fake_quant():
@@ -400,3 +330,16 @@ def test_relu6_depthwise_model_on_cuda_equals_the_cpu():
     with torch.no_grad():
         want, got = cpu(x), convert_to_integer(q).cuda()(x.cuda())
     assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
+
+
+def test_accumulator_names_are_still_importable_from_intmodel():
+    """The Accumulator and its rules moved to qlib.accumulator; qlib.intmodel re-exports each of
+    them (the same objects), and ``qlib.accumulator`` is one of qlib's lazily loaded submodules."""
+    import qlib
+    from qlib import accumulator, intmodel
+    names = ["Accumulator", "activation_code", "to_codes", "_MODULE_RULES", "_FUNCTION_RULES", "_METHOD_RULES",
+             "_add", "_adaptive_avg_pool", "_avg_pool", "_common_scale", "_mean", "_monotone", "_per_channel",
+             "_pooled", "_relu", "_relu6", "_reshape"]
+    assert [n for n in names if getattr(intmodel, n, None) is not getattr(accumulator, n)] == []
+    assert {"Accumulator", "activation_code", "to_codes"} <= set(intmodel.__all__)
+    assert "accumulator" in qlib.__all__ and qlib.accumulator is accumulator
