@@ -17,7 +17,7 @@ from qlib.llm import awq, model as charlm, weight_only as wo
 
 
 def test_search_matches_a_written_grid_and_beats_rtn():
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(torch.randint(2**31, (1,)).item() % 2**31)
     w = torch.randn(24, 128, generator=g)
     x = torch.randn(256, 128, generator=g)
     x[:, :4] *= 15                                               # salient input channels
@@ -67,7 +67,7 @@ def _brute_force_clip(w, x, bits, g, ratios):
 
 
 def test_clip_search_matches_a_brute_force_grid():
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(torch.randint(2**31, (1,)).item() % 2**31)
     w = torch.randn(12, 64, generator=g)
     w[:, ::9] *= 4                                               # a few large weights per group
     x = torch.randn(200, 64, generator=g)
@@ -88,7 +88,7 @@ def test_clip_search_matches_a_brute_force_grid():
 
 
 def test_awq_layer_with_clip_is_not_worse_than_without():
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(torch.randint(2**31, (1,)).item() % 2**31)
     w = torch.randn(32, 128, generator=g)
     x = torch.randn(300, 128, generator=g)
     x[:, :4] *= 10

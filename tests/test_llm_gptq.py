@@ -15,7 +15,7 @@ from qlib.llm import gptq, model as charlm, weight_only as wo
 
 
 def _problem(out=32, n=128, dtype=torch.float64):
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(torch.randint(2**31, (1,)).item() % 2**31)
     w = torch.randn(out, n, generator=g, dtype=dtype)
     x = torch.randn(512, n, generator=g, dtype=dtype) @ (torch.randn(n, n, generator=g, dtype=dtype) * 0.3)
     x[:, 3] *= 10                                               # an outlier input channel

@@ -17,7 +17,7 @@ from qlib.llm import layers, model as charlm, w8a8
 
 
 def _gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
+    return torch.Generator().manual_seed(torch.randint(2**31, (1,)).item() % 2**31)
 
 
 def test_per_tensor_matches_torch():

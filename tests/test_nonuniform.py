@@ -30,7 +30,7 @@ LLOYD_MAX_GAUSSIAN_MSE = {2: 0.1175, 3: 0.03454, 4: 0.009497}  # Max 1960, table
 
 
 def fresh_gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
+    return torch.Generator().manual_seed(torch.randint(2**31, (1,)).item() % 2**31)
 
 
 def test_nf4_is_the_published_table_bit_for_bit():

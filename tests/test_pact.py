@@ -16,7 +16,7 @@ from qlib.pact import PACTFakeQuantize, pact_fake_quantize, pact_qparams
 
 
 def fresh_gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
+    return torch.Generator().manual_seed(torch.randint(2**31, (1,)).item() % 2**31)
 
 
 def paper_pact(x, alpha, bits):

@@ -17,7 +17,7 @@ from qlib.zeropoint import direct_accumulate, expanded_accumulate, operation_cou
 
 
 def fresh_gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
+    return torch.Generator().manual_seed(torch.randint(2**31, (1,)).item() % 2**31)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
