@@ -583,7 +583,7 @@ assert diff.max() <= 1
 # %% [markdown]
 # The integer add matches the float reference, at most one code apart (where the fixed-point
 # roundings meet a tie). qlib's integer
-# engine (`qlib.intmodel`, lesson 04) adds residual branches on the int32 accumulators before
+# engine (`qlib.intmodel`, lesson 04; the rule itself is in `qlib.accumulator`) adds residual branches on the int32 accumulators before
 # requantizing; `requantized_add` is the form for branches that arrive as int8 tensors.
 #
 # ## 7. Explore
