@@ -17,19 +17,30 @@ calibration digits (seed 0) and the 360 test digits:
   engine, measured side by side (interleaved, median of repeats) in one run, as ratios to fp32;
   the two integer backends must give equal outputs on the whole test set.
 
-- the depthwise-separable ``dsc16`` (``depthwise``): fp32; W8A8 and W4A8 with per-tensor and
-  per-channel weight scales (min-max, activations min-max); each plain, after cross-layer
+- the depthwise-separable ``dsc16`` (``depthwise``), the zoo's model where per-tensor weights
+  collapse: train_zoo's ``"mobilenet"`` recipe (MobileNetV2's RMSprop at lr 0.03, no decay on
+  depthwise weights or BN) kills a few ReLU6 channels on every seed; the depthwise layer after a
+  dead channel sees only zeros, its BN running variance decays to ~0, and folding multiplies
+  that channel's weights hundreds of times (the worst depthwise layer's largest folded channel
+  range is 400-1200x its median, by seed), so one per-tensor scale rounds most live channels to
+  zero codes. Rows: fp32; W8A8 and W4A8 with per-tensor
+  and per-channel weight scales (min-max, activations min-max); each plain, after cross-layer
   equalization (CLE, Nagel et al. 2019: ReLU6 replaced by ReLU first, as DFQ does, since
   ReLU6 does not commute with a positive scale), with empirical bias correction (the
-  calibration batches' input means) or analytic bias correction (no data), and with both; plus the folded weights' per-channel range
-  spread, layer by layer (seed 0), and min-max vs entropy activations at W8A8. CLE and
-  bias correction are ``qlib.datafree``'s (``cross_layer_equalize(..., replace_relu6=True)``,
-  ``correct_bias``), depthwise layers included; the analytic (data-free) bias correction
-  takes E[x] from the BatchNorm statistics (``expected_inputs``: the mean of a normal clipped
-  to [0, 6] after ReLU6, to [0, inf) after the ReLU that replaces it for CLE).
+  calibration batches' input means) or analytic bias correction (no data), and with both;
+  qlib's integer path for each (``integer_path``: accuracy, agreement with the fake-quant
+  predictions, max |logit diff|; in fast mode plain and CLE + bias correction only); the
+  folded weights' per-channel range spread, layer by layer (seed 0); and min-max vs entropy
+  activations at W8A8. CLE and bias correction are ``qlib.datafree``'s
+  (``cross_layer_equalize(..., replace_relu6=True)``, ``correct_bias``), depthwise layers
+  included; the analytic (data-free) bias correction takes E[x] from the BatchNorm statistics
+  (``expected_inputs``: the mean of a normal clipped to [0, 6] after ReLU6, to [0, inf) after
+  the ReLU that replaces it for CLE).
 
 Targets: W8A8 (min-max) within 0.5 points of fp32; the integer path at least 3x smaller than
-the (folded) fp32 model; the integer model (int8 kernels) within 1.5x of fp32's time at batch 64.
+the (folded) fp32 model; the integer model (int8 kernels) within 1.5x of fp32's time at batch 64;
+on ``dsc16`` at W8A8 (every seed): per-tensor weights collapse (below 50%) where per-channel keep
+fp32 (above 95%), and CLE + bias correction recovers per-tensor weights (above 90%).
 
     python benchmarks/ptq.py                 # full study -> benchmarks/results/ptq.json (a few minutes)
     python benchmarks/ptq.py --fast --out /tmp/ptq.json    # seed 0, min-max weights: a smoke test
@@ -61,7 +72,7 @@ from qlib.fold import fold_batchnorm  # noqa: E402
 from qlib.intmodel import convert_to_integer  # noqa: E402
 from qlib.modules import QuantConfig  # noqa: E402
 from qlib.ptq import quantize_static  # noqa: E402
-from qlib.train import accuracy_over_seeds, evaluate, format_spread  # noqa: E402
+from qlib.train import accuracy_over_seeds, evaluate, format_spread, predict  # noqa: E402
 
 MODEL = "cnn16"
 DEPTHWISE_MODEL = "dsc16"
@@ -77,6 +88,13 @@ WEIGHT_OBSERVERS = ("minmax", "mse")
 W8A8_MAX_DROP = 0.5
 MIN_SIZE_RATIO = 3.0
 MAX_INT_TIME_RATIO = 1.5
+DSC_COLLAPSE_BELOW = 50.0
+"""dsc16, per-tensor W8A8 plain: every seed below this (chance is 10%)."""
+DSC_PER_CHANNEL_ABOVE = 95.0
+"""dsc16, per-channel W8A8 plain: every seed above this."""
+DSC_RECOVERY_ABOVE = 90.0
+"""dsc16, per-tensor W8A8 after CLE + (empirical) bias correction: every seed above this."""
+FAST_INTEGER_METHODS = ("plain", "cle+bias_correction")
 
 
 def settings(fast: bool) -> dict:
@@ -88,6 +106,7 @@ def settings(fast: bool) -> dict:
             "weight_observers": ["minmax"] if fast else list(WEIGHT_OBSERVERS),
             "depthwise": {"model": DEPTHWISE_MODEL, "configs": list(DEPTHWISE_CONFIGS),
                           "weight_granularity": list(GRANULARITIES), "methods": list(METHODS),
+                          "integer_methods": list(FAST_INTEGER_METHODS if fast else METHODS),
                           "observers": "weights symmetric min-max, activations affine min-max per-tensor",
                           "cle": "ReLU6 -> ReLU, BN folded, pairs across ReLU/pooling incl. depthwise, "
                                  "20 sweeps (tol 1e-4)",
@@ -118,6 +137,25 @@ def _summary(values) -> dict:
     return out
 
 
+def integer_path(q: nn.Module, test) -> dict:
+    """Fake-quant model ``q`` against its integer-only twin ``convert_to_integer(q)`` on the
+    labelled ``test`` set: both accuracies (%), how often they predict the same class (%), and
+    the largest |logit difference|."""
+    y_fq, labels = predict(q, test)
+    y_int, _ = predict(convert_to_integer(q), test)
+    return {"fake_quant_acc": 100.0 * (y_fq.argmax(1) == labels).float().mean().item(),
+            "acc": 100.0 * (y_int.argmax(1) == labels).float().mean().item(),
+            "agreement": 100.0 * (y_fq.argmax(1) == y_int.argmax(1)).float().mean().item(),
+            "max_abs_logit_diff": (y_fq - y_int).abs().max().item()}
+
+
+def _integer_summary(runs: list[dict]) -> dict:
+    """Seeds' ``integer_path`` dicts -> accuracy and agreement summaries, largest logit diff."""
+    return {"acc": _summary([r["acc"] for r in runs]),
+            "agreement_with_fake_quant": _summary([r["agreement"] for r in runs]),
+            "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in runs)}
+
+
 def weight_range_spread(model: nn.Module) -> dict:
     """Per folded layer: how far its output channels' weight ranges ``max |w|`` spread
     (largest / median, largest / smallest), and whether it is depthwise."""
@@ -131,12 +169,15 @@ def weight_range_spread(model: nn.Module) -> dict:
 
 
 def depthwise_study(cfg: dict, log=print) -> dict:
-    """The ``dsc16`` rows: per-tensor vs per-channel weights, plain, CLE, bias correction."""
+    """The ``dsc16`` rows: per-tensor vs per-channel weights, plain, CLE, bias correction, and
+    the integer path of each (``FAST_INTEGER_METHODS`` only in fast mode)."""
     digits = data.load_digits(models.image_size(DEPTHWISE_MODEL))
     calib = data.calibration_batches(digits.train, cfg["calibration"]["num_samples"],
                                      cfg["calibration"]["batch_size"], seed=cfg["calibration"]["seed"])
+    int_methods = cfg["depthwise"]["integer_methods"]
     fp32, fp32_relu, entropy_w8 = [], [], []
     acc = {c: {g: {m: [] for m in METHODS} for g in GRANULARITIES} for c in DEPTHWISE_CONFIGS}
+    integer = {c: {g: {m: [] for m in int_methods} for g in GRANULARITIES} for c in DEPTHWISE_CONFIGS}
     start = time.perf_counter()
     for seed in cfg["seeds"]:
         model = models.pretrained(DEPTHWISE_MODEL, seed)
@@ -155,11 +196,15 @@ def depthwise_study(cfg: dict, log=print) -> dict:
                 for key, src in sources.items():
                     q = quantize_static(src, calib, config)
                     prefix = "" if key == "plain" else "cle+"
-                    acc[label][gname][key].append(evaluate(q, digits.test))
-                    acc[label][gname][prefix + "bias_correction"].append(
-                        evaluate(correct_bias(q, means[key]), digits.test))
-                    acc[label][gname][prefix + "analytic_bias_correction"].append(
-                        evaluate(correct_bias(q, analytic[key]), digits.test))
+                    variants = {key: q, prefix + "bias_correction": correct_bias(q, means[key]),
+                                prefix + "analytic_bias_correction": correct_bias(q, analytic[key])}
+                    for method, qm in variants.items():
+                        if method in int_methods:
+                            path = integer_path(qm, digits.test)
+                            integer[label][gname][method].append(path)
+                            acc[label][gname][method].append(path["fake_quant_acc"])
+                        else:
+                            acc[label][gname][method].append(evaluate(qm, digits.test))
             log(f"{DEPTHWISE_MODEL} seed {seed} {label}: " + ", ".join(
                 f"{g} {'/'.join(f'{acc[label][g][m][-1]:.1f}' for m in METHODS)}" for g in GRANULARITIES)
                 + f"  ({time.perf_counter() - start:.0f} s)")
@@ -167,8 +212,27 @@ def depthwise_study(cfg: dict, log=print) -> dict:
     return {"model": DEPTHWISE_MODEL, "fp32": _summary(fp32), "fp32_relu": _summary(fp32_relu),
             "accuracy": {c: {g: {m: _summary(v) for m, v in d.items()} for g, d in per_g.items()}
                          for c, per_g in acc.items()},
+            "integer_path": {c: {g: {m: _integer_summary(v) for m, v in d.items()} for g, d in per_g.items()}
+                             for c, per_g in integer.items()},
             "entropy_W8A8_per_channel": _summary(entropy_w8),
             "weight_range_spread_seed0": weight_range_spread(models.pretrained(DEPTHWISE_MODEL, cfg["seeds"][0]))}
+
+
+def depthwise_targets(d: dict) -> list[dict]:
+    """The ``dsc16`` targets from the study ``d`` (W8A8, every seed): per-tensor weights
+    collapse, per-channel keep fp32, CLE + bias correction recovers per-tensor."""
+    w8 = d["accuracy"]["W8A8"]
+    collapse = w8["per_tensor"]["plain"]["max"]
+    per_channel = w8["per_channel"]["plain"]["min"]
+    recovered = w8["per_tensor"]["cle+bias_correction"]["min"]
+    return [
+        {"name": f"dsc16 per-tensor W8A8 collapses: below {DSC_COLLAPSE_BELOW:g}% (best seed)",
+         "value": collapse, "threshold": DSC_COLLAPSE_BELOW, "met": collapse < DSC_COLLAPSE_BELOW},
+        {"name": f"dsc16 per-channel W8A8 above {DSC_PER_CHANNEL_ABOVE:g}% (worst seed)",
+         "value": per_channel, "threshold": DSC_PER_CHANNEL_ABOVE, "met": per_channel > DSC_PER_CHANNEL_ABOVE},
+        {"name": f"dsc16 per-tensor W8A8 after CLE + bias correction above {DSC_RECOVERY_ABOVE:g}% (worst seed)",
+         "value": recovered, "threshold": DSC_RECOVERY_ABOVE, "met": recovered > DSC_RECOVERY_ABOVE},
+    ]
 
 
 def run(fast: bool = False, log=print) -> dict:
@@ -180,7 +244,7 @@ def run(fast: bool = False, log=print) -> dict:
     test_x = digits.test.tensors[0]
     fp32, x86 = [], []
     acc = {c: {w: {a: [] for a in ACT_OBSERVERS} for w in cfg["weight_observers"]} for c in CONFIGS}
-    integer = {c: {"acc": [], "agreement": [], "max_abs_logit_diff": []} for c in CONFIGS}
+    integer = {c: [] for c in CONFIGS}
     keep = {}  # seed-0 models for size and latency
     start = time.perf_counter()
     for seed in seeds:
@@ -195,15 +259,9 @@ def run(fast: bool = False, log=print) -> dict:
                     if wobs == "minmax" and aobs == "minmax":
                         if fast and label != "W8A8":
                             continue
-                        im = convert_to_integer(q)
-                        with torch.no_grad():
-                            y_fq, y_int = q(test_x), im(test_x)
-                        integer[label]["acc"].append(evaluate(im, digits.test))
-                        integer[label]["agreement"].append(
-                            100.0 * (y_fq.argmax(1) == y_int.argmax(1)).float().mean().item())
-                        integer[label]["max_abs_logit_diff"].append((y_fq - y_int).abs().max().item())
+                        integer[label].append(integer_path(q, digits.test))
                         if seed == seeds[0]:
-                            keep[label] = (q, im)
+                            keep[label] = (q, convert_to_integer(q))
             log(f"seed {seed} {label}: " + ", ".join(
                 f"{a} {acc[label]['minmax'][a][-1]:.1f}" for a in ACT_OBSERVERS)
                 + f"  ({time.perf_counter() - start:.0f} s)")
@@ -253,16 +311,14 @@ def run(fast: bool = False, log=print) -> dict:
          "met": size_ratio["fp32_folded / integer_W8"] >= MIN_SIZE_RATIO},
         {"name": f"integer model (int8 kernels) within {MAX_INT_TIME_RATIO}x of fp32's time, batch {lat['batch']}",
          "value": int_ratio, "threshold": MAX_INT_TIME_RATIO, "met": int_ratio <= MAX_INT_TIME_RATIO},
-    ]
+    ] + depthwise_targets(depthwise)
     result = header("ptq", seeds, fast)
     result.update({
         "settings": cfg,
         "fp32": fp,
         "accuracy": {c: {w: {a: _summary(v) for a, v in d.items()} for w, d in per_w.items()}
                      for c, per_w in acc.items()},
-        "integer_path": {c: {"acc": _summary(d["acc"]), "agreement_with_fake_quant": _summary(d["agreement"]),
-                             "max_abs_logit_diff": max(d["max_abs_logit_diff"])}
-                         for c, d in integer.items() if d["acc"]},
+        "integer_path": {c: _integer_summary(runs) for c, runs in integer.items() if runs},
         "torch_x86": {"acc": _summary(x86), "config": "W8A8 (x86 engine defaults)"},
         "depthwise": depthwise,
         "size_bytes": size,
@@ -294,6 +350,13 @@ def table(result: dict) -> str:
     for c, per_g in d["accuracy"].items():
         for g, per_m in per_g.items():
             lines.append(f"  {c + ' ' + g:24s}" + "  ".join(f"{acc(per_m[m]):>21s}" for m in METHODS))
+    lines.append(f"  {d['model']} integer path: accuracy (agreement with fake-quant predictions, max |logit diff|)")
+    for c, per_g in d["integer_path"].items():
+        for g, per_m in per_g.items():
+            lines.append(f"  {c + ' ' + g:24s}" + "  ".join(
+                f"{m.replace('analytic_', 'an. ')} {r['acc']['mean']:.1f} "
+                f"({r['agreement_with_fake_quant']['mean']:.0f}%, {r['max_abs_logit_diff']:.2g})"
+                for m, r in per_m.items()))
     lines.append(f"  W8A8 per-channel, entropy activations: {acc(d['entropy_W8A8_per_channel'])}")
     spread = d["weight_range_spread_seed0"]
     lines.append("  folded weight ranges, largest / median channel (seed 0): " + ", ".join(

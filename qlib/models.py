@@ -13,15 +13,21 @@ folding, BN-statistics synthetic data and bias correction all have something to 
 ``dsc16`` is the model where quantization hurts (``make_dsc``): like MobileNet (Howard et al.
 2017; Sandler et al. 2018) each block is a depthwise 3x3 convolution (``groups = channels``: one
 3x3 filter per channel) and a pointwise 1x1 convolution, each followed by BatchNorm and ReLU6.
-A depthwise filter sees a single channel, so after BN folding (``w * gamma / sqrt(var + eps)``)
-its channels' weight ranges differ by orders of magnitude, and one per-tensor scale for all of
-them wastes most codes (Nagel et al. 2019, DFQ). Integer-only inference runs it too (grouped
+Its shipped weights come from MobileNetV2's recipe (``qlib/weights/train_zoo.py``,
+``"mobilenet"``: RMSprop at lr 0.03, no weight decay on depthwise weights or BN), whose large
+steps kill a few ReLU6 channels on every seed (a pointwise BN shift driven far below zero:
+the channel outputs 0 on every image). The depthwise filter after a dead channel sees only
+zeros, so its BN running variance decays to ~0, and BN folding (``w * gamma / sqrt(var + eps)``)
+multiplies that filter hundreds of times: the folded depthwise ranges spread 400-1200x, one
+per-tensor scale sized for the dead channel rounds most live channels to zero, and per-tensor
+W8A8 falls to chance while per-channel scales keep fp32 (as in Nagel et al. 2019, DFQ, for
+MobileNetV2; ``benchmarks/ptq.py`` measures it). Integer-only inference runs it too (grouped
 ``IntConv2d``, ReLU6 fused into the requantization: ``qlib.intmodel``). It lives in
-``DEPTHWISE_ZOO``, not in ``ZOO``, because cross-layer equalization does not apply to it as it
-stands: CLE pairs only ``groups = 1`` layers through positive-homogeneous activations, and
-ReLU6 is not one (DFQ replaces it by ReLU first). ``ZOO`` holds the plain-convolution models
-that every qlib path supports; ``ALL_MODELS`` holds both, and every function here accepts any
-of them.
+``DEPTHWISE_ZOO``, not in ``ZOO``, because cross-layer equalization does not take it as it
+stands: ReLU6 is not positive homogeneous, so ``qlib.datafree.cross_layer_equalize`` refuses it
+unless asked to replace ReLU6 by ReLU first (``replace_relu6=True``, as DFQ does; it then pairs
+the depthwise layers too). ``ZOO`` holds the plain-convolution models that every qlib path
+takes as they are; ``ALL_MODELS`` holds both, and every function here accepts any of them.
 
 The models are plain ``nn.Sequential`` chains (``res16`` holds ``BasicBlock`` modules), which
 keeps module swapping and integer conversion readable.
