@@ -597,5 +597,5 @@ plt.show()
 # 3. In section 3, use `double_rounding=True` in `requantize` (gemmlowp's two-step rounding).
 #    How many codes change at 8 bits? Quantize at 4 bits and count again.
 # 4. Quantize `res16`, which has residual additions, and convert it to integers. How do the
-#    two branches of an addition get a common scale (`qlib/intmodel.py`)?
+#    two branches of an addition get a common scale (`qlib/accumulator.py`)?
 # 5. Time the models of section 4 with batch 1 and batch 256. When does the x86 engine pay off?

@@ -22,7 +22,7 @@ multiplies that filter hundreds of times: the folded depthwise ranges spread 400
 per-tensor scale sized for the dead channel rounds most live channels to zero, and per-tensor
 W8A8 falls to chance while per-channel scales keep fp32 (as in Nagel et al. 2019, DFQ, for
 MobileNetV2; ``benchmarks/ptq.py`` measures it). Integer-only inference runs it too (grouped
-``IntConv2d``, ReLU6 fused into the requantization: ``qlib.intmodel``). It lives in
+``IntConv2d``, ReLU6 fused into the requantization: ``qlib.accumulator``). It lives in
 ``DEPTHWISE_ZOO``, not in ``ZOO``, because cross-layer equalization does not take it as it
 stands: ReLU6 is not positive homogeneous, so ``qlib.datafree.cross_layer_equalize`` refuses it
 unless asked to replace ReLU6 by ReLU first (``replace_relu6=True``, as DFQ does; it then pairs

@@ -37,7 +37,7 @@ and bias correction).
 (the clip would have to move to ``6 / s_c``, per channel). DFQ therefore replaces ReLU6
 by ReLU before CLE (:func:`relu6_to_relu`; the float model changes wherever an activation
 exceeded 6: measure its accuracy). :func:`cross_layer_equalize` refuses a model with ReLU6
-between two layers unless asked to replace it (``relu6_to_relu=True``).
+between two layers unless asked to replace it (``replace_relu6=True``).
 
 ``unbalance`` does the opposite on purpose: random positive scales ``c_i`` (an exact
 fp32-equivalent model whose per-tensor quantization collapses), the patient for the lesson.
