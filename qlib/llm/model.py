@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..batching import check_seed, model_device
 from . import corpus
