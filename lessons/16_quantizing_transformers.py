@@ -120,16 +120,21 @@ assert all(r["n_outliers"] == 0 for r in report) and largest < 6.0  # the claim 
 # ### 3a. Outliers that emerge from training
 #
 # `python -m qlib.weights.train_charlm --recipe long 0` trains the same architecture ten times
-# longer (4,000 steps), without weight decay and with Adam's usual betas (0.9, 0.999). Every
-# 250 steps it measured the inputs of every linear layer and the residual stream on 16 fixed
-# held-out windows (`stats.snapshot`). `benchmarks/llm_outliers.py` saved this *emergence
-# curve*; the kinds of tensors are the input of `q`, `k`, `v` (`ln1`), of `fc1` (`ln2`), of
-# `fc2` (after the GELU) and the residual stream between blocks (which no linear layer reads
-# directly: LayerNorm normalizes it first).
+# longer, without weight decay and with Adam's usual betas (0.9, 0.999). Every 250 steps it
+# measured the inputs of every linear layer and the residual stream on 16 fixed held-out
+# windows (`stats.snapshot`). `benchmarks/llm_outliers.py` saved this *emergence curve*; the
+# kinds of tensors are the input of `q`, `k`, `v` (`ln1`), of `fc1` (`ln2`), of `fc2` (after
+# the GELU) and the residual stream between blocks (which no linear layer reads directly:
+# LayerNorm normalizes each token first).
 
 # %%
 KINDS = {"ln1": "q/k/v input (ln1)", "ln2": "fc1 input (ln2)", "gelu": "fc2 input (GELU)",
          "resid": "residual stream"}
+long_info = info["recipes"]["long"]
+print(f"recipe long: {long_info['settings']['steps']} steps (default {info['settings']['steps']}), weight decay "
+      f"{long_info['settings']['weight_decay']} (default {info['settings']['weight_decay']}), held-out perplexity "
+      f"{long_info['seeds']['0']['val_ppl']:.3f} (default {info['seeds']['0']['val_ppl']:.3f})")
+assert long_info["settings"]["steps"] == 10 * info["settings"]["steps"] and long_info["settings"]["weight_decay"] == 0
 emerged = runtime.benchmark_result("llm_outliers")
 if emerged is not None:
     pts = emerged["curve"]
@@ -153,22 +158,22 @@ if emerged is not None:
     for kind, label in KINDS.items():
         print(f"{label:18s} {first[kind]['absmax']:6.2f} {first[kind]['channel_ratio']:5.1f} "
               f"{last[kind]['absmax']:6.2f} {last[kind]['channel_ratio']:5.1f}")
-    print(f"LLM.int8() columns: {first['int8_columns']} -> {last['int8_columns']}; held-out perplexity "
-          f"{first['val_ppl_64']:.1f} -> {last['val_ppl_64']:.2f}")
+    print(f"LLM.int8() columns: {first['int8_columns']} -> {last['int8_columns']}")
     # the claims of the next cell
     assert last["resid"]["absmax"] > 20 * first["resid"]["absmax"] and last["int8_columns"] > first["int8_columns"] == 0
     assert last["gelu"]["absmax"] > 6.0 > max(first[k]["absmax"] for k in KINDS)
+    assert max(last["ln1"]["absmax"], last["ln2"]["absmax"]) < 6.0
     assert max(last[k]["channel_ratio"] for k in ("ln1", "ln2", "gelu")) < 5
 
 # %% [markdown]
 # Outliers do **emerge**: the residual stream grows by more than an order of magnitude, and
 # values at the input of `fc2` (a few GELU units firing hard) cross LLM.int8()'s threshold of
-# 6, so the count of outlier columns climbs from 0 while the perplexity falls. But they stay
+# 6, so the count of outlier columns climbs from 0 as the model learns. But they stay
 # **mild**: at the inputs of the linear layers the largest channel is a few times the median
 # one (the channel max/median above), not the 20 to 100 times of billion-parameter models
-# (section 2);
-# LayerNorm hides most of the residual stream's growth from `q`, `k`, `v` and `fc1`. Loading
-# the long model costs nothing; the same layer of both models, per channel:
+# (section 2), and LayerNorm keeps the inputs of `q`, `k`, `v` and `fc1` below 6 however large
+# the residual stream grows. Loading the long model costs nothing; the same layer of both
+# models, per channel:
 
 # %%
 long_model = charlm.pretrained(0, recipe="long")
@@ -211,15 +216,21 @@ if emerged is not None:
           f"(it keeps {100 * m_l['llm_int8_outlier_fraction']:.1f}% of the input columns in float)")
     for t in emerged["targets"]:
         print(("MET    " if t["met"] else "MISSED ") + t["name"])
-    loss = {k: m["rows"]["W8A8 per-tensor"]["rel_ppl"] for k, m in (("default", m_d), ("long", m_l))}
-    assert max(abs(v) for v in loss.values()) < 0.01  # the claim below: per-tensor W8A8 barely notices
+    lost = {k: m["rows"]["W8A8 per-tensor"]["rel_ppl"] for k, m in (("default", m_d), ("long", m_l))}
+    print(f"per-tensor W8A8 loses {100 * lost['long']:.2f}% on the long model, {100 * lost['default']:.2f}% "
+          f"on the default one")
+    # the claims below
+    assert lost["long"] > lost["default"] and max(lost.values()) < 0.01
+    assert all(m_l["rows"][m]["rel_ppl"] < lost["long"] for m in ("LLM.int8", "SmoothQuant W8A8"))
 
 # %% [markdown]
-# Per-tensor W8A8 loses less than 1% on *both* models: mild outliers of 6 to 10 cost an int8
-# scale only a few of its 256 levels. Emergence is real, but in a 0.9M-parameter model after
-# 4,000 steps it is not yet the failure that made LLM.int8() and SmoothQuant necessary; that
-# needs the scale of large models (Dettmers et al. see the sharp change at about 6.7B
-# parameters). To study what the methods do *when* outliers are strong, we build them.
+# On the model where outliers emerged, per-tensor W8A8 loses more than on the default model
+# (the last printed line), and LLM.int8() and SmoothQuant recover it, as on large models. But
+# every number here is below 1%: outliers of 6 to 10 cost an int8 scale only a few of its 256
+# levels. In a 0.9M-parameter model after ten times the training, emergence is real but not yet the failure
+# that made LLM.int8() and SmoothQuant necessary; that needs the scale of large models
+# (Dettmers et al. see the sharp change at about 6.7B parameters). To study what the methods do
+# *when* outliers are strong, we build them.
 #
 # ### 3b. Outliers built by hand
 #
