@@ -95,3 +95,43 @@ def test_shipped_weights_reach_recorded_perplexity():
         assert ppl < 8.0 and abs(ppl / full - 1) < 0.15  # 64 of ~790 windows
     with pytest.raises(ValueError, match="seed"):
         charlm.pretrained(7)
+
+
+def test_weights_paths_and_recipes():
+    assert charlm.weights_path(1).name == "charlm_s1.pt"
+    assert charlm.weights_path(0, "long").name == "charlm_long_s0.pt"
+    with pytest.raises(ValueError, match="recipe"):
+        charlm.pretrained(0, recipe="longer")
+
+
+def test_long_recipe_logs_an_emergence_curve(tmp_path, monkeypatch):
+    from qlib.weights import train_charlm
+
+    monkeypatch.setattr(charlm, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setitem(train_charlm.RECIPES, "long", {**train_charlm.RECIPES["long"], "steps": 5,
+                                                       "log_every": 2, "warmup": 2, "probe_windows": 2,
+                                                       "ppl_windows": 4})
+    assert train_charlm.RECIPES["default"]["weight_decay"] > 0 == train_charlm.RECIPES["long"]["weight_decay"]
+    gen = torch.Generator().manual_seed(0)
+    data = corpus.Corpus(torch.randint(0, 256, (4000,), generator=gen),
+                         torch.randint(0, 256, (400,), generator=gen), "test")
+    rec = train_charlm.train_one(0, data, SMALL, "long", {})
+    assert [p["step"] for p in rec["curve"]] == [0, 2, 4, 5] and rec["steps_done"] == 5
+    assert set(rec["curve"][-1]["summary"]) >= {"ln1", "ln2", "gelu", "resid", "int8_columns"}
+    assert (tmp_path / "charlm_long_s0.pt").exists()
+    stored = torch.load(tmp_path / "charlm_long_s0.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in stored.values() if v.is_floating_point())
+
+
+def test_long_weights_reach_recorded_perplexity():
+    info = charlm.charlm_info()
+    long = info.get("recipes", {}).get("long")
+    if long is None or not charlm.weights_path(0, "long").exists():
+        pytest.skip("the long-trained model is not shipped")
+    if long["python"].rsplit(".", 1)[0] != corpus.python_version().rsplit(".", 1)[0]:
+        pytest.skip("perplexities were recorded on another Python's standard library")
+    rec = long["seeds"]["0"]
+    steps = [p["step"] for p in rec["curve"]]
+    assert steps == sorted(steps) and steps[-1] == rec["steps_done"]
+    ppl = evaluate.perplexity(charlm.pretrained(0, recipe="long"), corpus.load().val, limit=64)
+    assert ppl == pytest.approx(rec["curve"][-1]["val_ppl_64"], rel=1e-3)

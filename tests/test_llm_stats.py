@@ -1,7 +1,9 @@
 """qlib.llm.stats and qlib.llm.layers: activation statistics and captured layer inputs.
 
 Reference: plain ``abs().max`` over the other axis, and a forward hook written in the test
-(the input of ``blocks.0.fc1`` is ``ln2`` of the residual stream after attention).
+(the input of ``blocks.0.fc1`` is ``ln2`` of the residual stream after attention; the residual
+stream after block ``i`` is the output of ``blocks[i]``). ``snapshot``'s LLM.int8() column count is
+checked against ``outlier_channels`` summed over every block linear's captured input.
 """
 
 from __future__ import annotations
@@ -54,3 +56,33 @@ def test_planted_outliers_keep_the_function():
     torch.testing.assert_close(big(tokens), m(tokens), rtol=1e-4, atol=1e-4)
     x = layers.capture_inputs(big, tokens, ["blocks.1.fc1"])["blocks.1.fc1"]
     assert set(stats.channel_absmax(x).topk(2).indices.tolist()) == {3, 9}
+
+
+def test_residual_stream_is_what_each_block_writes():
+    m = charlm.create(0, SMALL).train()
+    tokens = torch.randint(0, 256, (3, 16))
+    seen = []
+    h = m.blocks[1].register_forward_hook(lambda mod, a, o: seen.append(o))
+    m.eval()(tokens)
+    h.remove()
+    m.train()
+    res = stats.residual_stream(m, tokens, batch_size=2)
+    assert list(res) == ["resid.0", "resid.1"] and m.training
+    torch.testing.assert_close(res["resid.1"], seen[0].reshape(-1, 32))
+    with pytest.raises(TypeError, match="int64"):
+        stats.residual_stream(m, torch.zeros(2, 4))
+
+
+def test_snapshot_counts_llm_int8_columns_per_layer():
+    m = charlm.create(0, SMALL).eval()
+    tokens = torch.randint(0, 256, (2, 16))
+    big = stats.with_outlier_channels(m, (3, 9), 60.0)  # LN gains x60: inputs of q, k, v, fc1 reach 6
+    acts = layers.capture_inputs(big, tokens)
+    expected = sum(stats.outlier_channels(x).numel() for x in acts.values())
+    snap = stats.snapshot(big, tokens)
+    assert expected >= 2 * 4 * 2  # two channels in the 4 LN-fed linears of each of 2 blocks
+    assert snap["summary"]["int8_columns"] == expected
+    assert snap["summary"]["ln1"]["absmax"] == pytest.approx(
+        max(float(acts[f"blocks.{i}.attn.q"].abs().max()) for i in range(2)), rel=1e-4)
+    assert set(snap["layers"]) == {n for n in acts if not n.endswith((".k", ".v"))} | {"resid.0", "resid.1"}
+    assert stats.snapshot(m, tokens)["summary"]["int8_columns"] == 0  # freshly initialised: no outliers

@@ -17,6 +17,8 @@ papers (they are a small part of a large model).
 
 ``pretrained(seed)`` loads the weights that ``qlib/weights/train_charlm.py`` trained on the
 Python standard library (``qlib.llm.corpus``); ``charlm_info()`` lists their held-out perplexity.
+``pretrained(0, recipe="long")`` loads the model trained ten times longer without weight decay
+(``train_charlm.py --recipe long``), the one lesson 16 uses to watch outliers emerge.
 ``generate`` writes text from a prompt, greedily or with a seeded temperature sampler.
 """
 
@@ -29,13 +31,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..batching import check_seed, model_device
 from . import corpus
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 SEEDS = (0, 1, 2)
+RECIPES = ("default", "long")
 
 
 @dataclass(frozen=True)
@@ -125,19 +127,34 @@ def create(seed: int = 0, cfg: CharLMConfig | None = None) -> CharLM:
     return model
 
 
-def weights_path(seed: int) -> Path:
-    return WEIGHTS_DIR / f"charlm_s{seed}.pt"
+def _check_recipe(recipe: str) -> str:
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    return recipe
 
 
-def pretrained(seed: int = 0) -> CharLM:
-    """The shipped model of ``seed`` (0, 1 or 2) in eval mode, float32, on the CPU."""
+def weights_path(seed: int, recipe: str = "default") -> Path:
+    """``charlm_s{seed}.pt`` (default recipe) or ``charlm_{recipe}_s{seed}.pt``."""
+    tag = "" if _check_recipe(recipe) == "default" else f"{recipe}_"
+    return WEIGHTS_DIR / f"charlm_{tag}s{seed}.pt"
+
+
+def pretrained(seed: int = 0, recipe: str = "default") -> CharLM:
+    """The shipped model of ``seed`` (0, 1 or 2) in eval mode, float32, on the CPU.
+
+    ``recipe="long"``: the long-trained model (``charlm.json["recipes"]["long"]``), seed 0.
+    """
     if seed not in SEEDS:
         raise ValueError(f"seed must be one of {SEEDS}, got {seed!r}")
-    path = weights_path(seed)
+    path = weights_path(seed, recipe)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run python -m qlib.weights.train_charlm")
+        flag = "" if recipe == "default" else f" --recipe {recipe}"
+        raise FileNotFoundError(f"{path} is missing: run python -m qlib.weights.train_charlm{flag} {seed}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = CharLMConfig(**json.loads(charlm_info_path().read_text())["config"])
+    info = json.loads(charlm_info_path().read_text())
+    if recipe != "default":
+        info = info["recipes"][recipe]
+    cfg = CharLMConfig(**info["config"])
     model = CharLM(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval()

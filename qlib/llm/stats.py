@@ -18,6 +18,14 @@ For ``X`` of shape ``(tokens, channels)`` (from ``layers.capture_inputs``):
 - ``outlier_channels(X, threshold=6.0)``: channels with any ``|X| >= threshold`` (the rule of
   LLM.int8(); 6.0 is the paper's threshold).
 - ``layer_report(acts)``: one row per layer with these numbers, for the lesson's table.
+- ``residual_stream(model, tokens)``: what each block *writes*, ``x`` after block ``i``, as
+  ``(tokens, width)``: the residual stream where Elhage et al. (2023, "Privileged bases in the
+  transformer residual stream") saw Adam grow a few outlier *dimensions*. A residual channel
+  that dominates the others survives LayerNorm as one large input channel of ``q, k, v`` and
+  ``fc1`` (at most ``sqrt(width)`` when it is the only non-zero one).
+- ``snapshot(model, tokens)``: ``layer_report`` of every block linear input and of the residual
+  stream, summed up: the numbers ``train_charlm.py --recipe long`` logs as training goes on
+  (the emergence curve of lesson 16).
 """
 
 from __future__ import annotations
@@ -99,3 +107,69 @@ def with_outlier_channels(model, channels=(7, 77), factor: float = 20.0):
             for fc in fcs:
                 fc.weight[:, idx] /= factor
     return new
+
+
+@torch.no_grad()
+def residual_stream(model, tokens: torch.Tensor, batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """``{"resid.i": X}``: the residual stream after block ``i``, ``(tokens, width)`` float32.
+
+    ``tokens``: ``(batch, T)`` int64 windows. Hooks on ``model.blocks[i]`` keep their outputs;
+    runs on the model's device, in eval mode, and leaves the model's mode as it was.
+    """
+    from ..batching import eval_mode, model_device
+    from .layers import _check_tokens
+
+    _check_tokens(tokens)
+    if not hasattr(model, "blocks"):
+        raise TypeError(f"expected a transformer with .blocks, got {type(model).__name__}")
+    store: dict[str, list[torch.Tensor]] = {f"resid.{i}": [] for i in range(len(model.blocks))}
+    hooks = [b.register_forward_hook(lambda mod, a, out, n=n: store[n].append(
+        out.detach().reshape(-1, out.shape[-1]).float())) for n, b in zip(store, model.blocks)]
+    device = model_device(model)
+    try:
+        with eval_mode(model):
+            for i in range(0, tokens.shape[0], batch_size):
+                model(tokens[i:i + batch_size].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v) for n, v in store.items()}
+
+
+def _kind(name: str) -> str:
+    """Which tensor a layer reads: ``ln1`` (q, k, v), ``attn`` (proj), ``ln2`` (fc1), ``gelu``
+    (fc2) or ``resid`` (the residual stream itself)."""
+    if name.startswith("resid."):
+        return "resid"
+    last = name.rsplit(".", 1)[-1]
+    return {"q": "ln1", "k": "ln1", "v": "ln1", "proj": "attn", "fc1": "ln2", "fc2": "gelu"}[last]
+
+
+def snapshot(model, tokens: torch.Tensor, threshold: float = 6.0) -> dict:
+    """Outlier statistics of ``model`` on ``tokens`` (``(batch, T)`` int64 windows).
+
+    Returns ``{"layers": {name: [absmax, channel_ratio, n_outliers]}, "summary": {...}}`` over
+    the inputs of the block linears (``q`` ``k`` ``v`` share one input, so only ``q`` is kept)
+    and the residual stream. ``summary`` has, per kind of tensor (``ln1``, ``attn``, ``ln2``,
+    ``gelu``, ``resid``), the largest ``absmax`` and ``channel_ratio`` over layers, and
+    ``int8_columns``: the LLM.int8() outlier columns (``|X| >= threshold``) summed over the
+    linear layers that read them (``q``, ``k``, ``v`` counted once each, as LLM.int8 decomposes
+    each layer), the residual stream excluded.
+    """
+    from .layers import capture_inputs
+
+    acts = capture_inputs(model, tokens)
+    rows = layer_report({n: x for n, x in acts.items() if not n.endswith((".k", ".v"))}, threshold)
+    rows += layer_report(residual_stream(model, tokens), threshold)
+    layers_out = {r["name"]: [round(r["absmax"], 4), round(r["channel_ratio"], 3), r["n_outliers"]]
+                  for r in rows}
+    summary: dict = {"int8_columns": 0}
+    for r in rows:
+        kind = _kind(r["name"])
+        best = summary.setdefault(kind, {"absmax": 0.0, "channel_ratio": 0.0, "layer": r["name"]})
+        if r["absmax"] > best["absmax"]:
+            best.update(absmax=round(r["absmax"], 4), layer=r["name"])
+        best["channel_ratio"] = round(max(best["channel_ratio"], r["channel_ratio"]), 3)
+        if kind != "resid":
+            summary["int8_columns"] += r["n_outliers"] * (3 if kind == "ln1" else 1)
+    return {"layers": layers_out, "summary": summary}
