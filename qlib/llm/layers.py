@@ -43,6 +43,36 @@ def _check_tokens(tokens: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def collect(model: nn.Module, tokens: torch.Tensor, modules: dict[str, nn.Module], output: bool = False,
+            batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Run ``model`` over ``tokens`` in batches and keep, for each ``{name: module}``, its first
+    input (or its output, ``output=True``) flattened to ``(tokens, features)`` float32.
+
+    Forward hooks do the keeping; the model runs on its own device, in eval mode, and is left in
+    the mode it was in; the hooks are removed even if the forward pass fails.
+    """
+    _check_tokens(tokens)
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+
+    def keep(name):
+        def hook(module, args, out):
+            x = out if output else args[0]
+            store[name].append(x.detach().reshape(-1, x.shape[-1]).float())
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in modules.items()]
+    device = model_device(model)
+    try:
+        with eval_mode(model):
+            for i in range(0, tokens.shape[0], batch_size):
+                model(tokens[i:i + batch_size].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v) for n, v in store.items()}
+
+
+@torch.no_grad()
 def capture_inputs(model: nn.Module, tokens: torch.Tensor, names=None,
                    batch_size: int = 32) -> dict[str, torch.Tensor]:
     """``{name: X}`` with ``X`` of shape ``(tokens, in_features)``: the input of each layer.
@@ -55,19 +85,7 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, names=None,
     for n in names:
         if n not in layers:
             raise ValueError(f"no block linear named {n!r}; choose from {list(layers)}")
-    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = [layers[n].register_forward_hook(
-        lambda mod, args, out, n=n: store[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
-        for n in names]
-    device = model_device(model)
-    try:
-        with eval_mode(model):
-            for i in range(0, tokens.shape[0], batch_size):
-                model(tokens[i:i + batch_size].to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: torch.cat(v) for n, v in store.items()}
+    return collect(model, tokens, {n: layers[n] for n in names}, batch_size=batch_size)
 
 
 def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module | None]) -> nn.Module:

@@ -116,24 +116,13 @@ def residual_stream(model, tokens: torch.Tensor, batch_size: int = 32) -> dict[s
     ``tokens``: ``(batch, T)`` int64 windows. Hooks on ``model.blocks[i]`` keep their outputs;
     runs on the model's device, in eval mode, and leaves the model's mode as it was.
     """
-    from ..batching import eval_mode, model_device
-    from .layers import _check_tokens
+    from .layers import _check_tokens, collect
 
     _check_tokens(tokens)
     if not hasattr(model, "blocks"):
         raise TypeError(f"expected a transformer with .blocks, got {type(model).__name__}")
-    store: dict[str, list[torch.Tensor]] = {f"resid.{i}": [] for i in range(len(model.blocks))}
-    hooks = [b.register_forward_hook(lambda mod, a, out, n=n: store[n].append(
-        out.detach().reshape(-1, out.shape[-1]).float())) for n, b in zip(store, model.blocks)]
-    device = model_device(model)
-    try:
-        with eval_mode(model):
-            for i in range(0, tokens.shape[0], batch_size):
-                model(tokens[i:i + batch_size].to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: torch.cat(v) for n, v in store.items()}
+    return collect(model, tokens, {f"resid.{i}": b for i, b in enumerate(model.blocks)}, output=True,
+                   batch_size=batch_size)
 
 
 def _kind(name: str) -> str:
