@@ -82,11 +82,17 @@ def target_lines(targets) -> list[str]:
             for t in targets]
 
 
-def main(name: str, run, table, doc: str, fast_help: str, argv=None) -> int:
-    """The whole ``main`` of a benchmark: parse, ``run(fast=, log=)``, print ``table(result)``, write."""
+def main(name: str, run, table, doc: str, fast_help: str, argv=None, timed: bool = False) -> int:
+    """The whole ``main`` of a benchmark: parse, ``run(fast=, log=)``, print ``table(result)``, write.
+
+    ``timed=True`` also records the run's wall time as ``result["total_time_s"]``.
+    """
     args = arguments(name, doc, fast_help, argv=argv)
+    start = time.perf_counter()
     result = run(fast=args.fast, log=lambda s: print(s, flush=True))
+    if timed:
+        result["total_time_s"] = time.perf_counter() - start
     print()
     print(table(result))
-    print(f"\nwrote {write(result, args.out)}")
+    print(f"\nwrote {write(result, args.out)}" + (f" in {result['total_time_s']:.0f} s" if timed else ""))
     return 0

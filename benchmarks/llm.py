@@ -45,7 +45,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import arguments, header, target_lines, write  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import header, target_lines  # noqa: E402
 from qlib.llm import (awq, corpus, evaluate, gptq, int8_mixed, layers, model as charlm,  # noqa: E402
                       smoothquant, stats, w8a8, weight_only)
 
@@ -194,17 +195,9 @@ def table(result: dict) -> str:
     return "\n".join(lines + target_lines(result["targets"]))
 
 
-def main(argv=None) -> dict:
-    args = arguments("llm", __doc__, "seed 0, 48 held-out windows, 8 calibration windows", argv=argv)
-    start = time.perf_counter()
-    result = run(args.fast, log=lambda s: print(s, flush=True))
-    result["total_time_s"] = time.perf_counter() - start
-    print()
-    print(table(result))
-    write(result, args.out)
-    print(f"wrote {args.out} in {result['total_time_s']:.0f} s")
-    return result
+def main(argv=None) -> int:
+    return common.main("llm", run, table, __doc__, "seed 0, 48 held-out windows, 8 calibration windows", argv, timed=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

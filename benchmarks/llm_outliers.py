@@ -31,12 +31,12 @@ Targets (each can fail; the lesson states what they found):
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import arguments, header, target_lines, write  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import header, target_lines  # noqa: E402
 from benchmarks.llm import ALPHA, CALIB, THRESHOLD, VAL_WINDOWS, calibration_windows, methods, outliers  # noqa: E402
 from qlib.llm import corpus, evaluate, int8_mixed, model as charlm  # noqa: E402
 
@@ -120,17 +120,9 @@ def table(result: dict) -> str:
     return "\n".join(lines + target_lines(result["targets"]))
 
 
-def main(argv=None) -> dict:
-    args = arguments("llm_outliers", __doc__, "48 held-out windows, 8 calibration windows", argv=argv)
-    start = time.perf_counter()
-    result = run(args.fast, log=lambda s: print(s, flush=True))
-    result["total_time_s"] = time.perf_counter() - start
-    print()
-    print(table(result))
-    write(result, args.out)
-    print(f"wrote {args.out} in {result['total_time_s']:.0f} s")
-    return result
+def main(argv=None) -> int:
+    return common.main("llm_outliers", run, table, __doc__, "48 held-out windows, 8 calibration windows", argv, timed=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
