@@ -69,6 +69,8 @@ MAX_INT_TIME_RATIO = 1.5
 
 
 def settings(fast: bool) -> dict:
+    """What a run measures (stored as ``settings`` in the JSON); ``fast``: seed 0, fewer
+    calibration images, min-max weights only, short timing. ``depthwise``: the dsc16 study's."""
     return {"model": MODEL, "dataset": "digits", "image_size": models.image_size(MODEL),
             "seeds": [0] if fast else list(models.SEEDS),
             "calibration": {"num_samples": 128 if fast else 256, "batch_size": 64, "seed": 0},
@@ -95,6 +97,8 @@ def tensor_bytes(module: torch.nn.Module, packed_weight_bits: int | None = None)
 
 
 def run(fast: bool = False, log=print) -> dict:
+    """The whole study as the JSON dict ``main`` writes: cnn16 accuracy, integer path, x86
+    engine, size and latency (seed 0), then the dsc16 rows (``depthwise_study``) and targets."""
     cfg = settings(fast)
     seeds = cfg["seeds"]
     digits = data.load_digits(cfg["image_size"])
