@@ -21,7 +21,7 @@ zeros, so its BN running variance decays to ~0, and BN folding (``w * gamma / sq
 multiplies that filter hundreds of times: the folded depthwise ranges spread 400-1200x, one
 per-tensor scale sized for the dead channel rounds most live channels to zero, and per-tensor
 W8A8 falls to chance while per-channel scales keep fp32 (as in Nagel et al. 2019, DFQ, for
-MobileNetV2; ``benchmarks/ptq.py`` measures it). Integer-only inference runs it too (grouped
+MobileNetV2; ``benchmarks/ptq_depthwise.py`` measures it). Integer-only inference runs it too (grouped
 ``IntConv2d``, ReLU6 fused into the requantization: ``qlib.accumulator``). It lives in
 ``DEPTHWISE_ZOO``, not in ``ZOO``, because cross-layer equalization does not take it as it
 stands: ReLU6 is not positive homogeneous, so ``qlib.datafree.cross_layer_equalize`` refuses it

@@ -55,7 +55,7 @@ per-channel weights; all 40 epochs, batch 64, one thread, seed 0 unless said):
   Seed 0: fp32 99.4; dead 0 0 1 2; spread 395; W8A8 10.6 / 99.4; W4A8 10.6 / 98.1.
   Seed 1: fp32 99.4; dead 1 1 0 2; spread 1164; W8A8 11.7 / 99.4; W4A8 11.7 / 99.4.
   Seed 2: fp32 99.2; dead 2 0 0 3; spread 691; W8A8 10.6 / 99.2; W4A8 10.3 / 98.9.
-  ``benchmarks/ptq.py``'s depthwise study on these weights, per-tensor W8A8, plain / bias
+  ``benchmarks/ptq_depthwise.py`` on these weights, per-tensor W8A8, plain / bias
   correction / CLE / CLE + bias correction: seed 0 10.6 / 16.7 / 99.2 / 99.2, seed 1
   11.7 / 11.7 / 99.4 / 99.4, seed 2 10.6 / 10.6 / 98.9 / 98.9 (DFQ's recovery in miniature).
 
