@@ -2,7 +2,7 @@
 
     python -m qlib.weights.train_charlm                  # default recipe, seeds 0 1 2
     python -m qlib.weights.train_charlm 1                # one seed
-    python -m qlib.weights.train_charlm --recipe long 0  # the long run where outliers emerge
+    python -m qlib.weights.train_charlm --recipe long 0  # the long run where outliers emerge (seed 0)
 
 The corpus is Python's own standard library (``qlib.llm.corpus``), read from this machine, so
 the numbers depend a little on the Python version, which is recorded.
@@ -11,7 +11,8 @@ Recipe ``default`` (``charlm_s{seed}.pt``): AdamW (betas 0.9/0.95, weight decay 
 matrices), lr 3e-3 with a linear warm-up and a cosine decay to 10%, 400 steps of 32 windows of
 128 bytes, gradient norm clipped at 1.
 
-Recipe ``long`` (``charlm_long_s{seed}.pt``): ten times the steps, *no* weight decay and Adam's
+Recipe ``long`` (``charlm_long_s{seed}.pt``, shipped for the three seeds 0, 1 and 2, each run
+on its own: about 40 minutes a seed on one CPU thread): ten times the steps, *no* weight decay and Adam's
 usual betas 0.9/0.999, the conditions under which outlier features grow (Dettmers et al. 2022:
 with training; Elhage et al. 2023: Adam's per-coordinate steps give the residual stream a
 privileged basis; weight decay would pull the large LayerNorm gains and weights back). Every
