@@ -208,7 +208,8 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> int:
     return common.main("llm_outliers", run, table, __doc__,
-                       "the seeds whose long weights exist, 48 held-out windows, 8 calibration windows", argv, timed=True)
+                       "the seeds whose long weights exist, 48 held-out windows, 8 calibration windows",
+                       argv, timed=True)
 
 
 if __name__ == "__main__":

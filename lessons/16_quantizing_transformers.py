@@ -239,7 +239,8 @@ if emerged is not None:
           f"(it keeps {spread(m_l['llm_int8_outlier_fraction'], '.1f', 100)}"
           f"% of the input columns in float)")
     for t in emerged["targets"]:
-        print(("MET    " if t["met"] else "MISSED ") + t["name"] + f"; per seed {', '.join(f'{v:.3g}' for v in t['per_seed'])}"
+        per_seed = ", ".join(f"{v:.3g}" for v in t["per_seed"])
+        print(("MET    " if t["met"] else "MISSED ") + t["name"] + f"; per seed {per_seed}"
               + ("" if t["every_seed"] else " (NOT on every seed)"))
     lost = {k: m["rows"]["W8A8 per-tensor"]["rel_ppl"] for k, m in (("default", m_d), ("long", m_l))}
     gap = [lg - d for lg, d in zip(lost["long"]["values"], lost["default"]["values"])]
