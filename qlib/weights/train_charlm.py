@@ -2,7 +2,7 @@
 
     python -m qlib.weights.train_charlm                  # default recipe, seeds 0 1 2
     python -m qlib.weights.train_charlm 1                # one seed
-    python -m qlib.weights.train_charlm --recipe long 0  # the long run where outliers emerge (seed 0)
+    python -m qlib.weights.train_charlm --recipe long 0  # the long run where outliers emerge
 
 The corpus is Python's own standard library (``qlib.llm.corpus``), read from this machine, so
 the numbers depend a little on the Python version, which is recorded.
