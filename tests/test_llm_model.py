@@ -123,15 +123,30 @@ def test_long_recipe_logs_an_emergence_curve(tmp_path, monkeypatch):
     assert all(v.dtype == torch.float16 for v in stored.values() if v.is_floating_point())
 
 
-def test_long_weights_reach_recorded_perplexity():
+def test_three_seeds_of_the_long_recipe_are_shipped():
+    """Like the default recipe, the long one ships a model per seed (benchmarks/llm_outliers.py
+    reports their spread), each with its emergence curve recorded in charlm.json."""
+    long = charlm.charlm_info()["recipes"]["long"]
+    assert sorted(long["seeds"]) == [str(s) for s in charlm.SEEDS]
+    for seed in charlm.SEEDS:
+        assert charlm.weights_path(seed, "long").exists(), seed
+        rec = long["seeds"][str(seed)]
+        assert rec["steps_done"] == long["settings"]["steps"] and "stopped_at" not in rec, seed
+        steps = [p["step"] for p in rec["curve"]]
+        every = long["settings"]["log_every"]
+        assert steps == list(range(0, rec["steps_done"], every)) + [rec["steps_done"]], seed
+
+
+@pytest.mark.parametrize("seed", charlm.SEEDS)
+def test_long_weights_reach_recorded_perplexity(seed):
     info = charlm.charlm_info()
     long = info.get("recipes", {}).get("long")
-    if long is None or not charlm.weights_path(0, "long").exists():
-        pytest.skip("the long-trained model is not shipped")
+    if long is None or str(seed) not in long["seeds"] or not charlm.weights_path(seed, "long").exists():
+        pytest.skip(f"the long-trained model of seed {seed} is not shipped")
     if long["python"].rsplit(".", 1)[0] != corpus.python_version().rsplit(".", 1)[0]:
         pytest.skip("perplexities were recorded on another Python's standard library")
-    rec = long["seeds"]["0"]
+    rec = long["seeds"][str(seed)]
     steps = [p["step"] for p in rec["curve"]]
     assert steps == sorted(steps) and steps[-1] == rec["steps_done"]
-    ppl = evaluate.perplexity(charlm.pretrained(0, recipe="long"), corpus.load().val, limit=64)
+    ppl = evaluate.perplexity(charlm.pretrained(seed, recipe="long"), corpus.load().val, limit=64)
     assert ppl == pytest.approx(rec["curve"][-1]["val_ppl_64"], rel=1e-3)

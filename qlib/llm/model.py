@@ -17,8 +17,9 @@ papers (they are a small part of a large model).
 
 ``pretrained(seed)`` loads the weights that ``qlib/weights/train_charlm.py`` trained on the
 Python standard library (``qlib.llm.corpus``); ``charlm_info()`` lists their held-out perplexity.
-``pretrained(0, recipe="long")`` loads the model trained ten times longer without weight decay
-(``train_charlm.py --recipe long``), the one lesson 16 uses to watch outliers emerge.
+``pretrained(seed, recipe="long")`` loads the model of that seed trained ten times longer without
+weight decay (``train_charlm.py --recipe long``; three seeds, 0, 1 and 2, like the default
+recipe), the ones lesson 16 and ``benchmarks/llm_outliers.py`` use to watch outliers emerge.
 ``generate`` writes text from a prompt, greedily or with a seeded temperature sampler.
 """
 
@@ -142,7 +143,7 @@ def weights_path(seed: int, recipe: str = "default") -> Path:
 def pretrained(seed: int = 0, recipe: str = "default") -> CharLM:
     """The shipped model of ``seed`` (0, 1 or 2) in eval mode, float32, on the CPU.
 
-    ``recipe="long"``: the long-trained model (``charlm.json["recipes"]["long"]``), seed 0.
+    ``recipe="long"``: the long-trained model of ``seed`` (``charlm.json["recipes"]["long"]``).
     """
     if seed not in SEEDS:
         raise ValueError(f"seed must be one of {SEEDS}, got {seed!r}")

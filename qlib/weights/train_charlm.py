@@ -11,10 +11,12 @@ Recipe ``default`` (``charlm_s{seed}.pt``): AdamW (betas 0.9/0.95, weight decay 
 matrices), lr 3e-3 with a linear warm-up and a cosine decay to 10%, 400 steps of 32 windows of
 128 bytes, gradient norm clipped at 1.
 
-Recipe ``long`` (``charlm_long_s{seed}.pt``): ten times the steps, *no* weight decay and Adam's
-usual betas 0.9/0.999, the conditions under which outlier features grow (Dettmers et al. 2022:
-with training; Elhage et al. 2023: Adam's per-coordinate steps give the residual stream a
-privileged basis; weight decay would pull the large LayerNorm gains and weights back). Every
+Recipe ``long`` (``charlm_long_s{seed}.pt``, shipped for the three seeds 0, 1 and 2, each run
+on its own: 25 to 40 minutes a seed on one CPU thread, ``train_seconds`` in ``charlm.json``):
+ten times the steps, *no* weight decay and Adam's usual betas 0.9/0.999, the conditions under
+which outlier features grow (Dettmers et al. 2022: with training; Elhage et al. 2023: Adam's
+per-coordinate steps give the residual stream a privileged basis; weight decay would pull the
+large LayerNorm gains and weights back). Every
 ``log_every`` steps it measures, on 16 fixed held-out windows, ``qlib.llm.stats.snapshot``
 (absmax, channel max/median and LLM.int8() columns at every linear input and in the
 residual stream) and the held-out perplexity on 64 windows: the *emergence curve*, stored
