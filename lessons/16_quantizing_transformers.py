@@ -45,8 +45,6 @@ import torch
 from qlib import runtime
 from qlib.llm import (awq, corpus, evaluate, gptq, int8_mixed, layers, model as charlm, smoothquant, stats,
                       w8a8, weight_only)
-from qlib.qparams import minmax_qparams
-from qlib.quantize import fake_quantize
 from qlib.widgets import interact  # ipywidgets.interact, drawn without an Output widget
 
 torch.set_num_threads(runtime.pick(2, 1))  # fast mode (tests) runs beside other work: one thread, no spin-waiting
