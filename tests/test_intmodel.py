@@ -132,23 +132,30 @@ def test_double_rounding_reaches_the_layers():
     assert_integer_matches(q, x, model, bits=4, double_rounding=True)
 
 
+def layer_input_codes(q, int_model, x):
+    """Run both models on ``x`` and keep each quantized layer's input codes, in order:
+    ``(fake-quant codes, integer-model codes, (fake-quant output, integer output))``."""
+    fq_codes, int_codes = [], []
+    hooks = [m.input_fq.register_forward_hook(lambda mod, i, out: fq_codes.append(
+        quantize(out, *mod.qparams(), mod.quant_min, mod.quant_max).long()))
+        for m in q.modules() if hasattr(m, "input_fq")]
+    hooks += [m.register_forward_hook(lambda mod, i, out: int_codes.append(i[0].long()))
+              for m in int_model.modules() if isinstance(m, (IntLinear, IntConv2d))]
+    try:
+        with torch.no_grad():
+            outputs = q(x), int_model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return fq_codes, int_codes, outputs
+
+
 def test_intermediate_codes_agree():
     """Each layer's input codes: equal almost everywhere, never more than one apart at 8 bits."""
     g = gen(5)
     model = zoo_model("cnn8", g)
     q = quantize_static(model, randn(g, 64, 1, 8, 8))
-    int_model = convert_to_integer(q)
-    fq_codes, int_codes = [], []
-    for m in q.modules():
-        if hasattr(m, "input_fq"):
-            m.input_fq.register_forward_hook(lambda mod, i, out: fq_codes.append(
-                quantize(out, *mod.qparams(), mod.quant_min, mod.quant_max).long()))
-    for m in int_model.modules():
-        if isinstance(m, (IntLinear, IntConv2d)):
-            m.register_forward_hook(lambda mod, i, out: int_codes.append(i[0].long()))
-    x = randn(g, 32, 1, 8, 8)
-    with torch.no_grad():
-        q(x), int_model(x)
+    fq_codes, int_codes, _ = layer_input_codes(q, convert_to_integer(q), randn(g, 32, 1, 8, 8))
     assert len(fq_codes) == len(int_codes) == 4
     assert torch.equal(fq_codes[0], int_codes[0])  # the model input: the same quantize
     for a, b in zip(fq_codes, int_codes):
@@ -278,19 +285,9 @@ def test_relu6_depthwise_model_matches_fake_quant():
         q.get_submodule(name).input_fq.frozen_scale.fill_(10 / 255)
         q.get_submodule(name).input_fq.frozen_zero_point.fill_(0)
     int_model = convert_to_integer(q)
-    fq_codes, int_codes, tops = [], [], []
-    for m in q.modules():
-        if hasattr(m, "input_fq"):
-            m.input_fq.register_forward_hook(lambda mod, i, out: fq_codes.append(
-                quantize(out, *mod.qparams(), mod.quant_min, mod.quant_max).long()))
-    for m in int_model.modules():
-        if isinstance(m, (IntLinear, IntConv2d)):
-            m.register_forward_hook(lambda mod, i, out: int_codes.append(i[0].long()))
-            tops.append(int(activation_code(6.0, m.input_scale, m.input_zero_point, m.input_quant_min,
-                                            m.input_quant_max)))
-    x = randn(g, 32, 1, 8, 8)
-    with torch.no_grad():
-        out_fq, out_int = q(x), int_model(x)
+    tops = [int(activation_code(6.0, m.input_scale, m.input_zero_point, m.input_quant_min, m.input_quant_max))
+            for m in int_model.modules() if isinstance(m, (IntLinear, IntConv2d))]
+    fq_codes, int_codes, (out_fq, out_int) = layer_input_codes(q, int_model, randn(g, 32, 1, 8, 8))
     assert len(fq_codes) == len(int_codes) == 4 and tops[1:] == [153, 153, 153]
     assert torch.equal(fq_codes[0], int_codes[0])
     for i, max_diff in ((1, 1), (2, 2), (3, 2)):
