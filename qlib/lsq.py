@@ -158,7 +158,27 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point, quant_mi
     return y.to(x.dtype)
 
 
-class LSQFakeQuantize(nn.Module):
+class DataInitialized(nn.Module):
+    """The start shared by the learned-range quantizers (LSQ here, PACT in ``qlib.pact``).
+
+    Their parameters (scale, clipping level) are created from the first data they see. Forwards
+    with ``calibrating = True`` only ``record(x)`` and return ``x`` unchanged; otherwise the first
+    forward records ``x`` and calls ``initialize()``, and every forward returns ``quantize(x)``.
+    A subclass sets ``calibrating`` and an ``initialized`` bool buffer in ``__init__`` and defines
+    ``record``, ``initialize`` and ``quantize``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            self.record(x)
+            return x
+        if not bool(self.initialized):
+            self.record(x)
+            self.initialize()
+        return self.quantize(x)
+
+
+class LSQFakeQuantize(DataInitialized):
     """A fake quantizer whose ``scale`` (and affine ``zero_point``) are learned.
 
     ``granularity``: ``PerTensor()`` (activations) or ``PerChannel(axis)`` (weights).
@@ -223,13 +243,8 @@ class LSQFakeQuantize(nn.Module):
         self.initialized.fill_(True)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calibrating:
-            self.record(x)
-            return x
-        if not bool(self.initialized):
-            self.record(x)
-            self.initialize()
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` with the learned scale (gradient scaled by ``g``, see the module)."""
         g = 1.0
         if self.grad_scaling:
             n = x.numel() if self.batch_axis is None else x.numel() // max(1, x.shape[self.batch_axis])

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .lsq import DataInitialized
 from .observers import make_observer
 from .qparams import PerTensor, check_tensor, quant_range
 from .quantize import fake_quantize
@@ -85,7 +86,7 @@ def pact_fake_quantize(x: torch.Tensor, alpha: torch.Tensor, bits: int = 8, lowe
     return y.to(x.dtype)
 
 
-class PACTFakeQuantize(nn.Module):
+class PACTFakeQuantize(DataInitialized):
     """An activation quantizer with a learned clipping level ``alpha`` (PACT), for QAT.
 
     Starts like ``qlib.lsq.LSQFakeQuantize``: forwards with ``calibrating = True`` only record
@@ -124,13 +125,8 @@ class PACTFakeQuantize(nn.Module):
         self.initialized.fill_(True)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calibrating:
-            self.record(x)
-            return x
-        if not bool(self.initialized):
-            self.record(x)
-            self.initialize()
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Clip ``x`` to ``[lower, alpha]`` and fake-quantize it (PACT's gradient for ``alpha``)."""
         return pact_fake_quantize(x, self.alpha, self.bits, float(self.lower))
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
