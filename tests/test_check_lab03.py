@@ -106,34 +106,34 @@ def test_fold_bn_in_place_and_missing_none_handling_fail():
         lab03.fold_bn(needs_bias)
 
 
+def _fold_conv_pairs(model, drop_bn: bool):
+    """A wrong ``fold_model``: folds the Conv2d -> BatchNorm2d pairs only (it forgets the mlp's
+    Linear -> BatchNorm1d pairs); with ``drop_bn=False`` it also leaves the BatchNorm layers in."""
+    m = copy.deepcopy(model).eval()
+    for i in range(len(m) - 1):
+        if isinstance(m[i], nn.Conv2d) and isinstance(m[i + 1], nn.BatchNorm2d):
+            w, b = fold_bn(m[i].weight, m[i].bias, m[i + 1])
+            m[i].weight, m[i].bias = nn.Parameter(w), nn.Parameter(b)
+            if drop_bn:
+                m[i + 1] = nn.Identity()
+    return m
+
+
+def _conv_only(model):
+    return _fold_conv_pairs(model, drop_bn=True)
+
+
 def test_fold_model_mistakes_fail():
     def in_place(model):
         folded = fold_batchnorm(model)
         model.load_state_dict(folded.state_dict(), strict=False)
         return folded
-
-    def keeps_bn(model):
-        m = copy.deepcopy(model).eval()
-        for i in range(len(m) - 1):
-            if isinstance(m[i], nn.Conv2d) and isinstance(m[i + 1], nn.BatchNorm2d):
-                w, b = fold_bn(m[i].weight, m[i].bias, m[i + 1])
-                m[i].weight, m[i].bias = nn.Parameter(w), nn.Parameter(b)
-        return m
-
-    def conv_only(model):  # forgets the Linear -> BatchNorm1d pairs of the mlp
-        m = copy.deepcopy(model).eval()
-        for i in range(len(m) - 1):
-            if isinstance(m[i], nn.Conv2d) and isinstance(m[i + 1], nn.BatchNorm2d):
-                w, b = fold_bn(m[i].weight, m[i].bias, m[i + 1])
-                m[i].weight, m[i].bias = nn.Parameter(w), nn.Parameter(b)
-                m[i + 1] = nn.Identity()
-        return m
     with pytest.raises(AssertionError, match="original model was changed"):
         lab03.fold_model(in_place)
     with pytest.raises(AssertionError, match="BatchNorm layers left"):
-        lab03.fold_model(keeps_bn)
+        lab03.fold_model(lambda model: _fold_conv_pairs(model, drop_bn=False))
     with pytest.raises(AssertionError, match=r"BatchNorm layers left in the folded model: \['2', '5'\]"):
-        lab03.fold_model_hidden(conv_only)
+        lab03.fold_model_hidden(_conv_only)
 
 
 def test_calibrate_and_convert_mistakes_fail():
@@ -209,20 +209,11 @@ def test_visible_fold_bn_catches_affine_false_and_a_fixed_eps():
 
 
 def test_visible_fold_model_catches_conv_only_and_train_mode():
-    def conv_only(model):  # forgets the Linear -> BatchNorm1d pairs of the mlp
-        m = copy.deepcopy(model).eval()
-        for i in range(len(m) - 1):
-            if isinstance(m[i], nn.Conv2d) and isinstance(m[i + 1], nn.BatchNorm2d):
-                w, b = fold_bn(m[i].weight, m[i].bias, m[i + 1])
-                m[i].weight, m[i].bias = nn.Parameter(w), nn.Parameter(b)
-                m[i + 1] = nn.Identity()
-        return m
-
     def no_eval(model):  # folds a copy but leaves it (and uses it) in train mode
         folded = fold_batchnorm(model)
         return folded.train()
     with pytest.raises(AssertionError, match=r"BatchNorm layers left in the folded model: \['2', '5'\]"):
-        lab03.fold_model(conv_only)
+        lab03.fold_model(_conv_only)
     lab03.fold_model(no_eval)  # no BatchNorm is left, so train mode changes nothing: fine
 
 
