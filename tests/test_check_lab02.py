@@ -12,6 +12,7 @@ import torch
 
 from qlib import check
 from qlib.check import lab02
+from qlib.check.core import layer_activations
 from qlib.data import calibration_batches, load_digits
 from qlib.fold import fold_batchnorm
 from qlib.models import pretrained
@@ -179,16 +180,8 @@ def test_unimplemented_says_so():
 def test_visible_layer_inputs_catches_a_model_left_in_train_mode():
     """The lab states "in eval mode": an answer that forgets it is right on the folded cnn16
     (no BatchNorm left) and must still fail the visible check (the mlp comes in train mode)."""
-    def no_eval(model, layer_name, batches):
-        seen = []
-        handle = model.get_submodule(layer_name).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
-        try:
-            with torch.no_grad():
-                for x in batches:
-                    model(x)
-        finally:
-            handle.remove()
-        return torch.cat(seen)
+    def no_eval(model, layer_name, batches):  # right in every way but the mode
+        return layer_activations(model, layer_name, batches)  # runs the model in its current mode
     with pytest.raises(AssertionError, match=r"layer_inputs\(mlp with BatchNorm1d, passed in train mode.*eval mode"):
         lab02.layer_inputs(no_eval)
 
