@@ -119,6 +119,23 @@ def root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def fast_benchmark(tmp_path_factory):
+    """``run(name, timeout=900) -> (result dict, stdout)``: ``benchmarks/<name>.py --fast`` in a
+    subprocess (as a user runs it), its JSON written to a temporary file; a non-zero exit fails
+    with the benchmark's output."""
+    import json
+    import subprocess
+
+    def run(name: str, timeout: int = 900):
+        out = tmp_path_factory.mktemp("bench") / f"{name}.json"
+        proc = subprocess.run([sys.executable, f"benchmarks/{name}.py", "--fast", "--out", str(out)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return json.loads(out.read_text()), proc.stdout
+    return run
+
+
+@pytest.fixture(scope="session")
 def digits8():
     from qlib import data
     return data.load_digits(8)

@@ -13,25 +13,16 @@ the input range is the preprocessing's, and the targets are recomputed from the 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("real", "noise", "noise_clamped", "bn_synthetic", "generator")
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "datafree.json"
-    proc = subprocess.run([sys.executable, "benchmarks/datafree.py", "--fast", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "target" in proc.stdout and "CLE + bias correction" in proc.stdout
-    return json.loads(out.read_text())
+def result(fast_benchmark):
+    result, stdout = fast_benchmark("datafree")
+    assert "target" in stdout and "CLE + bias correction" in stdout
+    return result
 
 
 def test_header_and_layout(result):

@@ -10,8 +10,6 @@ transfer[method], each a mean/min/max/n/values summary).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,13 +24,10 @@ def is_summary(s: dict, n: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def fast_result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "domain.json"
-    proc = subprocess.run([sys.executable, "benchmarks/domain.py", "--fast", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "1. cnn16 under shift" in proc.stdout and "5. transfer" in proc.stdout
-    return json.loads(out.read_text())
+def fast_result(fast_benchmark):
+    result, stdout = fast_benchmark("domain")
+    assert "1. cnn16 under shift" in stdout and "5. transfer" in stdout
+    return result
 
 
 def test_fast_run_layout(fast_result):

@@ -10,8 +10,6 @@ The committed full result is checked for three seeds and the stated grid.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,12 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "federated.json"
-    proc = subprocess.run([sys.executable, "benchmarks/federated.py", "--fast", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(out.read_text())
+def result(fast_benchmark):
+    return fast_benchmark("federated", timeout=600)[0]
 
 
 @pytest.mark.slow

@@ -10,8 +10,6 @@ bookkeeping are tested where no GPU is lent.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,12 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "int8_gemm.json"
-    proc = subprocess.run([sys.executable, "benchmarks/int8_gemm.py", "--fast", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(out.read_text()), proc.stdout
+def result(fast_benchmark):
+    return fast_benchmark("int8_gemm", timeout=600)
 
 
 def test_header_and_cpu_ratios(result):

@@ -11,8 +11,6 @@ comparisons are recomputed from the committed full run's per-seed perplexities.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,12 +24,8 @@ METHODS = W8A8 + ["W4 RTN g32", "W4 RTN g64", "W4 RTN g128", "W3 RTN g128", "GPT
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "llm.json"
-    proc = subprocess.run([sys.executable, "benchmarks/llm.py", "--fast", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(out.read_text())
+def result(fast_benchmark):
+    return fast_benchmark("llm")[0]
 
 
 def test_fast_run_layout(result):

@@ -12,7 +12,6 @@ curves from charlm.json, so a target that claims more than the numbers show fail
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,12 +32,8 @@ def shipped_long_seeds() -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "llm_outliers.json"
-    proc = subprocess.run([sys.executable, "benchmarks/llm_outliers.py", "--fast", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(out.read_text())
+def result(fast_benchmark):
+    return fast_benchmark("llm_outliers", timeout=600)[0]
 
 
 def _check_summary(s, values):

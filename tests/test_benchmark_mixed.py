@@ -9,23 +9,12 @@ and the ONNX Runtime QDQ export is as accurate as qlib's integer model.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "mixed.json"
-    proc = subprocess.run([sys.executable, "benchmarks/mixed.py", "--fast", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(out.read_text())
+def result(fast_benchmark):
+    return fast_benchmark("mixed")[0]
 
 
 def test_header(result):

@@ -14,8 +14,6 @@ tests/test_benchmark_ptq_depthwise.py.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,13 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "ptq.json"
-    proc = subprocess.run([sys.executable, "benchmarks/ptq.py", "--fast", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "target MET" in proc.stdout
-    return json.loads(out.read_text())
+def result(fast_benchmark):
+    result, stdout = fast_benchmark("ptq")
+    assert "target MET" in stdout
+    return result
 
 
 def test_header_says_where_and_with_what(result):

@@ -10,26 +10,17 @@ ahead of every round-to-nearest row at W3A3.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("minmax_real", "percentile_real", "mse_real", "adaround_real", "brecq_real",
         "mse_synthetic", "adaround_synthetic", "brecq_synthetic")
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "reconstruct.json"
-    proc = subprocess.run([sys.executable, "benchmarks/reconstruct.py", "--fast", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "target" in proc.stdout and "brecq_synthetic" in proc.stdout
-    return json.loads(out.read_text())
+def result(fast_benchmark):
+    result, stdout = fast_benchmark("reconstruct")
+    assert "target" in stdout and "brecq_synthetic" in stdout
+    return result
 
 
 def test_header_and_layout(result):
