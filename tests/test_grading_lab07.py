@@ -152,3 +152,55 @@ def test_wrong_quantizers_fail_with_a_hint(lab):
 
     with pytest.raises(AssertionError, match="ties go to the even"):
         check.lab07.quantize_per_token(half_up)
+
+
+def _right_epilogue(a, b, row_scale, col_scale, bias, out_dtype, *blocks):
+    """A correct int8_gemm_dequant in PyTorch: exact int32 product, float32 epilogue, one rounding."""
+    import torch
+
+    out = (a.long() @ b.long()).to(torch.float32) * row_scale[:, None] * col_scale[None, :]
+    return (out if bias is None else out + bias).to(out_dtype)
+
+
+def test_float16_outputs_below_the_normal_range_are_judged_by_their_own_rounding():
+    """A correct answer whose float16 outputs are subnormal (|out| < 6.1e-5: K = 3 keeps some
+    products small) passes: there float16's step is 2**-24, not eps16 * |out|. With the old
+    tolerance (eps16 * |out| only) seed 6 failed this correct answer (out 1.56164e-05, expected
+    1.55902e-05), as a hidden draw once cost a graded submission Q2's points."""
+    import torch
+
+    from qlib.check import lab07
+
+    for seed in range(10):
+        lab07._check_dequant(_right_epilogue, 60, 3, 60, False, torch.float16, torch.Generator().manual_seed(seed))
+
+
+def test_hidden_cases_are_the_same_at_a_regrade():
+    """The hidden checks draw through qlib.check.draws: the same base seed gives the same cases
+    (before, they drew from an unseeded random.Random(), so a re-grade could change a score)."""
+    import torch
+
+    from qlib.check import draws, lab07
+    from qlib.kernels import quantize_per_token_reference
+
+    def record(seen):
+        def fn(x):
+            seen.append(x.clone())
+            return quantize_per_token_reference(x)
+        return fn
+
+    runs = []
+    for _ in range(2):
+        seen = []
+        with draws.seeded(5):
+            lab07.quantize_per_token_hidden(record(seen))
+        runs.append(seen)
+    assert len(runs[0]) == len(runs[1]) > 0
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+    epilogue = []
+    with draws.seeded(5):
+        lab07.dequant_epilogue_hidden(lambda a, *rest: epilogue.append(a.clone()) or _right_epilogue(a, *rest))
+    with draws.seeded(5):
+        lab07.dequant_epilogue_hidden(lambda a, *rest: epilogue.append(a.clone()) or _right_epilogue(a, *rest))
+    half = len(epilogue) // 2
+    assert half > 0 and all(torch.equal(x, y) for x, y in zip(epilogue[:half], epilogue[half:]))
